@@ -1,0 +1,1 @@
+"""FastAPI: the OpenAI/Anthropic gateway and the admin API. Imports all layers below."""

@@ -1,0 +1,54 @@
+"""The FastAPI application: one port for inference and admin."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI
+
+from opta_lmx.api import admin, gateway
+from opta_lmx.api.errors import install_error_handlers
+from opta_lmx.reconciler.controller import Reconciler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    load_wait_timeout: float = 120.0
+    upstream_timeout: float = 600.0
+
+
+def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettings()) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.upstream = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.upstream_timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+        loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
+        try:
+            yield
+        finally:
+            log.info("shutting down: stopping every worker")
+            loop_task.cancel()
+            await asyncio.gather(loop_task, return_exceptions=True)
+            await reconciler.shutdown()
+            await app.state.upstream.aclose()
+
+    app = FastAPI(title="Opta-LMX", version="0.1.0", lifespan=lifespan)
+    app.state.reconciler = reconciler
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(gateway.router)
+    app.include_router(admin.router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    return app

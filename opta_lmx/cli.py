@@ -1,0 +1,163 @@
+"""`lmx`: the entry point, and the only place that wires concrete parts together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from opta_lmx import paths
+
+log = logging.getLogger("opta_lmx")
+
+DEFAULT_MODELS_YAML = """\
+# Opta-LMX desired state. Edit and save: the server converges to it within a second or so.
+# Reference: https://github.com/opta/opta-lmx/blob/main/docs/models-yaml.md
+memory:
+  budget: 75%        # of physical memory, or a size such as 48GiB
+  reserve: 2GiB      # memory that must stay free for the system
+
+defaults:
+  engine:
+    continuous_batching: true
+    max_tokens: 512
+
+models:
+  # A tiny generated demo model (random weights: its answers are gibberish, on purpose).
+  - name: demo
+    source: {demo_path}
+    aliases: [default]
+    state: loaded
+
+  # On a Mac, point at a real MLX model from the hub, for example:
+  # - name: coder
+  #   source: mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit
+  #   engine: {{tool_call_parser: qwen3_coder, max_num_seqs: 32}}
+"""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def ensure_default_config() -> Path:
+    """The embedded default: a generated demo model and a models.yaml that serves it."""
+    from opta_lmx.devmodel import make_model
+
+    config = paths.default_config_path()
+    demo = paths.cache_dir() / "models" / "demo-tiny"
+    make_model(demo, size="tiny", progress=lambda m: print(f"  demo model: {m}", flush=True))
+    if not config.exists():
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(DEFAULT_MODELS_YAML.format(demo_path=demo))
+        print(f"Wrote a default models.yaml to {config}", flush=True)
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from opta_lmx.api.app import GatewaySettings, create_app
+    from opta_lmx.engine.pool import WorkerPool
+    from opta_lmx.reconciler.controller import LoopSettings, Reconciler
+
+    config = Path(args.config).expanduser() if args.config else ensure_default_config()
+    state_dir = Path(args.state_dir).expanduser() if args.state_dir else paths.state_dir()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    print(f"Opta-LMX serving http://{args.host}:{args.port}/v1", flush=True)
+    print(f"  desired state: {config}  (edit it; changes apply live)", flush=True)
+    print(f"  state dir:     {state_dir}", flush=True)
+
+    pool = WorkerPool(state_dir / "workers")
+    reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
+
+    app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                       timeout_graceful_shutdown=args.grace, access_log=False)
+    )
+
+    try:
+        asyncio.run(server.serve())
+    finally:
+        pool.stop_all_sync(grace=2.0)  # belt and braces: nothing outlives the server
+    return 0 if server.started else 1
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from opta_lmx.devmodel import make_model
+
+    path = make_model(args.directory, size=args.size, seed=args.seed, dtype=args.dtype,
+                      progress=lambda m: print(m, flush=True))
+    print(f"model written to {path}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from opta_lmx.state.document import ConfigError, read_document
+
+    try:
+        document = read_document(args.config or paths.default_config_path())
+    except ConfigError as error:
+        print(error.describe(), file=sys.stderr)
+        return 1
+    print(f"ok: {len(document.state.models)} model(s)")
+    return 0
+
+
+def cmd_schema(_args: argparse.Namespace) -> int:
+    import json
+
+    from opta_lmx.state.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmx", description="Opta-LMX: models.yaml in, OpenAI answers out.")
+    parser.add_argument("--log-level", default=os.environ.get("LMX_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway and the control loop")
+    serve.add_argument("--config", help="models.yaml (default: the embedded demo in the user config dir)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=1234)
+    serve.add_argument("--state-dir", help="where workers' logs and runtime state go")
+    serve.add_argument("--grace", type=float, default=10.0, help="seconds a stopping worker gets before SIGKILL")
+    serve.add_argument("--load-wait-timeout", type=float, default=120.0,
+                       help="how long a request waits for its model to finish loading")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="validate a models.yaml")
+    check.add_argument("config", nargs="?")
+    check.set_defaults(func=cmd_check)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of models.yaml")
+    schema.set_defaults(func=cmd_schema)
+
+    dev = sub.add_parser("dev", help="developer tools").add_subparsers(dest="dev_command", required=True)
+    make = dev.add_parser("make-model", help="generate a small genuine model for tests and benchmarks")
+    make.add_argument("directory")
+    make.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    make.set_defaults(func=cmd_make_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

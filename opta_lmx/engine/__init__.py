@@ -1,0 +1,1 @@
+"""Runs models: one worker process per model, hosting vllm-mlx. Imports state only."""

@@ -1,0 +1,301 @@
+"""A Worker: one vllm-mlx server for one model, in its own process group on loopback.
+
+Process isolation is the point: unloading returns the memory for real, and a crash costs
+one model. Every wait has a deadline, and stopping escalates SIGTERM -> SIGKILL for the
+whole process group so that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from opta_lmx.engine.options import serve_args
+from opta_lmx.state.spec import EngineOptions
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStartError(Exception):
+    """A worker did not become ready. `permanent` errors are not worth retrying unchanged."""
+
+    def __init__(self, message: str, *, permanent: bool, log_tail: str = ""):
+        super().__init__(message)
+        self.permanent = permanent
+        self.log_tail = log_tail
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker runs. Two specs with the same fingerprint are the same worker."""
+
+    name: str
+    source: str
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+    @property
+    def fingerprint(self) -> str:
+        payload = json.dumps(
+            {"source": self.source, "engine": self.engine.model_dump(exclude_none=True)},
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+# Markers in a worker's log that mean retrying the same spec will fail the same way.
+_PERMANENT_MARKERS = (
+    "No such file or directory",
+    "does not exist",
+    "not a valid model",
+    "Model type",
+    "not supported",
+    "RepositoryNotFoundError",
+    "LocalEntryNotFoundError",
+    "safetensors_rust.SafetensorError",
+    "HeaderTooLarge",
+    "Error: ",
+    "usage: vllm-mlx",
+    "invalid choice",
+)
+
+
+class Worker:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        *,
+        run_dir: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
+        on_exit: Callable[["Worker"], None] | None = None,
+    ):
+        self.spec = spec
+        self.id = f"{spec.name}-{spec.fingerprint[:8]}-{os.urandom(3).hex()}"
+        self.run_dir = Path(run_dir) / self.id
+        self.host = host
+        self.port = port or free_tcp_port(host)
+        self.address = f"http://{host}:{self.port}"
+        self.log_path = self.run_dir / "worker.log"
+        self._python = python
+        self._extra_env = env or {}
+        self._on_exit = on_exit
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping = False
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+
+    # -- identity -----------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def load_seconds(self) -> float | None:
+        if self.started_at is None or self.ready_at is None:
+            return None
+        return self.ready_at - self.started_at
+
+    def command(self) -> list[str]:
+        return [
+            self._python, "-m", "vllm_mlx.cli", "serve", self.spec.source,
+            "--host", self.host, "--port", str(self.port),
+            "--served-model-name", self.spec.name,
+            *serve_args(self.spec.engine),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        home = env.get("HOME", str(Path.home()))
+        # vllm-mlx keeps its prefix cache under ~/.cache/vllm-mlx/<model>: give each worker
+        # its own HOME so two workers of one model (a swap) never share it, while the
+        # model hub cache stays the user's.
+        env.setdefault("HF_HOME", env.get("HF_HOME") or os.path.join(home, ".cache", "huggingface"))
+        env["HOME"] = str(self.run_dir / "home")
+        env.setdefault("VLLM_MLX_SIMPLE_ENGINE_LOCK_ADMISSION", "wait")
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self._extra_env)
+        return env
+
+    # -- lifecycle ----------------------------------------------------------------
+    def spawn(self) -> None:
+        (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "ab", buffering=0)
+        self.started_at = time.time()
+        log.info("starting worker %s: %s", self.id, " ".join(self.command()))
+        self._proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
+            start_new_session=True,  # its own process group: stop() kills the whole tree
+            close_fds=True,
+        )
+        log_file.close()
+        threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
+
+    def _wait_for_exit(self) -> None:
+        assert self._proc is not None
+        code = self._proc.wait()
+        if not self._stopping:
+            log.warning("worker %s (pid %s) exited with %s", self.id, self._proc.pid, code)
+        if self._on_exit:
+            self._on_exit(self)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Return once the worker answers /health; raise WorkerStartError otherwise."""
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                if not self.alive():
+                    tail = self.log_tail()
+                    raise WorkerStartError(
+                        f"worker exited with code {self.returncode} while loading: {last_error_line(tail)}",
+                        permanent=any(marker in tail for marker in _PERMANENT_MARKERS),
+                        log_tail=tail,
+                    )
+                try:
+                    response = await client.get(f"{self.address}/health")
+                    if response.status_code == 200 and response.json().get("model_loaded"):
+                        self.ready_at = time.time()
+                        return
+                except (httpx.TransportError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    tail = self.log_tail()
+                    await self.stop(grace=2.0)
+                    raise WorkerStartError(
+                        f"worker not ready after {timeout:.0f}s", permanent=False, log_tail=tail
+                    )
+                await asyncio.sleep(0.1)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left after `grace` seconds."""
+        self._stopping = True
+        if self._proc is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_sync, grace)
+
+    def stop_sync(self, grace: float = 10.0) -> None:
+        self._stopping = True
+        if self._proc is None:
+            return
+        pgid = self._proc.pid
+        members = _group_members(pgid)
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (self._proc.poll() is None or _any_alive(members)):
+            time.sleep(0.05)
+        if self._proc.poll() is None or _any_alive(members):
+            log.warning("worker %s did not stop within %.1fs; killing it", self.id, grace)
+            _signal_group(pgid, signal.SIGKILL)
+            for proc in members:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            self._proc.wait(timeout=5)
+
+    # -- observation --------------------------------------------------------------
+    def memory_bytes(self) -> int | None:
+        """Resident memory of the worker and its children (what unloading gives back)."""
+        if not self.alive():
+            return None
+        total = 0
+        for proc in [psutil.Process(self._proc.pid), *_children(self._proc.pid)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def log_tail(self, max_bytes: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                size = handle.tell()
+                handle.seek(max(0, size - max_bytes))
+                return handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def last_error_line(text: str) -> str:
+    """The most telling line of a worker's log: its last error, else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line[:500]
+    return lines[-1][:500] if lines else "no output"
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for proc in [*_try_process(pgid), *_children(pgid)]:
+        members.append(proc)
+    return members
+
+
+def _try_process(pid: int) -> list[psutil.Process]:
+    try:
+        return [psutil.Process(pid)]
+    except psutil.Error:
+        return []
+
+
+def _any_alive(processes: list[psutil.Process]) -> bool:
+    for proc in processes:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

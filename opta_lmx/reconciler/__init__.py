@@ -1,0 +1,1 @@
+"""The control loop: observe -> plan -> act -> write status. Imports state and engine."""

@@ -1,0 +1,1 @@
+"""Desired state and observed status: pure data and its persistence. Imports nothing internal."""
