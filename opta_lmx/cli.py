@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from opta_lmx import paths
@@ -45,6 +48,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def ensure_default_config() -> Path:
@@ -59,6 +63,35 @@ def ensure_default_config() -> Path:
         config.write_text(DEFAULT_MODELS_YAML.format(demo_path=demo))
         print(f"Wrote a default models.yaml to {config}", flush=True)
     return config
+
+
+def _server_class():
+    import uvicorn
+
+    class LmxServer(uvicorn.Server):
+        """uvicorn, but a handled SIGTERM/SIGINT ends in exit 0 instead of being re-raised."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame):
+            if self.should_exit:
+                log.warning("second signal: forcing shutdown")
+            else:
+                log.info("signal %s: draining and stopping every worker", signal.Signals(sig).name)
+            super().handle_exit(sig, frame)
+
+    return LmxServer
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -79,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
 
     app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout))
-    server = uvicorn.Server(
+    server = _server_class()(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                        timeout_graceful_shutdown=args.grace, access_log=False)
     )
