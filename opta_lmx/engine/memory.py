@@ -1,0 +1,188 @@
+"""How much memory a model takes: estimated before loading, measured once it runs.
+
+The planner admits models by these figures, so an estimate errs on the generous side:
+weights (the safetensors bytes) + a KV-cache allowance + the worker process itself.
+A `memory:` override in models.yaml replaces the whole estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+from opta_lmx.state.quantities import format_size
+from opta_lmx.state.spec import EngineOptions
+
+# What an idle vllm-mlx worker holds of its own before any weights (torch, transformers, mlx,
+# the server). Measured on Linux CPU with vllm-mlx 0.6.0 / MLX 0.32 by bench/memory_estimates.py:
+# 800-807 MiB of RSS beyond the weights for the tiny, small and medium models, after a request
+# (see docs/reconciler.md); rounded up to leave a little room.
+WORKER_OVERHEAD_BYTES = 830 * 1024**2
+
+# The KV-cache allowance: context tokens per sequence when nothing bounds it, and how many
+# sequences at full context we budget for. vllm-mlx grows its cache with use, so budgeting
+# max_num_seqs full contexts would refuse almost every model; a few full contexts is what a
+# busy single-user machine sees. Set `memory:` on an entry for anything else.
+CONTEXT_CAP_TOKENS = 8192
+KV_SEQUENCES = 4
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A model's expected footprint, in parts, so messages can say where it comes from."""
+
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    overhead_bytes: int = WORKER_OVERHEAD_BYTES
+    override_bytes: int | None = None
+    known: bool = True  # False when the weights could not be found (a hub id not in the cache)
+
+    @property
+    def total_bytes(self) -> int:
+        if self.override_bytes is not None:
+            return self.override_bytes
+        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+    def describe(self) -> str:
+        if self.override_bytes is not None:
+            return f"{format_size(self.override_bytes)} (memory: in models.yaml)"
+        text = (
+            f"{format_size(self.total_bytes)} (weights {format_size(self.weights_bytes)}"
+            f" + KV cache {format_size(self.kv_cache_bytes)} + worker {format_size(self.overhead_bytes)})"
+        )
+        return text if self.known else text + ", weights unknown: not in the local cache"
+
+
+def model_directory(source: str) -> Path | None:
+    """The local directory holding `source`: a path, or a hub id already in the hub cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if source.startswith(("/", ".", "~")) or source.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or no hub library: the estimate says unknown
+        return None
+
+
+def weights_bytes(directory: Path) -> int | None:
+    """Bytes of weights: the safetensors files' sizes, else the index's `total_size`."""
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return sum(f.stat().st_size for f in files)
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            return int(json.loads(index.read_text())["metadata"]["total_size"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def kv_cache_bytes(config: dict, engine: EngineOptions) -> int:
+    """KV allowance: 2 (K, V) x layers x KV heads x head dim x dtype bytes x context x sequences."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
+    cfg = {**config, **(text or {})}
+    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
+    heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 0)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads or 0)
+    hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+    head_dim = int(cfg.get("head_dim") or (hidden // heads if heads else 0))
+    if not (layers and kv_heads and head_dim):
+        return 0
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16").replace("torch.", "")
+    dtype_bytes = 1 if engine.kv_cache_quantization else _DTYPE_BYTES.get(dtype, 2)
+    per_token = 2 * layers * kv_heads * head_dim * dtype_bytes
+    return per_token * context_tokens(cfg, engine) * kv_sequences(engine)
+
+
+def context_tokens(config: dict, engine: EngineOptions) -> int:
+    """Tokens one sequence may hold: max_kv_size if set, else the model's context capped."""
+    if engine.max_kv_size:
+        return engine.max_kv_size
+    limit = int(config.get("max_position_embeddings") or CONTEXT_CAP_TOKENS)
+    return min(limit, CONTEXT_CAP_TOKENS)
+
+
+def kv_sequences(engine: EngineOptions) -> int:
+    """Sequences budgeted at full context: 1 without continuous batching, else up to KV_SEQUENCES."""
+    if not engine.continuous_batching:
+        return 1
+    return max(1, min(engine.max_num_seqs or KV_SEQUENCES, KV_SEQUENCES))
+
+
+def estimate(source: str, engine: EngineOptions, override_bytes: int | None = None) -> MemoryEstimate:
+    """The footprint to plan with before a model is loaded. Reads only small files."""
+    if override_bytes is not None:
+        return MemoryEstimate(override_bytes=override_bytes)
+    directory = model_directory(source)
+    if directory is None:
+        return MemoryEstimate(known=False)
+    weights = weights_bytes(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    kv = kv_cache_bytes(config, engine) if isinstance(config, dict) else 0
+    return MemoryEstimate(weights_bytes=weights or 0, kv_cache_bytes=kv, known=weights is not None)
+
+
+def process_tree_rss(pid: int) -> int | None:
+    """Resident bytes of a process and its children (what stopping it gives back on Linux)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+async def mlx_memory_bytes(address: str, client: httpx.AsyncClient | None = None) -> int:
+    """MLX active + cache memory a worker reports in /v1/status (0 on the CPU backend)."""
+    try:
+        if client is None:
+            async with httpx.AsyncClient(timeout=2.0) as own:
+                response = await own.get(f"{address}/v1/status")
+        else:
+            response = await client.get(f"{address}/v1/status", timeout=2.0)
+        metal = response.json().get("metal") or {}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return 0
+    gigabytes = sum(float(metal.get(k) or 0) for k in ("active_memory_gb", "cache_memory_gb"))
+    return int(gigabytes * 1024**3) if math.isfinite(gigabytes) else 0
+
+
+async def measure(pid: int | None, address: str | None) -> int | None:
+    """A running worker's footprint: its process tree RSS plus MLX's Metal memory.
+
+    On Metal, GPU buffers live outside RSS, so they are added; that may count some pages twice,
+    which errs on the safe side for admission. On CPU the MLX figures read 0.
+    """
+    if pid is None:
+        return None
+    rss = process_tree_rss(pid)
+    if rss is None:
+        return None
+    return rss + (await mlx_memory_bytes(address) if address else 0)
+
+
+def machine_memory() -> tuple[int, int]:
+    """(physical bytes, available bytes) for the whole machine."""
+    vm = psutil.virtual_memory()
+    return vm.total, vm.available
