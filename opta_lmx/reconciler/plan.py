@@ -167,7 +167,9 @@ def plan(
         """Bytes the model takes once converged; None if it neither runs nor may start."""
         worker = current(name)
         if worker is not None:
-            return worker.bytes
+            # While the successor loads, the old worker still serves and still holds memory.
+            serving = [w for w in stale(name) if w.ready] if not worker.ready else []
+            return worker.bytes + sum(w.bytes for w in serving)
         if name in blocked:
             serving = [w for w in stale(name) if w.ready]
             return sum(w.bytes for w in serving) if serving else None
