@@ -130,9 +130,10 @@ def plan(
     desired: DesiredState,
     fingerprints: Mapping[str, str],
     observed: list[ObservedWorker],
+    blocked: frozenset[str] = frozenset(),
+    *,
     memory: MemoryFigures | None = None,
     estimates: Mapping[str, int] | None = None,
-    blocked: frozenset[str] = frozenset(),
     demand: frozenset[str] = frozenset(),
     idle: Mapping[str, float] | None = None,
 ) -> Plan:
@@ -270,7 +271,8 @@ def plan(
             continue
         spec = wanted[name][0]
         if peak + size <= budget and size <= machine:
-            replaced = tuple(w.worker_id for w in stale(name))
+            already = {u.worker_id for u in unloads}
+            replaced = tuple(w.worker_id for w in stale(name) if w.worker_id not in already)
             immediate.append(LoadModel(name, fingerprints[name], spec, _load_reason(name, by_name, demand),
                                        size, (), replaced))
             peak += size

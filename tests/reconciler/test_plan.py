@@ -38,8 +38,8 @@ def run(desired, observed=(), *, budget_mib=100, estimates=None, available_mib=N
     memory = MemoryFigures(budget_mib * MiB, reserve_mib * MiB,
                            None if available_mib is None else available_mib * MiB)
     est = {k: v * MiB for k, v in (estimates or {}).items()}
-    return plan(desired, fingerprints or fps(desired), list(observed), memory, est, frozenset(blocked),
-                frozenset(demand), idle or {})
+    return plan(desired, fingerprints or fps(desired), list(observed), frozenset(blocked), memory=memory,
+                estimates=est, demand=frozenset(demand), idle=idle or {})
 
 
 def names(actions, kind):

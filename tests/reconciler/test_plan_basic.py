@@ -68,5 +68,5 @@ def test_second_pass_plans_nothing():
                 ObservedWorker("gone", "wg", "9", True)]
     for _ in range(3):  # a swap takes two passes (load, then unload the old one)
         observed = _apply(observed, plan(desired, fingerprints, observed))
-    assert plan(desired, fingerprints, observed) == []
+    assert plan(desired, fingerprints, observed).actions == []
     assert sorted((w.name, w.fingerprint) for w in observed) == [("a", "1"), ("b", "2")]

@@ -51,7 +51,7 @@ def scenarios(draw):
 @given(scenarios())
 def test_never_commits_more_than_the_budget(scenario):
     desired, fingerprints, observed, memory, estimates, blocked, demand, idle = scenario
-    result = plan(desired, fingerprints, observed, memory, estimates, blocked, demand, idle)
+    result = plan(desired, fingerprints, observed, blocked, memory=memory, estimates=estimates, demand=demand, idle=idle)
     held = sum(w.bytes for w in observed)
     assert result.after_bytes <= memory.budget_bytes
     # Loads that start at once fit beside everything already running.
@@ -65,6 +65,7 @@ def test_never_commits_more_than_the_budget(scenario):
 @given(scenarios())
 def test_planning_again_on_the_result_plans_nothing(scenario):
     desired, fingerprints, observed, memory, estimates, blocked, demand, idle = scenario
-    first = plan(desired, fingerprints, observed, memory, estimates, blocked, demand, idle)
-    second = plan(desired, fingerprints, apply(observed, first), memory, estimates, blocked, demand, idle)
+    first = plan(desired, fingerprints, observed, blocked, memory=memory, estimates=estimates, demand=demand, idle=idle)
+    second = plan(desired, fingerprints, apply(observed, first), blocked, memory=memory, estimates=estimates,
+                  demand=demand, idle=idle)
     assert second.actions == [], (first.actions, second.actions)
