@@ -145,6 +145,38 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print what the loop would do with a models.yaml, against a running server or from nothing."""
+    import httpx
+
+    from opta_lmx.reconciler.preview import describe, preview
+    from opta_lmx.state.document import ConfigError, read_document
+
+    observation, against, server_config = None, "from nothing (no server asked)", None
+    if not args.from_nothing:
+        url = args.server.rstrip("/")
+        try:
+            response = httpx.get(f"{url}/admin/models", timeout=5)
+            response.raise_for_status()
+            body = response.json()
+            observation = body.get("observed")
+            server_config = (body.get("config") or {}).get("path")
+            against = f"against {url} ({len((observation or {}).get('workers', []))} worker(s) running)"
+        except (httpx.HTTPError, ValueError) as error:
+            if args.server_given:
+                print(f"cannot read {url}/admin/models: {error}", file=sys.stderr)
+                return 2
+            against = f"from nothing ({url} is not answering)"
+    config = Path(args.config or server_config or paths.default_config_path()).expanduser()
+    try:
+        document = read_document(config)
+    except ConfigError as error:
+        print(error.describe(), file=sys.stderr)
+        return 1
+    print(describe(preview(config, document.state, observation), f"for {config} {against}"))
+    return 0
+
+
 def cmd_schema(_args: argparse.Namespace) -> int:
     import json
 
@@ -173,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?")
     check.set_defaults(func=cmd_check)
 
+    plan = sub.add_parser("plan", help="print what the loop would do (memory before/after), without doing it")
+    plan.add_argument("--config", help="models.yaml to plan (default: the server's, else the default file)")
+    plan.add_argument("--server", help="a running lmx server to plan against (default http://127.0.0.1:1234)")
+    plan.add_argument("--from-nothing", action="store_true", help="plan as if nothing were running")
+    plan.set_defaults(func=cmd_plan)
+
     schema = sub.add_parser("schema", help="print the JSON Schema of models.yaml")
     schema.set_defaults(func=cmd_schema)
 
@@ -188,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        args.server_given = args.server is not None
+        args.server = args.server or "http://127.0.0.1:1234"
     _setup_logging(args.log_level)
     return args.func(args)
 

@@ -31,6 +31,7 @@ async def list_models(request: Request) -> dict:
         "converged": reconciler.converged(),
         "config": reconciler.config_status.model_dump(mode="json"),
         "models": [_model_view(reconciler, n) for n in names],
+        "observed": reconciler.observation(),  # workers, memory figures, demand: what `lmx plan` plans against
     }
 
 

@@ -62,42 +62,81 @@ async def proxy(request: Request, path: str) -> StreamingResponse | JSONResponse
         body = json.dumps(payload).encode()
     route = reconciler.route(spec.name)
     if route is None:
+        if spec.state.value == "on-demand":
+            reconciler.request_model(spec.name)  # demand is an observation; the loop decides
         if not reconciler.expects_ready(spec.name):
-            status = reconciler.statuses.get(spec.name)
-            why = f" ({status.phase.value}: {status.message or status.last_error})" if status else ""
-            raise APIError(503, f"The model `{spec.name}` is not loaded{why}", "model_not_loaded",
-                           headers={"Retry-After": "30"})
+            raise _not_loaded(reconciler, spec.name)
         route = await reconciler.wait_route(spec.name, settings.load_wait_timeout)
         if route is None:
+            if not reconciler.expects_ready(spec.name):
+                raise _not_loaded(reconciler, spec.name)
             raise APIError(503, f"The model `{spec.name}` did not become ready within {settings.load_wait_timeout:.0f}s",
                            "model_loading", headers={"Retry-After": "5"})
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST and k.lower() != "authorization"]
     upstream_request = client.build_request(
         request.method, route.address + path, content=body, headers=headers, params=request.query_params
     )
+    traffic = route.traffic
+    traffic.begin()  # counted until the response ends, so a drain lets it finish
     try:
         upstream = await client.send(upstream_request, stream=True)
     except httpx.TransportError as error:
+        traffic.end()
         raise APIError(502, f"the worker for `{spec.name}` did not answer: {error!r}", "worker_unavailable") from None
+    except BaseException:
+        traffic.end()
+        raise
     response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
+    done = _Once(traffic.end)
     return StreamingResponse(
-        _relay(upstream, spec.name),
+        _relay(upstream, spec.name, done),
         status_code=upstream.status_code,
         headers=response_headers,
-        background=BackgroundTask(upstream.aclose),
+        background=BackgroundTask(_close, upstream, done),
     )
 
 
-async def _relay(upstream: httpx.Response, name: str):
+def _not_loaded(reconciler: Reconciler, name: str) -> APIError:
+    status = reconciler.statuses.get(name)
+    why = f" ({status.phase.value}: {status.message or status.last_error})" if status else ""
+    code = "model_unschedulable" if status and status.phase.value == "Unschedulable" else "model_not_loaded"
+    return APIError(503, f"The model `{name}` is not loaded{why}", code, headers={"Retry-After": "30"})
+
+
+class _Once:
+    """Call `fn` once, however many of the ways a response can end reach it."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
+
+
+async def _close(upstream: httpx.Response, done: _Once) -> None:
+    try:
+        await upstream.aclose()
+    finally:
+        done()
+
+
+async def _relay(upstream: httpx.Response, name: str, done: _Once | None = None):
     """Yield the upstream body as it comes; if the worker dies mid-stream, end with an error event."""
     try:
         async for chunk in upstream.aiter_raw():
             yield chunk
+        if done is not None:
+            done()
     except httpx.HTTPError as error:
         log.warning("stream from %s broke: %r", name, error)
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             message = json.dumps({"error": {"message": f"the worker for `{name}` failed mid-stream", "type": "api_error", "code": "worker_failed"}})
             yield f"data: {message}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        if done is not None:
+            done()
 
 
 def _make_route(path: str):

@@ -1,0 +1,95 @@
+"""`lmx plan`: what the loop would do with a models.yaml, against a server's observation or
+from nothing, without doing any of it. Uses the same planner and the same estimates as the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from opta_lmx.engine import memory as engine_memory
+from opta_lmx.engine.worker import WorkerSpec
+from opta_lmx.reconciler.controller import resolve_source
+from opta_lmx.reconciler.plan import LoadModel, MemoryFigures, ObservedWorker, Plan, UnloadModel, plan
+from opta_lmx.state.quantities import format_size
+from opta_lmx.state.spec import DesiredState
+
+
+@dataclass
+class Preview:
+    plan: Plan
+    memory: MemoryFigures
+    physical_bytes: int
+    observed: list[ObservedWorker]
+    estimates: dict[str, engine_memory.MemoryEstimate]
+
+
+def preview(config_path: Path, desired: DesiredState, observation: dict | None = None) -> Preview:
+    """Plan `desired` against `observation` (the `observed` part of GET /admin/models) or nothing."""
+    specs = {
+        m.name: WorkerSpec(m.name, resolve_source(config_path, m.source), desired.effective_engine(m))
+        for m in desired.models
+    }
+    fingerprints = {name: spec.fingerprint for name, spec in specs.items()}
+    estimates = {
+        m.name: engine_memory.estimate(specs[m.name].source, specs[m.name].engine, m.memory_bytes())
+        for m in desired.models
+    }
+    observation = observation or {}
+    measured_max = observation.get("measured_max", {})
+    planning = {
+        name: est.total_bytes if est.override_bytes is not None
+        else max(est.total_bytes, measured_max.get(fingerprints[name], 0))
+        for name, est in estimates.items()
+    }
+    observed = []
+    for w in observation.get("workers", []):
+        size = w["bytes"]
+        if w["fingerprint"] == fingerprints.get(w["name"]) and estimates[w["name"]].override_bytes is not None:
+            size = estimates[w["name"]].override_bytes
+        observed.append(ObservedWorker(w["name"], w["worker_id"], w["fingerprint"], w["ready"], size,
+                                       w.get("in_flight", 0)))
+    physical, available = engine_memory.machine_memory()
+    server_memory = observation.get("memory") or {}
+    physical = server_memory.get("physical_bytes") or physical
+    available = server_memory.get("available_bytes") or available
+    memory = MemoryFigures(desired.memory.budget_bytes(physical), desired.memory.reserve_bytes(), available)
+    blocked = frozenset(
+        b["name"] for b in observation.get("blocked", []) if b["fingerprint"] == fingerprints.get(b["name"])
+    )
+    result = plan(desired, fingerprints, observed, blocked, memory=memory, estimates=planning,
+                  demand=frozenset(observation.get("demand", [])), idle=observation.get("idle_seconds", {}))
+    return Preview(result, memory, physical, observed, estimates)
+
+
+def describe(p: Preview, source: str) -> str:
+    """The plan as a person reads it: memory before and after, each action, each refusal."""
+    m, result = p.memory, p.plan
+    lines = [
+        f"Plan {source}",
+        f"memory: budget {format_size(m.budget_bytes)} (of {format_size(p.physical_bytes)} physical), "
+        f"reserve {format_size(m.reserve_bytes)}, machine available {format_size(m.available_bytes)}",
+        f"  held now {format_size(result.held_bytes)} -> after {format_size(result.after_bytes)} "
+        f"(peak {format_size(result.peak_bytes)})",
+    ]
+    if result.actions:
+        lines.append("actions:")
+    index = {}
+    for number, action in enumerate(result.actions, 1):
+        if isinstance(action, UnloadModel):
+            index[action.worker_id] = number
+            lines.append(f"  {number}. unload {action.name} [{action.reason.value}] worker {action.worker_id}, "
+                         f"frees {format_size(action.bytes)}: {action.message}")
+        elif isinstance(action, LoadModel):
+            when = ""
+            if action.after:
+                steps = sorted({index[w] for w in action.after if w in index})
+                when = " after " + (", ".join(map(str, steps)) if steps else "the replaced workers stop")
+            swap = " (make-before-break: then unloads the old worker)" if action.replaces else ""
+            est = p.estimates.get(action.name)
+            lines.append(f"  {number}. load   {action.name}{when}: {format_size(action.bytes)}"
+                         f"{' = ' + est.describe() if est else ''}; {action.reason}{swap}")
+    for verdict in result.unschedulable.values():
+        lines.append(f"  unschedulable {verdict.name}: {verdict.message}")
+    if not result.actions:
+        lines.append("nothing to do: the running workers already match the file")
+    return "\n".join(lines)
