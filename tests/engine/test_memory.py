@@ -1,0 +1,67 @@
+"""Memory estimates from a model's files, and measurement of a process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from opta_lmx.engine.memory import (
+    CONTEXT_CAP_TOKENS,
+    KV_SEQUENCES,
+    WORKER_OVERHEAD_BYTES,
+    estimate,
+    kv_cache_bytes,
+    process_tree_rss,
+    weights_bytes,
+)
+from opta_lmx.state.spec import EngineOptions
+
+CONFIG = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+          "hidden_size": 256, "max_position_embeddings": 100_000, "torch_dtype": "bfloat16"}
+
+
+def write_model(tmp_path, config=CONFIG, shards=(1000, 2000)):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for index, size in enumerate(shards):
+        (tmp_path / f"model-{index}.safetensors").write_bytes(b"\0" * size)
+    return tmp_path
+
+
+def test_weights_are_the_safetensors_sizes_or_the_index_total(tmp_path):
+    assert weights_bytes(write_model(tmp_path / "m")) == 3000
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1234}}))
+    assert weights_bytes(tmp_path / "idx") == 1234
+    assert weights_bytes(tmp_path) is None
+
+
+def test_kv_allowance_from_config_and_engine_options():
+    per_token = 2 * 4 * 2 * (256 // 8) * 2  # K and V x layers x kv heads x head dim x bf16
+    assert kv_cache_bytes(CONFIG, EngineOptions()) == per_token * CONTEXT_CAP_TOKENS  # capped context, 1 sequence
+    assert kv_cache_bytes(CONFIG, EngineOptions(max_kv_size=1000)) == per_token * 1000
+    batching = EngineOptions(continuous_batching=True, max_num_seqs=64, max_kv_size=1000)
+    assert kv_cache_bytes(CONFIG, batching) == per_token * 1000 * KV_SEQUENCES
+    assert kv_cache_bytes({**CONFIG, "head_dim": 64}, EngineOptions(max_kv_size=10)) == per_token * 2 * 10
+    assert kv_cache_bytes(CONFIG, EngineOptions(max_kv_size=10, kv_cache_quantization=True)) == per_token // 2 * 10
+    assert kv_cache_bytes({}, EngineOptions()) == 0
+
+
+def test_estimate_adds_weights_kv_and_worker_and_override_wins(tmp_path):
+    path = write_model(tmp_path / "m")
+    est = estimate(str(path), EngineOptions(max_kv_size=100))
+    assert est.total_bytes == 3000 + kv_cache_bytes(CONFIG, EngineOptions(max_kv_size=100)) + WORKER_OVERHEAD_BYTES
+    assert "weights" in est.describe()
+    assert estimate(str(path), EngineOptions(), override_bytes=42).total_bytes == 42
+    unknown = estimate("some-org/not-cached-anywhere", EngineOptions())
+    assert not unknown.known and unknown.total_bytes == WORKER_OVERHEAD_BYTES and "unknown" in unknown.describe()
+
+
+def test_estimate_of_a_generated_model_matches_its_files(tiny_model):
+    files = sum(f.stat().st_size for f in tiny_model.glob("*.safetensors"))
+    assert estimate(str(tiny_model), EngineOptions()).weights_bytes == files > 0
+
+
+def test_process_rss_is_measured_and_a_dead_pid_reads_none():
+    assert process_tree_rss(os.getpid()) > 10 * 1024**2
+    assert process_tree_rss(2**22 + 12345) is None
