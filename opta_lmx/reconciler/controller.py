@@ -162,6 +162,7 @@ class Reconciler:
         self._waiting: dict[str, str] = {}  # model -> why its load waits for memory
         self._demand: dict[str, float] = {}  # on-demand model -> when a request last asked for it
         self._verdicts: dict[str, Unschedulable] = {}
+        self._background: set[asyncio.Task] = set()
         pool.add_exit_listener(self._worker_exited)
 
     # -- signals ------------------------------------------------------------------
@@ -449,9 +450,20 @@ class Reconciler:
                 self.statuses.setdefault(name, ModelStatus()).phase = Phase.LOADING
                 self.events.record(name, "Loading", f"loading {spec.source} (memory freed)")
             worker = await self.pool.start(spec, self.settings.ready_timeout)
+            self._workers[worker.id] = (name, fingerprint)
+            self._ready.add(worker.id)
+            traffic = self._traffic[worker.id] = Traffic(self.clock)
+            self._demand.pop(name, None)
+            status = self.statuses.setdefault(name, ModelStatus())
+            status.load_seconds = worker.load_seconds
+            self.events.record(name, "Ready", f"serving at {worker.address} (pid {worker.pid}, loaded in {worker.load_seconds:.1f}s)")
+            log.info("model %s ready at %s in %.1fs", name, worker.address, worker.load_seconds or 0)
+            await self._set_route(Route(name, worker.address, worker.id, traffic))
+            measuring = asyncio.create_task(self._measure_mlx(worker.id, worker.address))
+            self._background.add(measuring)
+            measuring.add_done_callback(self._background.discard)
         except WorkerStartError as error:
             self._fail(name, fingerprint, str(error), permanent=error.permanent, log_tail=error.log_tail)
-            return
         except asyncio.CancelledError:
             return
         finally:
@@ -460,16 +472,12 @@ class Reconciler:
             if self._loading.get(name) == fingerprint:
                 self._loading.pop(name, None)
             self.nudge()
-        self._workers[worker.id] = (name, fingerprint)
-        self._ready.add(worker.id)
-        traffic = self._traffic[worker.id] = Traffic(self.clock)
-        self._demand.pop(name, None)
-        self._mlx_bytes[worker.id] = await engine_memory.mlx_memory_bytes(worker.address)
-        status = self.statuses.setdefault(name, ModelStatus())
-        status.load_seconds = worker.load_seconds
-        self.events.record(name, "Ready", f"serving at {worker.address} (pid {worker.pid}, loaded in {worker.load_seconds:.1f}s)")
-        log.info("model %s ready at %s in %.1fs", name, worker.address, worker.load_seconds or 0)
-        await self._set_route(Route(name, worker.address, worker.id, traffic))
+
+    async def _measure_mlx(self, worker_id: str, address: str) -> None:
+        """MLX's own figure (Metal active + cache) for a new worker; 0 on the CPU backend."""
+        measured = await engine_memory.mlx_memory_bytes(address)
+        if worker_id in self._workers:
+            self._mlx_bytes[worker_id] = measured
 
     def _fail(self, name: str, fingerprint: str, message: str, *, permanent: bool, log_tail: str = "") -> None:
         previous = self._failures.get(name)

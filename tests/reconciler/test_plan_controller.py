@@ -1,0 +1,182 @@
+"""The loop around the planner, with a stand-in pool (no processes): memory pressure, drain
+before unload, on-demand demand, and crash backoff. Real workers are in tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from opta_lmx.reconciler.controller import LoopSettings, Reconciler
+from opta_lmx.state.status import Phase
+
+MiB = 1024**2
+_pids = itertools.count(50000)
+
+
+class FakeWorker:
+    def __init__(self, spec):
+        self.spec = spec
+        self.id = f"{spec.name}-{next(_pids)}"
+        self.pid = next(_pids)
+        self.address = "http://127.0.0.1:9"
+        self.started_at = self.ready_at = 0.0
+        self.load_seconds = 0.1
+        self.stopping = False
+        self.returncode = None
+        self._alive = True
+
+    def alive(self):
+        return self._alive
+
+    def memory_bytes(self):
+        return 100 * MiB if self._alive else None
+
+    def crash(self):
+        self._alive, self.returncode = False, -9
+
+
+class FakePool:
+    def __init__(self):
+        self.clock = lambda: 1.0
+        self._workers = {}
+        self.started, self.stopped = [], []
+
+    def add_exit_listener(self, _listener):
+        pass
+
+    def workers(self):
+        return list(self._workers.values())
+
+    def get(self, worker_id):
+        return self._workers.get(worker_id)
+
+    async def start(self, spec, _timeout):
+        worker = FakeWorker(spec)
+        worker.started_at = worker.ready_at = self.clock()
+        self._workers[worker.id] = worker
+        self.started.append(spec.name)
+        return worker
+
+    async def stop(self, worker, _grace):
+        worker.stopping, worker._alive = True, False
+        self._workers.pop(worker.id, None)
+        self.stopped.append(worker.spec.name)
+
+    def forget(self, worker):
+        self._workers.pop(worker.id, None)
+
+    async def stop_all(self, grace):
+        for worker in self.workers():
+            await self.stop(worker, grace)
+
+
+def make(tmp_path, text, available=[10_000 * MiB]):
+    (tmp_path / "models.yaml").write_text(text)
+    pool = FakePool()
+    reconciler = Reconciler(tmp_path / "models.yaml", pool, settings=LoopSettings(backoff_base=1, backoff_max=4),
+                            memory_probe=lambda: (16_000 * MiB, available[0]))
+    return reconciler, pool
+
+
+async def settle(reconciler, passes=4):
+    for _ in range(passes):
+        await reconciler.reconcile_once()
+        for _ in range(50):
+            if not reconciler._tasks:
+                break
+            await asyncio.sleep(0.01)
+
+
+MODELS = """memory: {budget: 1000MiB, reserve: 500MiB}
+models:
+  - {name: pin, source: /tmp, pinned: true, memory: 100MiB}
+  - {name: hi, source: /tmp, priority: 9, memory: 100MiB}
+  - {name: lo, source: /tmp, priority: 1, memory: 100MiB}
+"""
+
+
+def test_memory_pressure_unloads_lowest_priority_unpinned_with_an_event(tmp_path):
+    available = [10_000 * MiB]
+    reconciler, pool = make(tmp_path, MODELS, available)
+
+    async def scenario():
+        await settle(reconciler)
+        assert {n: s.phase for n, s in reconciler.statuses.items()} == dict.fromkeys(["pin", "hi", "lo"], Phase.READY)
+        available[0] = 450 * MiB  # 50 MiB below the reserve
+        await settle(reconciler, passes=1)
+        assert pool.stopped == ["lo"]
+        available[0] = 550 * MiB  # lo's memory came back: above the reserve, but not by enough to reload it
+        (pressure,) = [e for e in reconciler.events.since() if e.reason == "MemoryPressure"]
+        assert pressure.object == "lo" and "memory pressure" in pressure.message
+        await settle(reconciler)  # no flapping: not reloaded while memory is short
+        assert pool.started.count("lo") == 1 and pool.stopped == ["lo"]
+        assert reconciler.statuses["lo"].phase == Phase.UNSCHEDULABLE
+        assert "reserve" in reconciler.statuses["lo"].message
+        await reconciler.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_unload_waits_for_requests_in_flight(tmp_path):
+    reconciler, pool = make(tmp_path, "models:\n  - {name: a, source: /tmp, memory: 10MiB}\n")
+
+    async def scenario():
+        await settle(reconciler)
+        route = reconciler.route("a")
+        route.traffic.begin()
+        (tmp_path / "models.yaml").write_text("models: []\n")
+        await reconciler.reconcile_once()
+        await asyncio.sleep(0.2)
+        assert pool.stopped == [] and reconciler.route("a") is None  # no new requests, old one finishing
+        assert "Draining" in [e.reason for e in reconciler.events.since()]
+        route.traffic.end()
+        await settle(reconciler)
+        assert pool.stopped == ["a"]
+        await reconciler.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_on_demand_loads_on_request_only(tmp_path):
+    reconciler, pool = make(tmp_path, "models:\n  - {name: od, source: /tmp, state: on-demand, memory: 10MiB}\n")
+
+    async def scenario():
+        await settle(reconciler)
+        assert pool.started == [] and reconciler.statuses["od"].phase == Phase.UNLOADED
+        assert not reconciler.expects_ready("od")
+        reconciler.request_model("od")
+        assert reconciler.expects_ready("od")
+        await settle(reconciler)
+        assert pool.started == ["od"] and reconciler.statuses["od"].phase == Phase.READY
+        await reconciler.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_crashes_back_off_exponentially_capped_and_say_crash_looping(tmp_path):
+    now = [1000.0]
+    reconciler, pool = make(tmp_path, "models:\n  - {name: a, source: /tmp, memory: 10MiB}\n")
+    reconciler.clock = pool.clock = lambda: now[0]
+
+    async def scenario():
+        await settle(reconciler)
+        delays = []
+        for _ in range(4):
+            pool.workers()[0].crash()
+            await reconciler.reconcile_once()
+            failure = reconciler._failures["a"]
+            delays.append(failure.retry_at - now[0])
+            assert reconciler.statuses["a"].phase == Phase.PENDING
+            now[0] = failure.retry_at + 0.01
+            await settle(reconciler)
+            assert reconciler.statuses["a"].phase == Phase.READY
+        assert delays == [1, 2, 4, 4]
+        assert "crash-looping" in reconciler._failures["a"].message
+        assert reconciler.statuses["a"].restarts == 4
+        now[0] += 500  # stays up past stable_after: the backoff resets
+        pool.workers()[0].crash()
+        await reconciler.reconcile_once()
+        assert reconciler._failures["a"].retry_at - now[0] == 1
+        await reconciler.shutdown()
+
+    asyncio.run(scenario())
