@@ -113,6 +113,7 @@ class LoopSettings:
     drain_timeout: float = 30.0  # in-flight requests of a worker being unloaded get this long
     memory_wait_timeout: float = 300.0  # a load waiting for unloads to free memory gives up after this
     demand_ttl: float = 120.0  # an on-demand request counts as demand this long (its wait bound)
+    memory_check_interval: float = 2.0  # how often free memory is compared with the reserve
 
 
 class Reconciler:
@@ -180,6 +181,7 @@ class Reconciler:
         """Reconcile until cancelled: on file changes, nudges, and every resync interval."""
         self._loop = asyncio.get_running_loop()
         watcher = asyncio.create_task(self._watch_file(), name="watch-models-yaml")
+        monitor = asyncio.create_task(self._watch_memory(), name="watch-memory")
         try:
             while not self._stopping:
                 await self.reconcile_once()
@@ -190,6 +192,27 @@ class Reconciler:
                 self._wake.clear()
         finally:
             watcher.cancel()
+            monitor.cancel()
+
+    async def _watch_memory(self) -> None:
+        """Nudge when the machine's free memory falls below the reserve (pressure), between resyncs."""
+        was_short = False
+        while not self._stopping:
+            await asyncio.sleep(self.settings.memory_check_interval)
+            if self.desired is None:
+                continue
+            try:
+                _physical, available = self.memory_probe()
+            except Exception:  # noqa: BLE001 - a failed probe must not stop the loop
+                log.exception("reading the machine's memory failed")
+                continue
+            short = available < self.desired.memory.reserve_bytes()
+            if short and not was_short:
+                log.warning("free memory %s is below the reserve %s", format_size(available),
+                            format_size(self.desired.memory.reserve_bytes()))
+            if short:
+                self.nudge()
+            was_short = short
 
     async def _watch_file(self) -> None:
         """Nudge on any change to models.yaml, including replace-by-rename and symlink targets."""

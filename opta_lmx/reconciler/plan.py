@@ -183,6 +183,7 @@ def plan(
         return (not (spec.pinned and running), not spec.pinned, -spec.priority, not running, index)
 
     admitted: dict[str, int] = {}
+    drop_stale: set[str] = set()  # mid-swap models whose old worker must go now to make room
     used = 0
     for name, (spec, _index) in sorted(wanted.items(), key=rank):
         size = need(name)
@@ -191,6 +192,12 @@ def plan(
         if used + size <= budget:
             admitted[name] = size
             used += size
+            continue
+        worker = current(name)
+        if worker is not None and used + worker.bytes <= budget:
+            admitted[name] = worker.bytes
+            used += worker.bytes
+            drop_stale.add(name)
             continue
         missing = used + size - budget
         holders = ", ".join(admitted) or "nothing"
@@ -235,7 +242,10 @@ def plan(
             successor = current(name)
             if worker is successor:
                 continue
-            if successor is not None and successor.ready:
+            if name in drop_stale:
+                unloads.append(UnloadModel(name, worker.worker_id, UnloadReason.REPLACED,
+                                           "no room to run old and new side by side", worker.bytes))
+            elif successor is not None and successor.ready:
                 unloads.append(UnloadModel(name, worker.worker_id, UnloadReason.REPLACED,
                                            "its successor is ready", worker.bytes))
             elif not worker.ready:
