@@ -631,9 +631,8 @@ class Reconciler:
             phase, reason, message = self._phase_of(model, fingerprints[model.name], blocked)
             route = self._routes.get(model.name)
             worker = self.pool.get(route.worker_id) if route else None
-            if phase != status.phase and phase in (Phase.UNSCHEDULABLE, Phase.PENDING, Phase.FAILED):
-                self.events.record(model.name, reason, message,
-                                   kind="Normal" if phase == Phase.PENDING else "Warning")
+            if phase != status.phase and phase == Phase.UNSCHEDULABLE:  # the other phases have their own events
+                self.events.record(model.name, reason, message, kind="Warning")
             status.phase = phase
             status.reason, status.message = reason, message
             status.pid = worker.pid if worker else None
