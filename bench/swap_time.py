@@ -1,5 +1,6 @@
 """Swap time: from saving an edit that changes a model's source to the new worker answering,
-beside the bare load time of the same model, under two budgets:
+beside the bare load time of the same model (a fresh process that imports mlx-lm, loads it and
+answers once, interleaved with the swaps so both see the same machine load), under two budgets:
 
 - `both-fit`: the budget holds old and new, so the swap is make-before-break (no gap in service);
 - `one-fits`: the budget holds one, so the swap drains, unloads, then loads (requests wait).
@@ -42,7 +43,7 @@ def wait(predicate, timeout: float = 300) -> None:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.02)
+        time.sleep(0.05)
     raise TimeoutError("swap did not finish")
 
 
@@ -67,19 +68,23 @@ def main() -> None:
         root = Path(tmp)
         for size in args.sizes:
             a, b = model(size, root, 0), model(size, root, 1)
-            bare = statistics.median(bare_seconds(a) for _ in range(args.repeats))
-            row = {"size": size, "bare_load_and_answer_s": round(bare, 2)}
+            row: dict = {"size": size}
+            bares: list[float] = []
             for mode, budget in (("both-fit", "1300MiB"), ("one-fits", "1000MiB")):
                 config = root / f"{size}-{mode}.yaml"
                 config.write_text(CONFIG.format(budget=budget, source=a))
                 proc, base = start_lmx(config, root / f"state-{size}-{mode}")
                 try:
                     wait(lambda: status(base).get("phase") == "Ready")
-                    times = [swap_seconds(base, config, budget, b if i % 2 == 0 else a) for i in range(args.repeats)]
+                    times = []
+                    for i in range(args.repeats):  # interleaved, so both see the same machine load
+                        bares.append(bare_seconds(a))
+                        times.append(swap_seconds(base, config, budget, b if i % 2 == 0 else a))
                 finally:
                     proc.terminate()
                     proc.wait(30)
                 row[f"swap_{mode}_s"] = round(statistics.median(times), 2)
+            row["bare_load_and_answer_s"] = round(statistics.median(bares), 2)
             rows.append(row)
             print(f"{size:6} bare load+answer {row['bare_load_and_answer_s']:5.2f} s   swap, both fit "
                   f"(make-before-break) {row['swap_both-fit_s']:5.2f} s   swap, one fits (drain-unload-load) "
