@@ -155,6 +155,7 @@ class Reconciler:
         self.last_plan: Plan | None = None
         self._estimates: dict[str, MemoryEstimate] = {}  # fingerprint -> estimate
         self._measured_max: dict[str, int] = {}  # fingerprint -> most measured for a worker of it
+        self._fp_override: dict[str, int] = {}  # fingerprint -> the `memory:` override it was planned with
         self._measured: dict[str, int] = {}  # worker id -> last measurement
         self._mlx_bytes: dict[str, int] = {}  # worker id -> MLX active+cache bytes it reported
         self._traffic: dict[str, Traffic] = {}  # worker id -> in-flight counter
@@ -292,6 +293,10 @@ class Reconciler:
         key = spec.fingerprint + (f":{override}" if override is not None else "")
         if key not in self._estimates:
             self._estimates[key] = engine_memory.estimate(spec.source, spec.engine, override)
+        if override is not None:
+            self._fp_override[spec.fingerprint] = override
+        else:
+            self._fp_override.pop(spec.fingerprint, None)
         return self._estimates[key]
 
     def _planning_estimates(self, fingerprints: dict[str, str]) -> dict[str, int]:
@@ -316,6 +321,8 @@ class Reconciler:
                 return estimate.override_bytes
             measured = self._measured.get(worker_id)
             return measured if measured is not None else estimate.total_bytes
+        if fingerprint in self._fp_override:  # an old spec keeps the override it was planned with
+            return self._fp_override[fingerprint]
         return self._measured.get(worker_id) or self._measured_max.get(fingerprint, 0)
 
     def _observe(self, fingerprints: dict[str, str]) -> list[ObservedWorker]:
