@@ -12,11 +12,9 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
-
 from collections.abc import Callable
-from dataclasses import field
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import watchfiles
 
@@ -669,13 +667,14 @@ class Reconciler:
             status.observed_generation = self.generation
             status.set_condition("Ready", phase == Phase.READY, reason, message, self.generation, now)
             verdict = self._verdicts.get(model.name)
-            status.set_condition(
-                "Scheduled", verdict is None,
-                "InsufficientMemory" if verdict else "Fits",
-                verdict.message if verdict else f"planned at {format_size(self._planned_bytes(model))} "
-                f"within the {format_size(self.memory.budget_bytes)} budget",
-                self.generation, now,
-            )
+            if verdict is not None:
+                scheduled = (False, "InsufficientMemory", verdict.message)
+            elif phase == Phase.UNLOADED:
+                scheduled = (False, "NotWanted", message)
+            else:
+                scheduled = (True, "Fits", f"planned at {format_size(self._planned_bytes(model))} "
+                             f"within the {format_size(self.memory.budget_bytes)} budget")
+            status.set_condition("Scheduled", *scheduled, self.generation, now)
         for name in list(self.statuses):
             if name not in desired_names:
                 busy = any(n == name for n, _ in self._workers.values())
