@@ -9,6 +9,7 @@ to the next edit.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -590,6 +591,10 @@ class Reconciler:
 
     # -- routing (read by the gateway) ---------------------------------------------
     async def _set_route(self, route: Route) -> None:
+        # One in-flight counter per worker, whoever made the route: the drain and idle TTL read it.
+        traffic = self._traffic.setdefault(route.worker_id, route.traffic)
+        if traffic is not route.traffic:
+            route = dataclasses.replace(route, traffic=traffic)
         async with self._routes_changed:
             self._routes[route.name] = route
             self._routes_changed.notify_all()
