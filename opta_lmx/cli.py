@@ -98,9 +98,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from opta_lmx.api.app import GatewaySettings, create_app
+    from opta_lmx.api.auth import KeyConfigError, check_bind, load_keys
     from opta_lmx.engine.pool import WorkerPool
     from opta_lmx.reconciler.controller import LoopSettings, Reconciler
+    from opta_lmx.state.store import ModelsStore
 
+    try:
+        keys = load_keys()
+        check_bind(args.host, keys)
+    except KeyConfigError as error:
+        print(f"lmx serve: {error}", file=sys.stderr)
+        return 2
     config = Path(args.config).expanduser() if args.config else ensure_default_config()
     state_dir = Path(args.state_dir).expanduser() if args.state_dir else paths.state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pool = WorkerPool(state_dir / "workers")
     reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
 
-    app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout))
+    store = ModelsStore(config, git_commit=args.git_commit)
+    app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout), store=store, keys=keys)
     server = _server_class()(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                        timeout_graceful_shutdown=args.grace, access_log=False)
@@ -167,7 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=10.0, help="seconds a stopping worker gets before SIGKILL")
     serve.add_argument("--load-wait-timeout", type=float, default=120.0,
                        help="how long a request waits for its model to finish loading")
+    serve.add_argument("--git-commit", action="store_true",
+                       default=os.environ.get("LMX_GIT_COMMIT", "").lower() in ("1", "true", "yes"),
+                       help="git-commit models.yaml in its repository after every admin API write")
     serve.set_defaults(func=cmd_serve)
+
+    from opta_lmx import client
+
+    client.add_commands(sub)
 
     check = sub.add_parser("check", help="validate a models.yaml")
     check.add_argument("config", nargs="?")

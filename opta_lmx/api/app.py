@@ -11,8 +11,10 @@ import httpx
 from fastapi import FastAPI
 
 from opta_lmx.api import admin, gateway
+from opta_lmx.api.auth import KeyAuth, Keys, load_keys
 from opta_lmx.api.errors import install_error_handlers
 from opta_lmx.reconciler.controller import Reconciler
+from opta_lmx.state.store import ModelsStore
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,8 @@ class GatewaySettings:
     upstream_timeout: float = 600.0
 
 
-def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettings()) -> FastAPI:
+def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettings(), *,
+               store: ModelsStore | None = None, keys: Keys | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.upstream = httpx.AsyncClient(
@@ -43,9 +46,12 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     app = FastAPI(title="Opta-LMX", version="0.1.0", lifespan=lifespan)
     app.state.reconciler = reconciler
     app.state.settings = settings
+    app.state.store = store or ModelsStore(reconciler.config_path)
+    app.add_middleware(KeyAuth, keys=keys if keys is not None else load_keys())
     install_error_handlers(app)
     app.include_router(gateway.router)
     app.include_router(admin.router)
+    app.include_router(admin.probes)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -95,6 +95,15 @@ class Reconciler:
         """Ask for a pass soon. Safe to call from any coroutine on the loop."""
         self._wake.set()
 
+    async def accept_now(self) -> int:
+        """Read models.yaml and reconcile right away; the generation now in force.
+
+        For a writer (the admin API) that just wrote the file and must answer with the
+        generation its content was accepted as, without waiting for the file watcher.
+        """
+        await self.reconcile_once()
+        return self.generation
+
     def _worker_exited(self, _worker: Worker) -> None:
         """A worker's waiter thread saw it exit: reconcile on the loop's thread."""
         if self._loop is not None and not self._loop.is_closed():
