@@ -453,7 +453,7 @@ class ModelsStore:
 
     def _write(self, produce: Callable[[str], tuple[str, str]], *, if_match: str | None,
                endpoint: str, dry_run: bool) -> WriteResult:
-        with self._lock:
+        with self._lock, self._directory_lock():
             for _attempt in range(self.retries):
                 snap = self.snapshot()
                 if if_match is not None and not etag_matches(if_match, snap.etag):
@@ -479,6 +479,29 @@ class ModelsStore:
                     result = WriteResult(etag, snap.etag, True, document.state, new_text, summary, commit, error)
                 return result
         raise EditConflict(f"models.yaml kept changing during {self.retries} attempts; nothing was written")
+
+    @contextlib.contextmanager
+    def _directory_lock(self):
+        """flock on the target's directory: excludes other lmx writers (other processes, other stores).
+
+        A lock on the directory rather than a lock file leaves nothing behind in a git checkout.
+        Editors do not take it; the compare-and-swap covers them.
+        """
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: the in-process lock and the CAS still apply
+            yield
+            return
+        try:
+            fd = os.open(self.target().parent, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _atomic_write(self, data: bytes) -> None:
         """Temp file beside the real target, fsync, rename over it: readers see old or new, never half."""
