@@ -314,3 +314,59 @@ def test_desired_document_and_readyz(server):
     while (ready := httpx.get(server.base_url + "/readyz")).status_code != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ready.status_code == 200 and ready.json()["ready"]
+
+
+def lmx(server, capsys, *argv: str) -> tuple[int, str]:
+    """Run an `lmx` client command in-process against the test server."""
+    from opta_lmx.cli import main
+
+    capsys.readouterr()
+    code = main([*argv, "--server", server.base_url, "--admin-key", ADMIN_KEY])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_cli_get_describe_set_status_events(server, capsys):
+    code, out = lmx(server, capsys, "get", "models")
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split()[:3] == ["NAME", "DESIRED", "PHASE"]
+    assert any(row.split()[0] == "m7" for row in rows)
+
+    code, out = lmx(server, capsys, "set", "m7", "priority=7", "engine.max_tokens=4", "aliases=[seven]", "-o", "json")
+    assert code == 0
+    spec = json.loads(out)["spec"]
+    assert spec["priority"] == 7 and spec["engine"] == {"max_tokens": 4} and spec["aliases"] == ["seven"]
+    code, out = lmx(server, capsys, "set", "m7", "aliases=null", "engine=null")
+    assert code == 0 and "m7: written" in out
+    code, out = lmx(server, capsys, "set", "m7", "state=sometimes")
+    assert code == 1 and "models[8].state" in out
+
+    code, out = lmx(server, capsys, "describe", "m7")
+    assert code == 0 and "Name:     m7" in out and "priority: 7" in out
+    code, out = lmx(server, capsys, "status", "-o", "json")
+    assert code == 0 and json.loads(out)["memory"]["budget_bytes"] > 0
+    code, out = lmx(server, capsys, "status")
+    assert code == 0 and out.startswith("generation:")
+    code, out = lmx(server, capsys, "events", "--limit", "5")
+    assert code == 0 and len(out.splitlines()) == 5
+
+
+def test_cli_apply_shows_the_diff_and_replaces(server, capsys, tmp_path):
+    current = call(server, "GET", "/admin/desired").text
+    new = tmp_path / "models.yaml"
+    new.write_text(current.replace("reserve: ", "reserve:  ").replace("budget: 90%", "budget: 85%"))
+    code, out = lmx(server, capsys, "apply", "-f", str(new), "--dry-run")
+    assert code == 0 and "-  budget: 90%" in out and "+  budget: 85%" in out
+    assert server.target.read_text() == current
+    code, out = lmx(server, capsys, "apply", "-f", str(new), "--yes")
+    assert code == 0, out
+    assert server.target.read_text() == new.read_text()
+    assert server.config.is_symlink()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: x\n    priority: high\n")
+    code, out = lmx(server, capsys, "apply", "-f", str(bad), "--yes")
+    assert code == 1 and "HTTP 422" in out
+    assert server.target.read_text() == new.read_text()
+    code, out = lmx(server, capsys, "apply", "-f", str(new), "--yes")
+    assert code == 0 and "no changes" in out
