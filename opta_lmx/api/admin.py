@@ -396,11 +396,15 @@ async def swap_models(request: Request) -> JSONResponse:
             return f"swap {old['name']} -> {new['name']}"
 
         result, generation = await _write(request, "POST /admin/models/swap", mutate)
-        response = await _answer(request, result, generation, names["to"], timeout,
-                                 extra={"from": names["from"], "to": names["to"]})
-        if response.status_code == 200 and timeout is not None:
-            await _wait(reconciler, names["from"], generation, max(1.0, timeout))
-        return response
+        deadline = time.monotonic() + (timeout or 0.0)
+        if timeout is not None:  # the planner unloads first, so `from` settles before `to`
+            await _wait(reconciler, names["from"], generation, timeout)
+        remaining = None if timeout is None else max(0.0, deadline - time.monotonic())
+        from_status = reconciler.statuses.get(names["from"])
+        return await _answer(request, result, generation, names["to"], remaining, extra={
+            "from": names["from"], "to": names["to"],
+            "from_status": from_status.model_dump(mode="json") if from_status else None,
+        })
     alias = body.get("alias")
     if not isinstance(alias, str) or not alias:
         raise APIError(400, "give either `from` or `alias`", "invalid_request", param="from")

@@ -383,6 +383,9 @@ def render_edit(text: str, mutate: Callable[[CommentedMap], str]) -> tuple[str, 
     the original, falling back to ruamel's whole output only if the splice would not mean
     the same data.
     """
+    if "\r\n" in text:  # keep Windows line endings: edit with \n, write back with \r\n
+        new_text, summary = render_edit(text.replace("\r\n", "\n"), mutate)
+        return new_text.replace("\n", "\r\n"), summary
     try:
         yaml, tree, before = _load_with_style(text) if text.strip() else (new_yaml(), None, "")
     except YAMLError as error:

@@ -304,3 +304,13 @@ def test_git_commit_names_the_change_and_endpoint(tmp_path):
     assert "models.yaml" in log and "other.txt" not in log
     status = subprocess.run([*env_git, "status", "--porcelain"], capture_output=True, text=True).stdout
     assert status.strip() == "M  other.txt"  # someone else's staged change is left alone
+
+
+def test_windows_line_endings_are_kept(tmp_path):
+    path = tmp_path / "models.yaml"
+    original = ORIGINAL.replace("\n", "\r\n").encode()
+    path.write_bytes(original)
+    ModelsStore(path).edit(patch_model("coder", {"priority": 1}))
+    data = path.read_bytes()
+    assert data.count(b"\r\n") == original.count(b"\r\n") and b"\r\n" in data
+    assert data.replace(b"priority: 1\r\n", b"priority: 10\r\n") == original
