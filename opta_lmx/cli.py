@@ -120,7 +120,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
 
     store = ModelsStore(config, git_commit=args.git_commit)
-    app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout), store=store, keys=keys)
+    app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout,
+                                                 queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes),
+                     store=store, keys=keys)
     server = _server_class()(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                        timeout_graceful_shutdown=args.grace, access_log=False)
@@ -176,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=10.0, help="seconds a stopping worker gets before SIGKILL")
     serve.add_argument("--load-wait-timeout", type=float, default=120.0,
                        help="how long a request waits for its model to finish loading")
+    serve.add_argument("--queue-limit", type=int, default=256,
+                       help="requests that may wait per model (loading, or at its concurrency limit) before 429")
+    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest request body (413 above)")
     serve.add_argument("--git-commit", action="store_true",
                        default=os.environ.get("LMX_GIT_COMMIT", "").lower() in ("1", "true", "yes"),
                        help="git-commit models.yaml in its repository after every admin API write")
