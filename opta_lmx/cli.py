@@ -127,6 +127,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                        timeout_graceful_shutdown=args.grace, access_log=False)
     )
+    _on_exit = server.handle_exit
+
+    def handle_exit(sig, frame):  # lets long-lived streams (lmx events -f) end instead of holding shutdown
+        app.state.stopping = True
+        _on_exit(sig, frame)
+
+    server.handle_exit = handle_exit
 
     try:
         asyncio.run(server.serve())

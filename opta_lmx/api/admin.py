@@ -584,14 +584,19 @@ async def _follow(request: Request, reconciler: Reconciler, since: int, limit: i
         for event in reconciler.events.since(since, limit):
             last = event.seq
             yield _sse(event)
-        while True:
+        idle = 0.0
+        while not getattr(request.app.state, "stopping", False):  # a shutdown ends the stream
             try:
-                event = await asyncio.wait_for(queue.get(), 15.0)
+                event = await asyncio.wait_for(queue.get(), 1.0)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                yield b": keep-alive\n\n"
+                idle += 1.0
+                if idle >= 15.0:
+                    idle = 0.0
+                    if await request.is_disconnected():
+                        return
+                    yield b": keep-alive\n\n"
                 continue
+            idle = 0.0
             if event.seq > last:
                 last = event.seq
                 yield _sse(event)

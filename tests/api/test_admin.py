@@ -288,7 +288,8 @@ def test_status_memory_events_and_stream(server):
         for line in stream.iter_lines():
             if line.startswith("data: "):
                 received.append(json.loads(line[6:]))
-                if any(e["reason"] == "ConfigAccepted" for e in received):
+                reasons = {e["reason"] for e in received}
+                if {"ConfigAccepted", "AdminEdit"} <= reasons:  # either may come first
                     break
         writer.join()
     assert received[0]["seq"] > last
@@ -370,3 +371,22 @@ def test_cli_apply_shows_the_diff_and_replaces(server, capsys, tmp_path):
     assert server.target.read_text() == new.read_text()
     code, out = lmx(server, capsys, "apply", "-f", str(new), "--yes")
     assert code == 0 and "no changes" in out
+
+
+def test_a_person_saving_the_file_and_the_api_both_win(server):
+    """A hand edit saved between a client's read and its write: neither change is lost."""
+    read = call(server, "GET", "/admin/models/m6")
+    hand_edited = server.target.read_text() + "# edited by hand\n"
+    tmp = server.target.with_name(".models.yaml.swp")
+    tmp.write_text(hand_edited)
+    os.replace(tmp, server.target)  # the way editors save
+
+    stale = call(server, "PATCH", "/admin/models/m6", json={"priority": 6}, headers={"If-Match": read.headers["etag"]})
+    assert stale.status_code == 412
+    assert server.target.read_text() == hand_edited
+    unguarded = call(server, "PATCH", "/admin/models/m6", json={"priority": 6})
+    assert unguarded.status_code == 202
+    after = server.target.read_text()
+    assert changed_lines(hand_edited, after) == ["+    priority: 6"]
+    assert after.endswith("# edited by hand\n")
+    assert server.config.is_symlink()
