@@ -120,7 +120,8 @@ def _wait_params(request: Request, default_wait: bool = False, body: dict | None
 
 
 async def _write(request: Request, endpoint: str, mutate: Callable | None = None, *,
-                 text: str | None = None, dry_run: bool = False, guarded: bool = True) -> tuple[WriteResult, int]:
+                 text: str | None = None, dry_run: bool = False, guarded: bool = True,
+                 subject: str | Callable[[], str] = "config") -> tuple[WriteResult, int]:
     """Edit models.yaml (or replace it with `text`), then have the loop accept it now."""
     store, reconciler = _store(request), _reconciler(request)
     if_match = request.headers.get("if-match") if guarded else None
@@ -145,7 +146,8 @@ async def _write(request: Request, endpoint: str, mutate: Callable | None = None
     if dry_run:
         return result, reconciler.generation
     if result.changed:
-        reconciler.events.record("config", "AdminEdit", f"{result.summary} (via {endpoint})")
+        about = subject() if callable(subject) else subject  # a model's name shows in `lmx describe`
+        reconciler.events.record(about, "AdminEdit", f"{result.summary} (via {endpoint})")
         if result.commit_error:
             reconciler.events.record("config", "GitCommitFailed", result.commit_error, kind="Warning")
     try:
@@ -275,7 +277,7 @@ async def put_model(name: str, request: Request) -> JSONResponse:
         replace_mapping(entry, spec)
         return f"replace model {name}"
 
-    result, generation = await _write(request, f"PUT /admin/models/{name}", mutate)
+    result, generation = await _write(request, f"PUT /admin/models/{name}", mutate, subject=name)
     return await _answer(request, result, generation, name, timeout)
 
 
@@ -292,7 +294,7 @@ async def patch_model(name: str, request: Request) -> JSONResponse:
         merge_patch(require_model(tree, name), patch)
         return f"set {name}: {describe_patch(patch)}"
 
-    result, generation = await _write(request, f"PATCH /admin/models/{name}", mutate)
+    result, generation = await _write(request, f"PATCH /admin/models/{name}", mutate, subject=name)
     return await _answer(request, result, generation, name, timeout)
 
 
@@ -308,7 +310,7 @@ async def delete_model(name: str, request: Request) -> JSONResponse:
                 return f"delete model {name}"
         raise EditError(f"no model named `{name}` in models.yaml", "model_not_found", 404)
 
-    result, generation = await _write(request, f"DELETE /admin/models/{name}", mutate)
+    result, generation = await _write(request, f"DELETE /admin/models/{name}", mutate, subject=name)
     return await _answer(request, result, generation, name, timeout)
 
 
@@ -355,7 +357,8 @@ async def _set_state(request: Request, verb: str, state: DesiredModelState) -> J
         merge_patch(entry, {"state": state.value})
         return f"{verb} model {entry['name']}"
 
-    result, generation = await _write(request, f"POST /admin/models/{verb}", mutate)
+    result, generation = await _write(request, f"POST /admin/models/{verb}", mutate,
+                                      subject=lambda: touched.get("name", model_id))
     return await _answer(request, result, generation, touched["name"], timeout,
                          extra={"model_id": model_id, "action": verb})
 
@@ -419,7 +422,8 @@ async def swap_models(request: Request) -> JSONResponse:
         merge_patch(new, {"state": DesiredModelState.LOADED.value})
         return f"load {new['name']} before moving alias {alias} to it"
 
-    first, generation = await _write(request, "POST /admin/models/swap", load_target)
+    first, generation = await _write(request, "POST /admin/models/swap", load_target,
+                                     subject=lambda: names.get("to", target))
     outcome = await _wait(reconciler, names["to"], generation, timeout if timeout is not None else DEFAULT_WAIT)
     if outcome is not True:
         return await _answer(request, first, generation, names["to"], 0.0,
@@ -440,7 +444,8 @@ async def swap_models(request: Request) -> JSONResponse:
         return f"move alias {alias} to {new['name']}" + (f" from {previous['name']}" if previous else "")
 
     # The first edit changed the file, so If-Match guards only that one; this one rebases.
-    second, generation = await _write(request, "POST /admin/models/swap", move_alias, guarded=False)
+    second, generation = await _write(request, "POST /admin/models/swap", move_alias, guarded=False,
+                                      subject=lambda: names["to"])
     return await _answer(request, second, generation, names["to"], timeout,
                          extra={"alias": alias, "to": names["to"], "from": names.get("previous"),
                                 "alias_moved": True})

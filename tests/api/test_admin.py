@@ -345,6 +345,7 @@ def test_cli_get_describe_set_status_events(server, capsys):
 
     code, out = lmx(server, capsys, "describe", "m7")
     assert code == 0 and "Name:     m7" in out and "priority: 7" in out
+    assert "AdminEdit" in out and "set m7: priority=7" in out
     code, out = lmx(server, capsys, "status", "-o", "json")
     assert code == 0 and json.loads(out)["memory"]["budget_bytes"] > 0
     code, out = lmx(server, capsys, "status")
