@@ -487,7 +487,8 @@ async def patch_config(request: Request) -> JSONResponse:
 async def get_desired(request: Request) -> Response:
     """models.yaml as it is on disk, with its ETag (what `lmx apply` diffs against)."""
     snap = _store(request).snapshot()
-    return Response(snap.data, media_type="application/yaml", headers={"ETag": snap.etag})
+    return Response(snap.data, media_type="application/yaml",
+                    headers={"ETag": snap.etag, "X-Generation": str(_reconciler(request).generation)})
 
 
 @router.put("/desired")
