@@ -182,12 +182,19 @@ def _settled(reconciler: Reconciler, name: str | None, generation: int) -> bool 
 
 
 async def _wait(reconciler: Reconciler, name: str | None, generation: int, timeout: float) -> bool | str:
+    """Poll the loop's statuses until settled or `timeout`; nudge it each second meanwhile so a
+    status that changes without an event of its own (a load refused before it started) shows."""
     deadline = time.monotonic() + timeout
+    next_nudge = time.monotonic() + 1.0
     while True:
         outcome = _settled(reconciler, name, generation)
-        if outcome is not False or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if outcome is not False or now >= deadline:
             return outcome
-        await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        if now >= next_nudge:
+            reconciler.nudge()
+            next_nudge = now + 1.0
+        await asyncio.sleep(min(0.1, max(0.0, deadline - now)))
 
 
 async def _answer(request: Request, result: WriteResult, generation: int, name: str | None,

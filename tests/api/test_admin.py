@@ -216,6 +216,15 @@ def test_put_delete_and_config(server):
     assert call(server, "GET", "/admin/models/extra").status_code == 404
     assert call(server, "DELETE", "/admin/models/extra").status_code == 404
 
+    # A model that cannot come up ends the wait early with 502 and its status, not a timeout.
+    broken = call(server, "PUT", "/admin/models/broken", json={"source": "/does/not/exist"},
+                  params={"wait": "ready", "timeout": 60})
+    assert broken.status_code == 502, broken.text
+    assert broken.json()["error"]["code"] == "model_failed"
+    assert broken.json()["status"]["phase"] == "Failed"
+    assert call(server, "DELETE", "/admin/models/broken", params={"wait": "ready", "timeout": 30}).status_code == 200
+    assert server.target.read_text() == before
+
     config = call(server, "GET", "/admin/config")
     assert config.json()["memory"] == {"budget": "90%", "reserve": "1GiB"}
     patched = call(server, "PATCH", "/admin/config", json={"memory": {"reserve": "2GiB"}},
@@ -233,6 +242,7 @@ def test_wait_ready_load_unload_and_swaps(server):
     assert hurried.status_code == 504, hurried.text
     assert hurried.json()["error"]["code"] == "wait_timeout"
     assert hurried.json()["spec"]["state"] == "loaded"
+    assert hurried.json()["status"]["phase"] in ("Pending", "Loading")
     # An imperative load (by alias) waits until the model serves.
     loaded = call(server, "POST", "/admin/models/load", json={"model_id": "default", "timeout": 120})
     assert loaded.status_code == 200, loaded.text

@@ -314,3 +314,13 @@ def test_windows_line_endings_are_kept(tmp_path):
     data = path.read_bytes()
     assert data.count(b"\r\n") == original.count(b"\r\n") and b"\r\n" in data
     assert data.replace(b"priority: 1\r\n", b"priority: 10\r\n") == original
+
+
+def test_a_file_that_does_not_parse_is_not_edited(store):
+    store.path.write_text("models: [\n")
+    with pytest.raises(EditError) as caught:
+        store.edit(patch_model("coder", {"priority": 1}))
+    assert caught.value.status == 409 and "does not parse" in caught.value.message
+    assert store.path.read_text() == "models: [\n"
+    store.replace(ORIGINAL)  # replacing it whole is the way out
+    assert store.path.read_text() == ORIGINAL
