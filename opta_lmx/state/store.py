@@ -474,7 +474,10 @@ class ModelsStore:
                 if self.snapshot().etag != snap.etag:
                     log.info("models.yaml changed while an edit was being prepared; redoing the edit")
                     continue
-                self._atomic_write(data)
+                try:
+                    self._atomic_write(data)
+                except OSError as error:
+                    raise EditError(f"cannot write {self.target()}: {error}", "write_failed", 500) from None
                 result = WriteResult(etag, snap.etag, True, document.state, new_text, summary)
                 if self.git_commit:
                     message = f"{summary} (via {endpoint})" if endpoint else summary

@@ -243,7 +243,15 @@ def test_wait_ready_load_unload_and_swaps(server):
     assert hurried.json()["error"]["code"] == "wait_timeout"
     assert hurried.json()["spec"]["state"] == "loaded"
     assert hurried.json()["status"]["phase"] in ("Pending", "Loading")
-    # An imperative load (by alias) waits until the model serves.
+    # With time enough, the same request answers once the model serves.
+    ready = call(server, "PATCH", "/admin/models/tiny", json={"state": "loaded"},
+                 params={"wait": "ready", "timeout": "120"})
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"]["phase"] == "Ready" and not ready.json()["changed"]
+    chat = httpx.post(server.base_url + "/v1/chat/completions", headers=api, timeout=60,
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert chat.status_code == 200
+    # An imperative load (by alias) is an edit too (here a no-op) that waits until the model serves.
     loaded = call(server, "POST", "/admin/models/load", json={"model_id": "default", "timeout": 120})
     assert loaded.status_code == 200, loaded.text
     assert loaded.json()["status"]["phase"] == "Ready" and loaded.json()["name"] == "tiny"

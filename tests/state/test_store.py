@@ -324,3 +324,14 @@ def test_a_file_that_does_not_parse_is_not_edited(store):
     assert store.path.read_text() == "models: [\n"
     store.replace(ORIGINAL)  # replacing it whole is the way out
     assert store.path.read_text() == ORIGINAL
+
+
+def test_unwritable_directory_is_a_clear_error(store, monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(store.path.parent))
+
+    monkeypatch.setattr("opta_lmx.state.store.tempfile.mkstemp", refuse)
+    with pytest.raises(EditError) as caught:
+        store.edit(patch_model("coder", {"priority": 1}))
+    assert caught.value.status == 500 and "cannot write" in caught.value.message
+    assert store.path.read_text() == ORIGINAL
