@@ -29,8 +29,6 @@ from ruamel.yaml.scalarstring import ScalarString
 from ruamel.yaml.tokens import CommentToken
 
 from opta_lmx.state.document import (
-    ConfigError,
-    FieldProblem,
     content_etag,
     new_yaml,
     parse_document,
@@ -569,7 +567,3 @@ class ModelsStore:
         except (OSError, subprocess.SubprocessError) as error:
             return None, f"git failed: {error}"
 
-
-def config_error_for(message: str, path: str = "") -> ConfigError:
-    """A ConfigError for a request body that cannot become part of models.yaml at all."""
-    return ConfigError("request", [FieldProblem(path, message, None, None)])
