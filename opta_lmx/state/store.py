@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
+import json
 import logging
 import os
 import stat
@@ -289,8 +290,6 @@ def describe_patch(patch: Any, prefix: str = "") -> str:
 
 
 def _short(value: Any) -> str:
-    import json
-
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -9,18 +9,24 @@ import subprocess
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from opta_lmx.state.document import ConfigError, content_etag, read_document
+from opta_lmx.state.document import new_yaml
 from opta_lmx.state.store import (
     EditError,
     ModelsStore,
     PreconditionFailed,
+    _dump,
+    _plain,
     append_item,
     delete_item,
     describe_patch,
     etag_matches,
     merge_patch,
     models_of,
+    render_edit,
     replace_mapping,
     require_model,
     splice,
@@ -335,3 +341,32 @@ def test_unwritable_directory_is_a_clear_error(store, monkeypatch):
         store.edit(patch_model("coder", {"priority": 1}))
     assert caught.value.status == 500 and "cannot write" in caught.value.message
     assert store.path.read_text() == ORIGINAL
+
+
+def _rfc7396(target, patch):
+    """The reference algorithm of RFC 7396, section 2, on plain data."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _rfc7396(result.get(key), value)
+    return result
+
+
+_keys = st.sampled_from(["a", "b", "c", "engine", "aliases"])
+_scalars = st.one_of(st.integers(-5, 5), st.booleans(), st.text("xyz", max_size=3))
+_values = st.recursive(_scalars | st.lists(_scalars, max_size=3),
+                       lambda inner: st.dictionaries(_keys, inner, max_size=3), max_leaves=8)
+_patches = st.recursive(st.none() | _scalars | st.lists(_scalars, max_size=3),
+                        lambda inner: st.dictionaries(_keys, inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(document=st.dictionaries(_keys, _values, max_size=4), patch=st.dictionaries(_keys, _patches, max_size=4))
+def test_merge_patch_is_rfc7396_and_round_trips(document, patch):
+    text = _dump(new_yaml(), to_node(document)) if document else ""
+    new_text, _ = render_edit(text, lambda tree: merge_patch(tree, patch) or "patch")
+    assert (_plain(new_yaml().load(new_text)) or {}) == _rfc7396(document, patch)
