@@ -166,3 +166,17 @@ def test_requests_wait_for_a_loading_model_bounded_queue(tmp_path, tiny_model):
         assert server.post("/v1/chat/completions", json=_chat("late")).status_code == 200
     finally:
         stop_and_check(server)
+
+
+def test_anthropic_sdk_messages_and_responses_pass_through(server):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=server.base_url, api_key="unused")
+    message = client.messages.create(model="a", max_tokens=5, messages=[{"role": "user", "content": "hello"}])
+    assert message.content and message.content[0].type == "text"
+    with client.messages.stream(model="a", max_tokens=5, messages=[{"role": "user", "content": "hello"}]) as stream:
+        text = "".join(stream.text_stream)
+    assert text
+    response = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x").responses.create(
+        model="a", input="hello", max_output_tokens=5)
+    assert response.output_text
