@@ -57,10 +57,10 @@ def _error_text(response) -> str:
 
 
 # -- output -------------------------------------------------------------------------------
-def _table(rows: list[list[Any]], header: list[str]) -> str:
+def _table(rows: list[list[Any]], header: list[str], indent: str = "") -> str:
     cells = [header] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
 def _size(num: int | None) -> str:
@@ -125,11 +125,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
     if status.get("conditions"):
         print("Conditions:")
         print(_table([[c["type"], c["status"], c["reason"], _age(c["last_transition_time"]), c["message"]]
-                      for c in status["conditions"]], ["  TYPE", "STATUS", "REASON", "AGE", "MESSAGE"]))
+                      for c in status["conditions"]], ["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"], "  "))
     if events:
         print("Events:")
         print(_table([[e["kind"], e["reason"], _age(e["time"]), e["message"]] for e in events],
-                     ["  KIND", "REASON", "AGE", "MESSAGE"]))
+                     ["KIND", "REASON", "AGE", "MESSAGE"], "  "))
     return 0
 
 
@@ -243,6 +243,8 @@ def _print_event(event: dict) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from opta_lmx.state.quantities import format_size
+
     data = _call(args, "GET", "/admin/status").json()
     if args.output == "json":
         _print_json(data)
@@ -254,9 +256,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"models.yaml: {config['path']} ({'valid' if config['valid'] else 'INVALID: last good state in force'})")
     if not config["valid"] and config.get("error"):
         print("  " + config["error"]["message"].replace("\n", "\n  "))
-    print(f"memory:      budget {_size(memory['budget_bytes'])} ({memory['budget']}), used {_size(memory['used_bytes'])},"
-          f" free {_size(memory['free_bytes'])}; machine {_size(memory['machine']['available_bytes'])} available"
-          f" of {_size(memory['machine']['total_bytes'])}")
+    print(f"memory:      budget {format_size(memory['budget_bytes'])} ({memory['budget']}), "
+          f"used {format_size(memory['used_bytes'])}, free {format_size(memory['free_bytes'])}; machine "
+          f"{format_size(memory['machine']['available_bytes'])} available of "
+          f"{format_size(memory['machine']['total_bytes'])}")
     if data["models"]:
         print(_table([[n, p] for n, p in data["models"].items()], ["MODEL", "PHASE"]))
     return 0
