@@ -1,0 +1,129 @@
+"""Log output: the control plane's own format (human or JSON), and reading a model's worker log.
+
+Human lines for a terminal; one JSON object per line for log shippers (`--log-format json`).
+Each worker writes to its own file; `lmx logs MODEL` finds the current one through the
+worker records in the state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+HUMAN_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts (unix seconds), time (ISO 8601 UTC), level, logger, msg."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": round(record.created, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str = "human") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(HUMAN_FORMAT, datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def uvicorn_log_config(fmt: str) -> dict | None:
+    """uvicorn's own loggers in the same format (None keeps uvicorn's default human output)."""
+    if fmt != "json":
+        return None
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "opta_lmx.logs.JsonFormatter"}},
+        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvicorn.access": {"handlers": ["default"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+def worker_log_dir(state_dir: Path, state_dir_given: bool) -> Path:
+    """Where workers' logs go: LMX_LOG_DIR, else beside an explicit --state-dir, else the user log dir."""
+    from opta_lmx import paths
+
+    if os.environ.get("LMX_LOG_DIR"):
+        return paths.log_dir() / "workers"
+    if state_dir_given:
+        return state_dir / "logs"
+    return paths.log_dir() / "workers"
+
+
+def model_log_path(name: str, state_dir: Path, log_dir: Path) -> Path | None:
+    """The current worker's log of `name` (from its record), else the last one written, else None."""
+    records = state_dir / "workers" / "records"
+    newest: tuple[float, Path] | None = None
+    for path in records.glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("name") == name:
+            started = record.get("started_at") or 0.0
+            if newest is None or started > newest[0]:
+                newest = (started, Path(record["log_path"]))
+    if newest is not None:
+        return newest[1]
+    fallback = log_dir / f"{name}.log"
+    return fallback if fallback.exists() else None
+
+
+def tail(path: Path, lines: int, out=sys.stdout) -> int:
+    """Print the last `lines` lines of `path`; return the offset reached (for follow)."""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        end = handle.tell()
+        chunk, position, data = 65536, end, b""
+        while position > 0 and data.count(b"\n") <= lines:
+            position = max(0, position - chunk)
+            handle.seek(position)
+            data = handle.read(end - position)
+        text = b"\n".join(data.split(b"\n")[-(lines + 1):]) if lines else b""
+        out.write(text.decode("utf-8", "replace"))
+        out.flush()
+        return end
+
+
+def follow(path: Path, offset: int, out=sys.stdout, poll: float = 0.5, until=None) -> None:
+    """Print what is appended to `path` from `offset`, reopening it when it is rotated."""
+    while until is None or not until():
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < offset:  # rotated or truncated: start over on the new file
+            offset = 0
+        if size > offset:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(size - offset)
+                offset += len(data)
+            out.write(data.decode("utf-8", "replace"))
+            out.flush()
+        time.sleep(poll)
