@@ -41,8 +41,13 @@ def setup_logging(level: str, fmt: str = "human") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(HUMAN_FORMAT, datefmt="%H:%M:%S"))
+    handler._lmx = True  # type: ignore[attr-defined]
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    ours = [h for h in root.handlers if getattr(h, "_lmx", False)]
+    if len(ours) == len(root.handlers):  # like basicConfig: leave a host's handlers (pytest's) alone
+        for old in ours:
+            root.removeHandler(old)
+        root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
