@@ -99,8 +99,9 @@ def model_log_path(name: str, state_dir: Path, log_dir: Path) -> Path | None:
     return fallback if fallback.exists() else None
 
 
-def tail(path: Path, lines: int, out=sys.stdout) -> int:
+def tail(path: Path, lines: int, out=None) -> int:
     """Print the last `lines` lines of `path`; return the offset reached (for follow)."""
+    out = out or sys.stdout
     with open(path, "rb") as handle:
         handle.seek(0, os.SEEK_END)
         end = handle.tell()
@@ -115,20 +116,40 @@ def tail(path: Path, lines: int, out=sys.stdout) -> int:
         return end
 
 
-def follow(path: Path, offset: int, out=sys.stdout, poll: float = 0.5, until=None) -> None:
-    """Print what is appended to `path` from `offset`, reopening it when it is rotated."""
-    while until is None or not until():
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if size < offset:  # rotated or truncated: start over on the new file
-            offset = 0
-        if size > offset:
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                data = handle.read(size - offset)
-                offset += len(data)
-            out.write(data.decode("utf-8", "replace"))
-            out.flush()
-        time.sleep(poll)
+def follow(path: Path, offset: int, out=None, poll: float = 0.5, until=None) -> None:
+    """Print what is appended to `path` from `offset`, like `tail -F`: when the file is rotated,
+    finish the old one (it stays open) and go on with the new one from its start."""
+    out = out or sys.stdout
+    handle = None
+    try:
+        while until is None or not until():
+            if handle is None:
+                try:
+                    handle = open(path, "rb")
+                    handle.seek(offset)
+                except FileNotFoundError:
+                    time.sleep(poll)
+                    continue
+            data = handle.read()
+            if data:
+                out.write(data.decode("utf-8", "replace"))
+                out.flush()
+            try:
+                current = path.stat()
+                replaced = current.st_ino != os.fstat(handle.fileno()).st_ino
+                truncated = current.st_size < handle.tell()
+            except FileNotFoundError:
+                replaced, truncated = False, False
+            if replaced or truncated:
+                if replaced:
+                    rest = handle.read()  # whatever the old file got after our last read
+                    if rest:
+                        out.write(rest.decode("utf-8", "replace"))
+                        out.flush()
+                handle.close()
+                handle, offset = None, 0
+                continue
+            time.sleep(poll)
+    finally:
+        if handle is not None:
+            handle.close()
