@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=1234)
     serve.add_argument("--state-dir", help="where workers' logs and runtime state go")
+    serve.add_argument("--log-format", choices=["human", "json"], default=argparse.SUPPRESS,
+                       help="same as `lmx --log-format` (human or json)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds a stopping worker gets before SIGKILL")
     serve.add_argument("--load-wait-timeout", type=float, default=120.0,
                        help="how long a request waits for its model to finish loading")

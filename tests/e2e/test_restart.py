@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.lmx_harness import worker_processes
+from tests.lmx_harness import REPO, lmx_env, worker_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +79,7 @@ class Stream:
 
 
 def test_sigterm_lets_an_inflight_stream_finish_then_exits_0(serve, tiny_model):
-    server = serve(_config(("a", tiny_model)), "--grace", "30")
+    server = serve(_config(("a", tiny_model)), "--grace", "30", "--log-format", "json")
     server.wait_ready("a")
     stream = Stream(server.base_url, "a")
     assert stream.started.wait(30) and stream.error is None, stream.error
@@ -99,6 +101,9 @@ def test_sigterm_lets_an_inflight_stream_finish_then_exits_0(serve, tiny_model):
     assert stream.chunks[-1]["usage"]["completion_tokens"] == 2000
     assert server.proc.wait(timeout=30) == 0
     assert _wait_gone([p.pid for p in worker_processes(server.state_dir)]) == []
+    records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert any(r["logger"] == "opta_lmx" and "SIGTERM" in r["msg"] for r in records), server.log()[-3000:]
+    assert any(r["logger"].startswith("uvicorn") for r in records)
     assert worker_processes(server.state_dir) == []
 
 
@@ -149,6 +154,12 @@ def test_restart_after_sigkill_adopts_desired_workers_and_stops_the_rest(serve, 
                                                        "max_tokens": 3})
     assert answer.status_code == 200, answer.text
     assert len(list((second.state_dir / "workers" / "records").glob("*.json"))) == 1
+
+    # `lmx logs a` prints the adopted worker's own log (kept across the restart).
+    logs = subprocess.run([sys.executable, "-m", "opta_lmx.cli", "logs", "a", "--state-dir", str(second.state_dir),
+                           "-n", "200"], capture_output=True, text=True, env=lmx_env(), cwd=REPO, timeout=30)
+    assert logs.returncode == 0, logs.stderr
+    assert "/v1/chat/completions" in logs.stdout or "Uvicorn running" in logs.stdout, logs.stdout[-2000:]
 
     # A clean stop of the restarted server stops the adopted worker too, and clears its record.
     assert second.stop() == 0
