@@ -66,7 +66,10 @@ def _server_class():
     import uvicorn
 
     class LmxServer(uvicorn.Server):
-        """uvicorn, but a handled SIGTERM/SIGINT ends in exit 0 instead of being re-raised."""
+        """uvicorn, but a handled SIGTERM/SIGINT ends in exit 0 instead of being re-raised,
+        and a second signal of either kind forces: no more draining, workers killed now."""
+
+        on_force = None  # called (in the signal handler) on the second signal
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -85,6 +88,8 @@ def _server_class():
             if self.should_exit:
                 log.warning("second signal: forcing shutdown")
                 self.force_exit = True  # uvicorn forces only on a second SIGINT; SIGTERM too here
+                if self.on_force is not None:
+                    self.on_force()
             else:
                 log.info("signal %s: draining and stopping every worker", signal.Signals(sig).name)
             super().handle_exit(sig, frame)
@@ -126,6 +131,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        log_config=uvicorn_log_config(args.log_format) or uvicorn.config.LOGGING_CONFIG)
     )
 
+    # Forcing also cuts short workers that are being stopped gracefully (lifespan shutdown).
+    server.on_force = lambda: threading.Thread(
+        target=pool.stop_all_sync, args=(0.0,), name="force-stop-workers", daemon=True).start()
     try:
         asyncio.run(server.serve())
     finally:

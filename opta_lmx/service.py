@@ -81,10 +81,17 @@ class ServiceSettings:
 
 # -- rendering (pure) -----------------------------------------------------------------------
 
+def _read_template(template: Path) -> bytes:
+    try:
+        return template.read_bytes()
+    except FileNotFoundError:
+        raise ServiceError(f"service template {template} not found: install Opta-LMX from its source "
+                           "checkout (pip install -e .), which carries launchd/") from None
+
 def render_plist(settings: ServiceSettings, template: Path = PLIST_TEMPLATE) -> bytes:
     """The LaunchAgent plist: the template with its placeholders filled, re-serialized by plistlib."""
     settings.check_absolute()
-    plist = plistlib.loads(template.read_bytes())
+    plist = plistlib.loads(_read_template(template))
     replacements = {
         "@PYTHON@": str(settings.python), "@LOG_FORMAT@": settings.log_format,
         "@STATE_DIR@": str(settings.state_dir), "@LOG_FILE@": str(settings.log_file),
@@ -125,7 +132,7 @@ def render_unit(settings: ServiceSettings, template: Path = UNIT_TEMPLATE) -> st
     environment = "\n".join(
         f"Environment={_systemd_quote(f'{key}={value}')}" for key, value in settings.environment().items()
     )
-    return string.Template(template.read_text()).substitute(
+    return string.Template(_read_template(template).decode()).substitute(
         exec_start=" ".join(_systemd_quote(word) for word in command),
         state_dir=_systemd_quote(str(settings.state_dir)),
         environment=environment,

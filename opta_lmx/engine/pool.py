@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,6 +90,10 @@ class WorkerPool:
     def _drop(self, worker: Worker) -> None:
         self._workers.pop(worker.id, None)
         self.records.remove(worker.id)
+        if self.log_dir is not None and not worker.alive():
+            # Its HOME (vllm-mlx's prefix cache) is never reused by another worker id: over
+            # weeks of a service these directories would pile up. Its log lives in log_dir.
+            shutil.rmtree(worker.run_dir, ignore_errors=True)
 
     async def stop_all(self, grace: float) -> None:
         await asyncio.gather(*(self.stop(w, grace) for w in self.workers()), return_exceptions=True)
