@@ -219,13 +219,10 @@ class Worker:
             code = self._proc.wait()
         else:
             assert self._adopted is not None
-            while _any_alive([self._adopted]):  # psutil polls a non-child; zombies count as gone
-                try:
-                    self._adopted.wait(timeout=1.0)
-                except psutil.TimeoutExpired:
-                    continue
-                except psutil.Error:
-                    break
+            # Not our child: no wait() to block in, so poll (gently: this runs for weeks).
+            # Zombies count as gone; is_running() also checks the create time (pid reuse).
+            while _any_alive([self._adopted]):
+                time.sleep(0.5)
             code = None
         if not self._stopping:
             log.warning("worker %s (pid %s) exited with %s", self.id, self.pid, code)
