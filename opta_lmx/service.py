@@ -14,6 +14,7 @@ import shlex
 import string
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,7 +224,18 @@ class Launchd(Platform):
         self.write(self.file, render_plist(settings))
         if self.dry_run or self.loaded():
             self.run(["launchctl", "bootout", self.target], check=False)  # reinstall: replace the old one
+            if not self.dry_run:
+                self.wait_unloaded(settings.exit_timeout + 5)
         self.run(["launchctl", "bootstrap", self.domain, str(self.file)])
+
+    def wait_unloaded(self, timeout: float) -> None:
+        """bootout can return before the job is gone; bootstrapping then fails with error 5."""
+        deadline = time.monotonic() + timeout
+        while self.loaded():
+            if time.monotonic() >= deadline:
+                raise ServiceError(f"{LABEL} still loaded {timeout:.0f}s after bootout; "
+                                   f"try `launchctl bootout {self.target}` and install again")
+            time.sleep(0.5)
 
     def uninstall(self) -> None:
         self.run(["launchctl", "bootout", self.target], check=False)

@@ -29,18 +29,25 @@ def settings(tmp_path) -> ServiceSettings:
 
 @pytest.fixture
 def commands(monkeypatch):
-    """Record every command line instead of running it; `answers` maps argv prefixes to return codes."""
+    """Record every command line instead of running it. launchctl is simulated just enough:
+    `print` fails (113) unless loaded, `bootstrap` of a loaded job fails (5) as the real one does."""
+
     class Calls(list):
-        answers: dict[tuple[str, ...], int]
+        loaded = False
 
     calls = Calls()
-    calls.answers = answers = {}
 
     def fake(argv, *, check=True):
         calls.append(list(argv))
-        code = next((c for prefix, c in answers.items() if tuple(argv[: len(prefix)]) == prefix), 0)
+        code = 0
+        if argv[:2] == ["launchctl", "print"]:
+            code = 0 if calls.loaded else 113
+        elif argv[:2] == ["launchctl", "bootstrap"]:
+            code, calls.loaded = (5, True) if calls.loaded else (0, True)
+        elif argv[:2] == ["launchctl", "bootout"]:
+            code, calls.loaded = (0 if calls.loaded else 3), False
         if check and code:
-            raise ServiceError(f"{argv} failed")
+            raise ServiceError(f"{argv} failed with {code}")
         return service.subprocess.CompletedProcess(argv, code, "state = running\n" if code == 0 else "", "")
 
     monkeypatch.setattr(service, "run_command", fake)
@@ -119,22 +126,22 @@ def test_linux_install_writes_unit_and_drives_systemctl(settings, commands, tmp_
 
 def test_macos_install_bootstraps_in_the_gui_domain(settings, commands, tmp_path):
     launchd = service.Launchd(home=tmp_path)
-    uid = os.getuid()
-    commands.answers[("launchctl", "print")] = 113  # not loaded yet
+    target = f"gui/{os.getuid()}/{LABEL}"
     launchd.install(settings)
     plist_file = tmp_path / "Library" / "LaunchAgents" / "com.opta.lmx.plist"
     assert plistlib.loads(plist_file.read_bytes())["Label"] == LABEL
     assert commands == [
-        ["launchctl", "print", f"gui/{uid}/{LABEL}"],
-        ["launchctl", "bootstrap", f"gui/{uid}", str(plist_file)],
+        ["launchctl", "print", target],
+        ["launchctl", "bootstrap", f"gui/{os.getuid()}", str(plist_file)],
     ]
 
-    commands.clear()
-    commands.answers.clear()  # loaded now: a reinstall boots the old one out first
+    commands.clear()  # loaded now: a reinstall boots the old one out first, and waits until it is gone
     launchd.install(settings)
-    assert commands[1:] == [
-        ["launchctl", "bootout", f"gui/{uid}/{LABEL}"],
-        ["launchctl", "bootstrap", f"gui/{uid}", str(plist_file)],
+    assert commands == [
+        ["launchctl", "print", target],
+        ["launchctl", "bootout", target],
+        ["launchctl", "print", target],
+        ["launchctl", "bootstrap", f"gui/{os.getuid()}", str(plist_file)],
     ]
 
     commands.clear()
@@ -142,12 +149,17 @@ def test_macos_install_bootstraps_in_the_gui_domain(settings, commands, tmp_path
     launchd.start()
     launchd.uninstall()
     assert commands == [
-        ["launchctl", "kill", "SIGTERM", f"gui/{uid}/{LABEL}"],
-        ["launchctl", "print", f"gui/{uid}/{LABEL}"],
-        ["launchctl", "kickstart", f"gui/{uid}/{LABEL}"],
-        ["launchctl", "bootout", f"gui/{uid}/{LABEL}"],
+        ["launchctl", "kill", "SIGTERM", target],
+        ["launchctl", "print", target],
+        ["launchctl", "kickstart", target],
+        ["launchctl", "bootout", target],
     ]
     assert not plist_file.exists()
+
+    commands.clear()  # not loaded (e.g. after a logout): start bootstraps it first
+    plist_file.write_bytes(render_plist(settings))
+    launchd.start()
+    assert [c[1] for c in commands] == ["print", "bootstrap", "kickstart"]
 
 
 def test_dry_run_prints_and_touches_nothing(settings, commands, tmp_path, capsys):
