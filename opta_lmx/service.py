@@ -354,6 +354,8 @@ def cmd_service(args) -> int:
                 if not args.dry_run:
                     raise ServiceError(message)
                 print(f"warning: {message}", file=sys.stderr)
+            else:
+                _warn_if_invalid(settings.config)
             platform.install(settings)
             if not args.dry_run:
                 print(f"installed {platform.name} service; it serves http://{settings.host}:{settings.port}/v1")
@@ -381,6 +383,17 @@ def cmd_service(args) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _warn_if_invalid(config: Path) -> None:
+    """An invalid models.yaml does not stop the service (it waits for a good one), but say so now."""
+    from opta_lmx.state.document import ConfigError, read_document
+
+    try:
+        read_document(config)
+    except ConfigError as error:
+        print(f"warning: the service will start with nothing to serve until {config} is fixed:\n"
+              f"{error.describe()}", file=sys.stderr)
 
 
 def _status(platform: Platform) -> int:

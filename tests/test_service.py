@@ -192,3 +192,12 @@ def test_cli_install_refuses_a_missing_config(tmp_path, commands, monkeypatch, c
     code = main(["service", "install", "--config", str(tmp_path / "nope.yaml")])
     assert code == 1 and commands == []
     assert "no models.yaml at" in capsys.readouterr().err
+
+
+def test_cli_install_warns_about_an_invalid_config(tmp_path, commands, monkeypatch, capsys):
+    monkeypatch.setattr(service.sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models:\n  - name: a\n    source: x\n    state: sometimes\n")
+    assert main(["service", "install", "--config", str(bad), "--dry-run"]) == 0
+    assert "models[0].state" in capsys.readouterr().err
