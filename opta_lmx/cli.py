@@ -124,7 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pool = WorkerPool(state_dir / "workers", log_dir=log_dir)
     reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
 
-    app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout))
+    app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout,
+                                                 queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes))
     server = _server_class()(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                        timeout_graceful_shutdown=args.grace, access_log=False,
@@ -208,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=10.0, help="seconds a stopping worker gets before SIGKILL")
     serve.add_argument("--load-wait-timeout", type=float, default=120.0,
                        help="how long a request waits for its model to finish loading")
+    serve.add_argument("--queue-limit", type=int, default=256,
+                       help="requests that may wait per model (loading, or at its concurrency limit) before 429")
+    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest request body (413 above)")
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate a models.yaml")

@@ -10,7 +10,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.lmx_harness import Server, start_server, worker_processes  # noqa: E402
+from tests.lmx_harness import Server, start_server, stop_and_check  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +43,4 @@ def serve(tmp_path):
 
     yield _start
     for server in servers:
-        server.stop()
-        leftovers = worker_processes(server.state_dir)
-        for proc in leftovers:
-            proc.kill()
-        assert not leftovers, f"worker processes left behind: {[p.pid for p in leftovers]}"
+        stop_and_check(server)

@@ -140,3 +140,12 @@ def start_server(config: Path, state_dir: Path, *extra_args: str, env: dict[str,
     if wait_healthy:
         server.wait_for(lambda s: s.get("/healthz").status_code == 200, 60, "/healthz")
     return server
+
+
+def stop_and_check(server: Server) -> None:
+    """Stop a server and fail if any of its workers outlived it."""
+    server.stop()
+    leftovers = worker_processes(server.state_dir)
+    for proc in leftovers:
+        proc.kill()
+    assert not leftovers, f"worker processes left behind: {[p.pid for p in leftovers]}"

@@ -8,10 +8,13 @@ import logging
 from dataclasses import dataclass
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from opta_lmx.api import admin, gateway
 from opta_lmx.api.errors import install_error_handlers
+from opta_lmx.api.gateway import Admission
+from opta_lmx.api.metrics import GatewayMetrics
 from opta_lmx.reconciler.controller import Reconciler
 
 log = logging.getLogger(__name__)
@@ -19,8 +22,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    load_wait_timeout: float = 120.0
-    upstream_timeout: float = 600.0
+    load_wait_timeout: float = 120.0  # a request waits this long for its model to become Ready
+    upstream_timeout: float = 600.0  # longest silence from a worker mid-response
+    queue_limit: int = 256  # requests waiting per model before 429
+    max_body_bytes: int = 32 * 1024 * 1024
 
 
 def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettings()) -> FastAPI:
@@ -43,6 +48,9 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     app = FastAPI(title="Opta-LMX", version="0.1.0", lifespan=lifespan)
     app.state.reconciler = reconciler
     app.state.settings = settings
+    app.state.metrics = GatewayMetrics(reconciler)
+    app.state.admission = Admission(reconciler, app.state.metrics, queue_limit=settings.queue_limit,
+                                    wait_timeout=settings.load_wait_timeout)
     install_error_handlers(app)
     app.include_router(gateway.router)
     app.include_router(admin.router)
@@ -50,5 +58,9 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -2,21 +2,27 @@
 
 Only the `model` field is read. A request that names a model by alias is re-encoded
 with the canonical name (the worker knows only that one); all others go upstream byte
-for byte, and responses stream back without buffering.
+for byte, and responses stream back without buffering. A request for a model that is
+still loading waits in a bounded per-model queue; a worker that dies mid-stream ends the
+stream with an error event; a client that goes away closes its upstream request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+from dataclasses import dataclass, field
 
+import anyio
 import httpx
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import StreamingResponse
 
 from opta_lmx.api.errors import APIError
-from opta_lmx.reconciler.controller import Reconciler
+from opta_lmx.api.metrics import GatewayMetrics
+from opta_lmx.reconciler.controller import Reconciler, Route
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +36,84 @@ INFERENCE_PATHS = (
     "/v1/embeddings",
 )
 # Hop-by-hop headers (RFC 9110 7.6.1) and ones the upstream request recomputes.
-_DROP_REQUEST = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection"}
-_DROP_RESPONSE = {"content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "server", "date"}
+_DROP_REQUEST = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                           "upgrade", "proxy-connection", "authorization", "x-admin-key"})
+_DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+                            "server", "date"})
+_USAGE_TAIL = 8192  # bytes of a response kept to read its token usage at the end
 
 
-def _model_field(body: bytes) -> tuple[str, dict | None]:
+@dataclass
+class ModelGate:
+    """Per-model admission: a bounded queue of waiting requests and an optional concurrency limit."""
+
+    waiting: int = 0
+    in_flight: int = 0
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+class Admission:
+    def __init__(self, reconciler: Reconciler, metrics: GatewayMetrics, *, queue_limit: int, wait_timeout: float):
+        self.reconciler = reconciler
+        self.metrics = metrics
+        self.queue_limit = queue_limit
+        self.wait_timeout = wait_timeout
+        self._gates: dict[str, ModelGate] = {}
+
+    def gate(self, name: str) -> ModelGate:
+        return self._gates.setdefault(name, ModelGate())
+
+    async def acquire(self, name: str, limit: int | None) -> Route:
+        """The route to use once the model is Ready and a concurrency slot is free; release() after."""
+        gate = self.gate(name)
+        route = self.reconciler.route(name)
+        if route is None or (limit is not None and gate.in_flight >= limit):
+            if route is None and not self.reconciler.expects_ready(name):
+                status = self.reconciler.statuses.get(name)
+                why = f" ({status.phase.value}: {status.message or status.last_error})" if status else ""
+                raise APIError(503, f"The model `{name}` is not loaded{why}", "model_not_loaded",
+                               headers={"Retry-After": "30"})
+            if gate.waiting >= self.queue_limit:
+                raise APIError(429, f"Too many requests are waiting for `{name}` ({gate.waiting})", "queue_full",
+                               headers={"Retry-After": "1"})
+            route = await self._wait(name, gate, limit)
+        gate.in_flight += 1
+        self.metrics.in_flight.labels(name).inc()
+        return route
+
+    async def release(self, name: str) -> None:
+        gate = self.gate(name)
+        gate.in_flight -= 1
+        self.metrics.in_flight.labels(name).dec()
+        async with gate.changed:
+            gate.changed.notify(1)
+
+    async def _wait(self, name: str, gate: ModelGate, limit: int | None) -> Route:
+        gate.waiting += 1
+        self.metrics.queued.labels(name).inc()
+        deadline = time.monotonic() + self.wait_timeout
+        try:
+            route = await self.reconciler.wait_route(name, self.wait_timeout)
+            if route is None:
+                raise APIError(503, f"The model `{name}` did not become ready within {self.wait_timeout:.0f}s",
+                               "model_loading", headers={"Retry-After": "5"})
+            async with gate.changed:
+                while limit is not None and gate.in_flight >= limit:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise APIError(503, f"No free slot for `{name}` within {self.wait_timeout:.0f}s",
+                                       "model_busy", headers={"Retry-After": "1"})
+                    try:
+                        await asyncio.wait_for(gate.changed.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        pass
+            return self.reconciler.route(name) or route
+        finally:
+            gate.waiting -= 1
+            self.metrics.queued.labels(name).dec()
+
+
+def _model_field(body: bytes) -> tuple[str, dict]:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -47,57 +126,114 @@ def _model_field(body: bytes) -> tuple[str, dict | None]:
     return model, payload
 
 
-async def proxy(request: Request, path: str) -> StreamingResponse | JSONResponse:
-    reconciler: Reconciler = request.app.state.reconciler
-    client: httpx.AsyncClient = request.app.state.upstream
-    settings = request.app.state.settings
-    body = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is larger than {limit} bytes", "body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is larger than {limit} bytes", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def proxy(request: Request, path: str) -> StreamingResponse:
+    app_state = request.app.state
+    reconciler: Reconciler = app_state.reconciler
+    metrics: GatewayMetrics = app_state.metrics
+    arrived = time.perf_counter()
+    body = await _read_body(request, app_state.settings.max_body_bytes)
     requested, payload = _model_field(body)
     spec = reconciler.resolve(requested)
     if spec is None:
         raise APIError(404, f"The model `{requested}` does not exist", "model_not_found", param="model")
-    if spec.name != requested:
-        assert payload is not None
-        payload["model"] = spec.name
+    name = spec.name
+    if name != requested:
+        payload["model"] = name
         body = json.dumps(payload).encode()
-    route = reconciler.route(spec.name)
-    if route is None:
-        if not reconciler.expects_ready(spec.name):
-            status = reconciler.statuses.get(spec.name)
-            why = f" ({status.phase.value}: {status.message or status.last_error})" if status else ""
-            raise APIError(503, f"The model `{spec.name}` is not loaded{why}", "model_not_loaded",
-                           headers={"Retry-After": "30"})
-        route = await reconciler.wait_route(spec.name, settings.load_wait_timeout)
-        if route is None:
-            raise APIError(503, f"The model `{spec.name}` did not become ready within {settings.load_wait_timeout:.0f}s",
-                           "model_loading", headers={"Retry-After": "5"})
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST and k.lower() != "authorization"]
-    upstream_request = client.build_request(
-        request.method, route.address + path, content=body, headers=headers, params=request.query_params
-    )
+    reconciler.note_request(name)
+    admission: Admission = app_state.admission
     try:
-        upstream = await client.send(upstream_request, stream=True)
-    except httpx.TransportError as error:
-        raise APIError(502, f"the worker for `{spec.name}` did not answer: {error!r}", "worker_unavailable") from None
+        route = await admission.acquire(name, spec.max_concurrency)
+    except APIError as error:
+        metrics.requests.labels(name, str(error.status)).inc()
+        raise
+    try:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
+        client: httpx.AsyncClient = app_state.upstream
+        upstream_request = client.build_request(
+            request.method, route.address + path, content=body, headers=headers, params=request.query_params
+        )
+        try:
+            upstream = await client.send(upstream_request, stream=True)
+        except httpx.TransportError as error:
+            raise APIError(502, f"the worker for `{name}` did not answer: {error!r}", "worker_unavailable") from None
+    except BaseException:
+        await admission.release(name)
+        metrics.requests.labels(name, "502").inc()
+        raise
+    metrics.requests.labels(name, str(upstream.status_code)).inc()
     response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
     return StreamingResponse(
-        _relay(upstream, spec.name),
+        _relay(upstream, name, metrics, arrived, admission),
         status_code=upstream.status_code,
         headers=response_headers,
-        background=BackgroundTask(upstream.aclose),
     )
 
 
-async def _relay(upstream: httpx.Response, name: str):
-    """Yield the upstream body as it comes; if the worker dies mid-stream, end with an error event."""
+async def _relay(upstream: httpx.Response, name: str, metrics: GatewayMetrics, arrived: float, admission: Admission):
+    """Yield the upstream body as it comes.
+
+    If the worker dies mid-stream, an SSE stream ends with an error event and `[DONE]`. If
+    the client goes away, this generator is cancelled and the upstream request is closed,
+    so the worker stops generating for it.
+    """
+    first = True
+    tail = b""
+    is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
     try:
         async for chunk in upstream.aiter_raw():
+            if first:
+                metrics.ttft.labels(name).observe(time.perf_counter() - arrived)
+                first = False
+            tail = (tail + chunk)[-_USAGE_TAIL:]
             yield chunk
+        _count_tokens(tail, is_sse, name, metrics)
     except httpx.HTTPError as error:
-        log.warning("stream from %s broke: %r", name, error)
-        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            message = json.dumps({"error": {"message": f"the worker for `{name}` failed mid-stream", "type": "api_error", "code": "worker_failed"}})
+        log.warning("response from %s broke off: %r", name, error)
+        metrics.requests.labels(name, "worker_failed").inc()
+        if is_sse:
+            message = json.dumps({"error": {"message": f"the worker for `{name}` failed mid-stream",
+                                            "type": "api_error", "param": None, "code": "worker_failed"}})
             yield f"data: {message}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
+            await admission.release(name)
+        metrics.duration.labels(name).observe(time.perf_counter() - arrived)
+
+
+def _count_tokens(tail: bytes, is_sse: bool, name: str, metrics: GatewayMetrics) -> None:
+    """Add the usage a worker reported (last JSON object or SSE event carrying `usage`)."""
+    candidates = tail.split(b"\n\n") if is_sse else [tail]
+    for piece in reversed(candidates):
+        text = piece.strip()
+        for prefix in (b"data:",):
+            if text.startswith(prefix):
+                text = text[len(prefix):].strip()
+        if b'"usage"' not in text:
+            continue
+        try:
+            usage = json.loads(text).get("usage") or {}
+        except ValueError:
+            continue
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens")) or 0
+        completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
+        metrics.prompt_tokens.labels(name).inc(prompt)
+        metrics.completion_tokens.labels(name).inc(completion)
+        return
 
 
 def _make_route(path: str):

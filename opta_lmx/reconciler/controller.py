@@ -89,6 +89,9 @@ class Reconciler:
         self._pass_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recovered: list[Worker] | None = None  # a previous run's workers, until adopted or stopped
+        self.passes = 0
+        self.last_request: dict[str, float] = {}  # model -> time of its latest request (idle TTLs)
+        self.pass_listeners: list = []  # called with each pass's duration in seconds
         pool.add_exit_listener(self._worker_exited)
 
     # -- signals ------------------------------------------------------------------
@@ -138,6 +141,15 @@ class Reconciler:
             log.exception("watching %s failed; relying on periodic resync", self.config_path)
 
     async def reconcile_once(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self._reconcile_once()
+        finally:
+            self.passes += 1
+            for listener in self.pass_listeners:
+                listener(time.perf_counter() - started)
+
+    async def _reconcile_once(self) -> None:
         async with self._pass_lock:
             self._read_desired()
             if self._recovered is None:
@@ -370,6 +382,10 @@ class Reconciler:
 
     def resolve(self, name_or_alias: str) -> ModelSpec | None:
         return self.desired.resolve(name_or_alias) if self.desired else None
+
+    def note_request(self, name: str) -> None:
+        """The gateway saw a request for `name`: an observation the loop may read (idle, demand)."""
+        self.last_request[name] = self.clock()
 
     def route(self, name: str) -> Route | None:
         return self._routes.get(name)

@@ -1,0 +1,65 @@
+"""Prometheus metrics: the gateway's request figures plus the control loop's view of every model."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from opta_lmx.reconciler.controller import Reconciler
+from opta_lmx.state.status import Phase
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class GatewayMetrics:
+    """One registry per app, so several apps (tests) never share counters."""
+
+    def __init__(self, reconciler: Reconciler):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lmx_requests", "Inference requests by model and HTTP status", ["model", "status"], registry=r)
+        self.in_flight = Gauge("lmx_requests_in_flight", "Requests being answered now", ["model"], registry=r)
+        self.queued = Gauge("lmx_queue_depth", "Requests waiting for their model or a concurrency slot", ["model"], registry=r)
+        self.ttft = Histogram("lmx_time_to_first_token_seconds", "Arrival to first body byte from the worker",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram("lmx_request_duration_seconds", "Arrival to last byte", ["model"],
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("lmx_prompt_tokens", "Prompt tokens reported by workers", ["model"], registry=r)
+        self.completion_tokens = Counter("lmx_completion_tokens", "Completion tokens reported by workers", ["model"], registry=r)
+        self.reconcile_duration = Histogram("lmx_reconcile_duration_seconds", "Duration of reconcile passes",
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        r.register(_ModelCollector(reconciler))
+        reconciler.pass_listeners.append(self.reconcile_duration.observe)
+
+
+class _ModelCollector:
+    """Read at scrape time from the reconciler's status, so it never goes stale."""
+
+    def __init__(self, reconciler: Reconciler):
+        self.reconciler = reconciler
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        rec = self.reconciler
+        phase = GaugeMetricFamily("lmx_model_phase", "1 for the phase each model is in", labels=["model", "phase"])
+        load = GaugeMetricFamily("lmx_model_load_seconds", "Seconds the current worker took to load", labels=["model"])
+        restarts = CounterMetricFamily("lmx_model_restarts", "Unexpected worker exits", labels=["model"])
+        estimated = GaugeMetricFamily("lmx_model_estimated_bytes", "Memory estimated before loading", labels=["model"])
+        measured = GaugeMetricFamily("lmx_model_measured_bytes", "Memory measured once loaded", labels=["model"])
+        for name, status in list(rec.statuses.items()):
+            for candidate in Phase:
+                phase.add_metric([name, candidate.value], 1.0 if status.phase == candidate else 0.0)
+            if status.load_seconds is not None:
+                load.add_metric([name], status.load_seconds)
+            restarts.add_metric([name], status.restarts)
+            if status.estimated_bytes is not None:
+                estimated.add_metric([name], status.estimated_bytes)
+            if status.measured_bytes is not None:
+                measured.add_metric([name], status.measured_bytes)
+        yield from (phase, load, restarts, estimated, measured)
+        yield GaugeMetricFamily("lmx_generation", "Generation of the accepted models.yaml", value=rec.generation)
+        yield GaugeMetricFamily("lmx_observed_generation", "Generation the loop has acted on", value=rec.observed_generation)
+        yield GaugeMetricFamily("lmx_converged", "1 when every model is in its desired phase", value=1.0 if rec.converged() else 0.0)
+        yield CounterMetricFamily("lmx_reconcile_passes", "Reconcile passes run", value=rec.passes)
