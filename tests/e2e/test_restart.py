@@ -120,7 +120,10 @@ def test_a_second_signal_forces_shutdown(serve, tiny_model):
     assert server.proc.wait(timeout=30) == 0  # long before the 60 s grace
     stream.paused.clear()
     stream.join(30)
-    assert not stream.done, "the forced shutdown still let the stream finish"
+    # Cut off: either the connection just ends, or (if the killed worker is noticed first) the
+    # gateway's mid-stream error event; never a normal finish.
+    finished = [c for c in stream.chunks for choice in c.get("choices", []) if choice.get("finish_reason")]
+    assert not finished, "the forced shutdown still let the stream finish"
     assert "forcing shutdown" in server.log()
     assert _wait_gone([worker_pid]) == []
     assert worker_processes(server.state_dir) == []
