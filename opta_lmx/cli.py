@@ -42,13 +42,10 @@ models:
 """
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _setup_logging(level: str, fmt: str = "human") -> None:
+    from opta_lmx.logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 def ensure_default_config() -> Path:
@@ -69,7 +66,10 @@ def _server_class():
     import uvicorn
 
     class LmxServer(uvicorn.Server):
-        """uvicorn, but a handled SIGTERM/SIGINT ends in exit 0 instead of being re-raised."""
+        """uvicorn, but a handled SIGTERM/SIGINT ends in exit 0 instead of being re-raised,
+        and a second signal of either kind forces: no more draining, workers killed now."""
+
+        on_force = None  # called (in the signal handler) on the second signal
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -87,6 +87,9 @@ def _server_class():
         def handle_exit(self, sig, frame):
             if self.should_exit:
                 log.warning("second signal: forcing shutdown")
+                self.force_exit = True  # uvicorn forces only on a second SIGINT; SIGTERM too here
+                if self.on_force is not None:
+                    self.on_force()
             else:
                 log.info("signal %s: draining and stopping every worker", signal.Signals(sig).name)
             super().handle_exit(sig, frame)
@@ -98,31 +101,82 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from opta_lmx.api.app import GatewaySettings, create_app
+    from opta_lmx.api.auth import KeyConfigError, check_bind, load_keys
     from opta_lmx.engine.pool import WorkerPool
+    from opta_lmx.logs import uvicorn_log_config, worker_log_dir
     from opta_lmx.reconciler.controller import LoopSettings, Reconciler
+    from opta_lmx.state.instance import AlreadyRunning, InstanceLock
+    from opta_lmx.state.store import ModelsStore
 
-    config = Path(args.config).expanduser() if args.config else ensure_default_config()
+    try:
+        keys = load_keys()
+        check_bind(args.host, keys)
+    except KeyConfigError as error:
+        print(f"lmx serve: {error}", file=sys.stderr)
+        return 2
     state_dir = Path(args.state_dir).expanduser() if args.state_dir else paths.state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
+    lock = InstanceLock(state_dir)
+    try:
+        lock.acquire()  # held until this process exits; a SIGKILL releases it too
+    except AlreadyRunning as error:
+        print(f"lmx serve: {error}", file=sys.stderr, flush=True)
+        return 1
+    config = Path(args.config).expanduser() if args.config else ensure_default_config()
+    log_dir = worker_log_dir(state_dir, state_dir_given=bool(args.state_dir))
     print(f"Opta-LMX serving http://{args.host}:{args.port}/v1", flush=True)
     print(f"  desired state: {config}  (edit it; changes apply live)", flush=True)
     print(f"  state dir:     {state_dir}", flush=True)
+    print(f"  worker logs:   {log_dir}  (lmx logs MODEL)", flush=True)
 
-    pool = WorkerPool(state_dir / "workers")
+    pool = WorkerPool(state_dir / "workers", log_dir=log_dir)
     reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
 
+    store = ModelsStore(config, git_commit=args.git_commit)
     app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout,
-                                                 queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes))
+                                                 queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes),
+                     store=store, keys=keys)
     server = _server_class()(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                       timeout_graceful_shutdown=args.grace, access_log=False)
+                       timeout_graceful_shutdown=args.grace, access_log=False,
+                       log_config=uvicorn_log_config(args.log_format) or uvicorn.config.LOGGING_CONFIG)
     )
+    _on_exit = server.handle_exit
 
+    def handle_exit(sig, frame):  # lets long-lived streams (lmx events -f) end instead of holding shutdown
+        app.state.stopping = True
+        _on_exit(sig, frame)
+
+    server.handle_exit = handle_exit
+
+    # Forcing also cuts short workers that are being stopped gracefully (lifespan shutdown).
+    server.on_force = lambda: threading.Thread(
+        target=pool.stop_all_sync, args=(0.0,), name="force-stop-workers", daemon=True).start()
     try:
         asyncio.run(server.serve())
     finally:
         pool.stop_all_sync(grace=2.0)  # belt and braces: nothing outlives the server
+        lock.release()
     return 0 if server.started else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from opta_lmx import logs
+
+    state_dir = Path(args.state_dir).expanduser() if args.state_dir else paths.state_dir()
+    log_dir = logs.worker_log_dir(state_dir, state_dir_given=bool(args.state_dir))
+    path = logs.model_log_path(args.model, state_dir, log_dir)
+    if path is None or not path.exists():
+        print(f"lmx logs: no worker log for `{args.model}` (looked in {state_dir / 'workers' / 'records'} "
+              f"and {log_dir}); is it loaded? see GET /admin/models", file=sys.stderr)
+        return 1
+    try:
+        offset = logs.tail(path, args.lines)
+        if args.follow:
+            logs.follow(path, offset)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
@@ -190,6 +244,8 @@ def cmd_schema(_args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmx", description="Opta-LMX: models.yaml in, OpenAI answers out.")
     parser.add_argument("--log-level", default=os.environ.get("LMX_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", choices=["human", "json"], default=os.environ.get("LMX_LOG_FORMAT", "human"),
+                        help="control-plane log lines: human (default) or one JSON object per line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway and the control loop")
@@ -197,13 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=1234)
     serve.add_argument("--state-dir", help="where workers' logs and runtime state go")
+    serve.add_argument("--log-format", choices=["human", "json"], default=argparse.SUPPRESS,
+                       help="same as `lmx --log-format` (human or json)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds a stopping worker gets before SIGKILL")
     serve.add_argument("--load-wait-timeout", type=float, default=120.0,
                        help="how long a request waits for its model to finish loading")
     serve.add_argument("--queue-limit", type=int, default=256,
                        help="requests that may wait per model (loading, or at its concurrency limit) before 429")
     serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest request body (413 above)")
+    serve.add_argument("--git-commit", action="store_true",
+                       default=os.environ.get("LMX_GIT_COMMIT", "").lower() in ("1", "true", "yes"),
+                       help="git-commit models.yaml in its repository after every admin API write")
     serve.set_defaults(func=cmd_serve)
+
+    from opta_lmx import client
+
+    client.add_commands(sub)
 
     check = sub.add_parser("check", help="validate a models.yaml")
     check.add_argument("config", nargs="?")
@@ -217,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of models.yaml")
     schema.set_defaults(func=cmd_schema)
+
+    logs = sub.add_parser("logs", help="print a model's current worker log")
+    logs.add_argument("model")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing what is appended")
+    logs.add_argument("-n", "--lines", type=int, default=50)
+    logs.add_argument("--state-dir", help="the state dir of the lmx serve to look at")
+    logs.set_defaults(func=cmd_logs)
+
+    from opta_lmx import doctor, service
+
+    service.add_parser(sub)
+    doctor.add_parser(sub)
 
     dev = sub.add_parser("dev", help="developer tools").add_subparsers(dest="dev_command", required=True)
     make = dev.add_parser("make-model", help="generate a small genuine model for tests and benchmarks")
@@ -233,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         args.server_given = args.server is not None
         args.server = args.server or "http://127.0.0.1:1234"
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     return args.func(args)
 
 

@@ -12,10 +12,12 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from opta_lmx.api import admin, gateway
+from opta_lmx.api.auth import KeyAuth, Keys, load_keys
 from opta_lmx.api.errors import install_error_handlers
 from opta_lmx.api.gateway import Admission
 from opta_lmx.api.metrics import GatewayMetrics
 from opta_lmx.reconciler.controller import Reconciler
+from opta_lmx.state.store import ModelsStore
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,8 @@ class GatewaySettings:
     max_body_bytes: int = 32 * 1024 * 1024
 
 
-def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettings()) -> FastAPI:
+def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettings(), *,
+               store: ModelsStore | None = None, keys: Keys | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.upstream = httpx.AsyncClient(
@@ -51,9 +54,12 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     app.state.metrics = GatewayMetrics(reconciler)
     app.state.admission = Admission(reconciler, app.state.metrics, queue_limit=settings.queue_limit,
                                     wait_timeout=settings.load_wait_timeout)
+    app.state.store = store or ModelsStore(reconciler.config_path)
+    app.add_middleware(KeyAuth, keys=keys if keys is not None else load_keys())
     install_error_handlers(app)
     app.include_router(gateway.router)
     app.include_router(admin.router)
+    app.include_router(admin.probes)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
+from opta_lmx.engine.records import WorkerRecords
 from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
 
 log = logging.getLogger(__name__)
@@ -20,9 +22,13 @@ class WorkerPool:
         run_dir: Path,
         *,
         worker_env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Records live beside the workers' directories so a restart on this state dir finds them.
+        self.records = WorkerRecords(self.run_dir / "records")
+        self.log_dir = Path(log_dir) if log_dir else None
         self._workers: dict[str, Worker] = {}
         self._exit_listeners: list[Callable[[Worker], None]] = []
         self._worker_env = worker_env or {}
@@ -35,28 +41,59 @@ class WorkerPool:
 
     async def start(self, spec: WorkerSpec, ready_timeout: float) -> Worker:
         """Start a worker and wait until it serves; on failure nothing is left running."""
-        worker = Worker(spec, run_dir=self.run_dir, env=self._worker_env, on_exit=self._exited)
+        log_path = self.log_dir / f"{spec.name}.log" if self.log_dir else None
+        worker = Worker(spec, run_dir=self.run_dir, env=self._worker_env, on_exit=self._exited, log_path=log_path)
         self._workers[worker.id] = worker
         try:
             worker.spawn()
+            self.records.write(worker.record())  # before it is ready: a crash now still leaves no orphan
             await worker.wait_ready(ready_timeout)
+            self.records.write(worker.record())
         except WorkerStartError:
             await worker.stop(grace=2.0)
-            self._workers.pop(worker.id, None)
+            self._drop(worker)
             raise
         except BaseException:  # cancelled while loading: leave nothing behind
             await asyncio.shield(worker.stop(grace=2.0))
-            self._workers.pop(worker.id, None)
+            self._drop(worker)
             raise
         return worker
 
+    def recover(self) -> list[Worker]:
+        """Workers a previous (killed) control plane left running, rebuilt from their records.
+
+        Records of processes that are gone, or whose pid now belongs to another process
+        (create time differs), are deleted. The caller adopts or stops each returned worker.
+        """
+        recovered = []
+        for record in self.records.load_all():
+            if record.worker_id in self._workers:
+                continue
+            process = record.process()
+            if process is None:
+                log.info("worker %s (pid %s) from a previous run is gone", record.worker_id, record.pid)
+                self.records.remove(record.worker_id)
+                continue
+            worker = Worker.from_record(record, process, on_exit=self._exited)
+            self._workers[worker.id] = worker
+            recovered.append(worker)
+        return recovered
+
     async def stop(self, worker: Worker, grace: float) -> None:
         await worker.stop(grace=grace)
-        self._workers.pop(worker.id, None)
+        self._drop(worker)
 
     def forget(self, worker: Worker) -> None:
         """Drop a worker that has exited by itself."""
+        self._drop(worker)
+
+    def _drop(self, worker: Worker) -> None:
         self._workers.pop(worker.id, None)
+        self.records.remove(worker.id)
+        if self.log_dir is not None and not worker.alive():
+            # Its HOME (vllm-mlx's prefix cache) is never reused by another worker id: over
+            # weeks of a service these directories would pile up. Its log lives in log_dir.
+            shutil.rmtree(worker.run_dir, ignore_errors=True)
 
     async def stop_all(self, grace: float) -> None:
         await asyncio.gather(*(self.stop(w, grace) for w in self.workers()), return_exceptions=True)
@@ -64,7 +101,7 @@ class WorkerPool:
     def stop_all_sync(self, grace: float) -> None:
         for worker in self.workers():
             worker.stop_sync(grace)
-            self._workers.pop(worker.id, None)
+            self._drop(worker)
 
     def add_exit_listener(self, listener: Callable[[Worker], None]) -> None:
         """Called (from a waiter thread) whenever a worker process exits."""

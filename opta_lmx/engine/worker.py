@@ -26,6 +26,7 @@ import httpx
 import psutil
 
 from opta_lmx.engine.options import serve_args
+from opta_lmx.engine.records import WorkerRecord, process_create_time
 from opta_lmx.state.spec import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Worker:
         python: str = sys.executable,
         env: dict[str, str] | None = None,
         on_exit: Callable[["Worker"], None] | None = None,
+        log_path: Path | None = None,
     ):
         self.spec = spec
         self.id = f"{spec.name}-{spec.fingerprint[:8]}-{os.urandom(3).hex()}"
@@ -98,26 +100,67 @@ class Worker:
         self.host = host
         self.port = port or free_tcp_port(host)
         self.address = f"http://{host}:{self.port}"
-        self.log_path = self.run_dir / "worker.log"
+        self.log_path = Path(log_path) if log_path else self.run_dir / "worker.log"
         self._python = python
         self._extra_env = env or {}
         self._on_exit = on_exit
         self._proc: subprocess.Popen[bytes] | None = None
+        self._adopted: psutil.Process | None = None  # a previous run's worker (not our child)
+        self.create_time: float | None = None
         self._stopping = False
         self.started_at: float | None = None
         self.ready_at: float | None = None
 
     # -- identity -----------------------------------------------------------------
+    @classmethod
+    def from_record(
+        cls, record: WorkerRecord, process: psutil.Process, on_exit: Callable[["Worker"], None] | None = None
+    ) -> "Worker":
+        """A worker that a previous control plane started: watched through psutil, not Popen."""
+        spec = WorkerSpec(record.name, record.source, EngineOptions.model_validate(record.engine))
+        worker = cls(spec, run_dir=Path(record.run_dir).parent, host=record.host, port=record.port,
+                     on_exit=on_exit, log_path=Path(record.log_path))
+        worker.id = record.worker_id
+        worker.run_dir = Path(record.run_dir)
+        worker._adopted = process
+        worker.create_time = record.create_time
+        worker.started_at = record.started_at
+        worker.ready_at = record.ready_at
+        threading.Thread(target=worker._wait_for_exit, name=f"wait-{worker.id}", daemon=True).start()
+        return worker
+
+    def record(self) -> WorkerRecord:
+        """What the state directory keeps about this worker (see engine/records.py)."""
+        assert self.pid is not None and self.create_time is not None
+        return WorkerRecord(
+            worker_id=self.id, name=self.spec.name, fingerprint=self.spec.fingerprint,
+            source=self.spec.source, engine=self.spec.engine.model_dump(mode="json", exclude_none=True),
+            pid=self.pid, create_time=self.create_time, host=self.host, port=self.port,
+            address=self.address, log_path=str(self.log_path), run_dir=str(self.run_dir),
+            started_at=self.started_at, ready_at=self.ready_at,
+        )
+
+    @property
+    def adopted(self) -> bool:
+        return self._adopted is not None
+
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        if self._proc:
+            return self._proc.pid
+        return self._adopted.pid if self._adopted else None
 
     @property
     def returncode(self) -> int | None:
+        """The exit code; None while running, and always for an adopted worker (not our child)."""
         return self._proc.poll() if self._proc else None
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        if self._proc is not None:
+            return self._proc.poll() is None
+        if self._adopted is not None:
+            return _any_alive([self._adopted])
+        return False
 
     @property
     def stopping(self) -> bool:
@@ -153,6 +196,8 @@ class Worker:
     # -- lifecycle ----------------------------------------------------------------
     def spawn(self) -> None:
         (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        rotate_log(self.log_path)
         log_file = open(self.log_path, "ab", buffering=0)
         self.started_at = time.time()
         log.info("starting worker %s: %s", self.id, " ".join(self.command()))
@@ -166,13 +211,21 @@ class Worker:
             close_fds=True,
         )
         log_file.close()
+        self.create_time = process_create_time(self._proc.pid) or self.started_at
         threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
 
     def _wait_for_exit(self) -> None:
-        assert self._proc is not None
-        code = self._proc.wait()
+        if self._proc is not None:
+            code = self._proc.wait()
+        else:
+            assert self._adopted is not None
+            # Not our child: no wait() to block in, so poll (gently: this runs for weeks).
+            # Zombies count as gone; is_running() also checks the create time (pid reuse).
+            while _any_alive([self._adopted]):
+                time.sleep(0.5)
+            code = None
         if not self._stopping:
-            log.warning("worker %s (pid %s) exited with %s", self.id, self._proc.pid, code)
+            log.warning("worker %s (pid %s) exited with %s", self.id, self.pid, code)
         if self._on_exit:
             self._on_exit(self)
 
@@ -203,24 +256,33 @@ class Worker:
                     )
                 await asyncio.sleep(0.1)
 
+    async def healthy(self, timeout: float = 2.0) -> bool:
+        """Whether the worker answers /health with its model loaded (used to adopt it)."""
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                response = await client.get(f"{self.address}/health")
+            return response.status_code == 200 and bool(response.json().get("model_loaded"))
+        except (httpx.HTTPError, ValueError):
+            return False
+
     async def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left after `grace` seconds."""
         self._stopping = True
-        if self._proc is None:
+        if self.pid is None:
             return
         await asyncio.get_running_loop().run_in_executor(None, self.stop_sync, grace)
 
     def stop_sync(self, grace: float = 10.0) -> None:
         self._stopping = True
-        if self._proc is None:
-            return
-        pgid = self._proc.pid
+        if self.pid is None or (self._adopted is not None and not self.alive()):
+            return  # an adopted pid that is gone may be reused by now: never signal it
+        pgid = self.pid  # started with start_new_session: its pid is its process group id
         members = _group_members(pgid)
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (self._proc.poll() is None or _any_alive(members)):
+        while time.monotonic() < deadline and (self.alive() or _any_alive(members)):
             time.sleep(0.05)
-        if self._proc.poll() is None or _any_alive(members):
+        if self.alive() or _any_alive(members):
             log.warning("worker %s did not stop within %.1fs; killing it", self.id, grace)
             _signal_group(pgid, signal.SIGKILL)
             for proc in members:
@@ -228,7 +290,8 @@ class Worker:
                     proc.kill()
                 except psutil.Error:
                     pass
-            self._proc.wait(timeout=5)
+            if self._proc is not None:
+                self._proc.wait(timeout=5)
 
     # -- observation --------------------------------------------------------------
     def memory_bytes(self) -> int | None:
@@ -236,7 +299,7 @@ class Worker:
         if not self.alive():
             return None
         total = 0
-        for proc in [psutil.Process(self._proc.pid), *_children(self._proc.pid)]:
+        for proc in [*_try_process(self.pid), *_children(self.pid)]:
             try:
                 total += proc.memory_info().rss
             except psutil.Error:
@@ -252,6 +315,27 @@ class Worker:
                 return handle.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_KEEP = 3
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> None:
+    """At a worker's start: if its log has grown past `max_bytes`, shift it to .1 (keeping `keep`)."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return
+    except FileNotFoundError:
+        return
+    for index in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
+    if keep > 0:
+        os.replace(path, path.with_name(f"{path.name}.1"))
+    else:
+        path.unlink()
 
 
 def last_error_line(text: str) -> str:

@@ -164,6 +164,7 @@ class Reconciler:
         self._demand: dict[str, float] = {}  # on-demand model -> when a request last asked for it
         self._verdicts: dict[str, Unschedulable] = {}
         self._background: set[asyncio.Task] = set()
+        self._recovered: list[Worker] | None = None  # a previous run's workers, until adopted or stopped
         self.passes = 0
         self.last_request: dict[str, float] = {}  # model -> time of its latest request (idle TTLs)
         self.pass_listeners: list = []  # called with each pass's duration in seconds
@@ -173,6 +174,15 @@ class Reconciler:
     def nudge(self) -> None:
         """Ask for a pass soon. Safe to call from any coroutine on the loop."""
         self._wake.set()
+
+    async def accept_now(self) -> int:
+        """Read models.yaml and reconcile right away; the generation now in force.
+
+        For a writer (the admin API) that just wrote the file and must answer with the
+        generation its content was accepted as, without waiting for the file watcher.
+        """
+        await self.reconcile_once()
+        return self.generation
 
     def _worker_exited(self, _worker: Worker) -> None:
         """A worker's waiter thread saw it exit: reconcile on the loop's thread."""
@@ -249,6 +259,10 @@ class Reconciler:
     async def _reconcile_once(self) -> None:
         async with self._pass_lock:
             self._read_desired()
+            if self._recovered is None:
+                self._recovered = self.pool.recover()
+            if self._recovered and self.desired is not None:
+                await self._adopt_recovered()
             self._reap_exited()
             if self.desired is None:
                 return
@@ -441,6 +455,43 @@ class Reconciler:
             status.restarts += 1
             status.last_error = message
             self.events.record(name, "CrashLoopBackOff" if attempts > 1 else "WorkerExited", message, kind="Warning")
+
+    async def _adopt_recovered(self) -> None:
+        """Keep the previous run's workers that are healthy and still wanted as they are; stop the rest.
+
+        Adopted workers are not reloaded (same pid). Of two workers of one model (a crash
+        mid-swap) only the newer one is kept, so a restart never leaves a duplicate.
+        """
+        assert self.desired is not None
+        recovered, self._recovered = self._recovered or [], []
+        health = await asyncio.gather(*(w.healthy() for w in recovered))
+        healthy = {w.id for w, ok in zip(recovered, health) if ok}
+        adopted_names: set[str] = set()
+        to_stop: list[tuple[Worker, str]] = []
+        for worker in sorted(recovered, key=lambda w: w.started_at or 0.0, reverse=True):
+            name = worker.spec.name
+            model = self.desired.model(name)
+            if model is None or model.state != DesiredModelState.LOADED:
+                to_stop.append((worker, "no longer desired"))
+            elif self.worker_spec(model).fingerprint != worker.spec.fingerprint:
+                to_stop.append((worker, "its spec changed"))
+            elif worker.id not in healthy:
+                to_stop.append((worker, "not healthy"))
+            elif name in adopted_names:
+                to_stop.append((worker, "a duplicate"))
+            else:
+                adopted_names.add(name)
+                self._workers[worker.id] = (name, worker.spec.fingerprint)
+                self._ready.add(worker.id)
+                status = self.statuses.setdefault(name, ModelStatus())
+                status.load_seconds = worker.load_seconds
+                self.events.record(name, "Adopted", f"kept worker pid {worker.pid} at {worker.address} from the previous run")
+                log.info("adopted worker %s of %s (pid %s) at %s", worker.id, name, worker.pid, worker.address)
+                await self._set_route(Route(name, worker.address, worker.id))
+        for worker, why in to_stop:
+            self.events.record(worker.spec.name, "StoppedLeftover", f"stopping worker pid {worker.pid} from the previous run: {why}")
+            log.info("stopping worker %s (pid %s) from the previous run: %s", worker.id, worker.pid, why)
+        await asyncio.gather(*(self.pool.stop(w, self.settings.stop_grace) for w, _ in to_stop))
 
     # -- act ----------------------------------------------------------------------
     def worker_spec(self, model: ModelSpec) -> WorkerSpec:

@@ -44,6 +44,9 @@ class FakePool:
     def add_exit_listener(self, _listener):
         pass
 
+    def recover(self):
+        return []
+
     def workers(self):
         return list(self._workers.values())
 

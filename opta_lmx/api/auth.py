@@ -1,0 +1,129 @@
+"""API keys: an admin key for /admin/*, an inference key for /v1/*.
+
+Keys come from the environment (`LMX_ADMIN_KEY`, `LMX_API_KEY`) or from files named there
+(`LMX_ADMIN_KEY_FILE`, `LMX_API_KEY_FILE`), never from models.yaml, which lives in git. Both are
+optional on loopback; a server listening anywhere else must have both, or it refuses to start.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from opta_lmx.api.errors import error_body
+
+
+class KeyConfigError(Exception):
+    """The keys are missing or unreadable where they are required."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    admin: str | None = None
+    inference: str | None = None
+
+    def admin_ok(self, presented: str | None) -> bool:
+        return self.admin is None or _equal(presented, self.admin)
+
+    def inference_ok(self, presented: str | None) -> bool:
+        """The inference key, or the admin key (which may do everything)."""
+        if self.inference is None:
+            return True
+        return _equal(presented, self.inference) or (self.admin is not None and _equal(presented, self.admin))
+
+
+def _equal(presented: str | None, expected: str) -> bool:
+    return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
+
+
+def _read_key(variable: str, environ: dict[str, str]) -> str | None:
+    value = environ.get(variable)
+    if value:
+        return value.strip()
+    path = environ.get(variable + "_FILE")
+    if not path:
+        return None
+    try:
+        key = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise KeyConfigError(f"{variable}_FILE={path}: cannot read the key: {error}") from None
+    if not key:
+        raise KeyConfigError(f"{variable}_FILE={path} is empty")
+    return key
+
+
+def load_keys(environ: dict[str, str] | None = None) -> Keys:
+    environ = dict(os.environ) if environ is None else environ
+    return Keys(admin=_read_key("LMX_ADMIN_KEY", environ), inference=_read_key("LMX_API_KEY", environ))
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, keys: Keys) -> None:
+    """Refuse to expose the server beyond this machine without both keys."""
+    if is_loopback(host):
+        return
+    missing = [name for name, key in (("LMX_ADMIN_KEY", keys.admin), ("LMX_API_KEY", keys.inference)) if not key]
+    if missing:
+        raise KeyConfigError(
+            f"refusing to listen on {host}, which is not a loopback address, without "
+            f"{' and '.join(missing)} (set them in the environment, or name files holding them "
+            f"with {' / '.join(m + '_FILE' for m in missing)})"
+        )
+
+
+def presented_keys(headers: dict[str, str]) -> list[str]:
+    keys = []
+    authorization = headers.get("authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        keys.append(authorization[7:].strip())
+    if headers.get("x-admin-key"):
+        keys.append(headers["x-admin-key"].strip())
+    if headers.get("x-api-key"):  # Anthropic clients send their key this way
+        keys.append(headers["x-api-key"].strip())
+    return keys
+
+
+class KeyAuth:
+    """ASGI middleware (not BaseHTTPMiddleware, so streams pass through untouched)."""
+
+    def __init__(self, app, keys: Keys):
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (self.keys.admin is None and self.keys.inference is None):
+            return await self.app(scope, receive, send)
+        path: str = scope["path"]
+        if path == "/admin" or path.startswith("/admin/"):
+            check, which = self.keys.admin_ok, "admin"
+        elif path.startswith("/v1/"):
+            check, which = self.keys.inference_ok, "API"
+        else:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        presented = presented_keys(headers) or [None]
+        if any(check(key) for key in presented):
+            return await self.app(scope, receive, send)
+        message = (
+            f"a valid {which} key is required: send `Authorization: Bearer <key>`"
+            + (" or `X-Admin-Key: <key>`" if which == "admin" else "")
+        )
+        body = json.dumps(error_body(401, message, "invalid_api_key")).encode()
+        await send({
+            "type": "http.response.start", "status": 401,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"www-authenticate", b'Bearer realm="opta-lmx"')],
+        })
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,155 @@
+"""Log output: the control plane's own format (human or JSON), and reading a model's worker log.
+
+Human lines for a terminal; one JSON object per line for log shippers (`--log-format json`).
+Each worker writes to its own file; `lmx logs MODEL` finds the current one through the
+worker records in the state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+HUMAN_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts (unix seconds), time (ISO 8601 UTC), level, logger, msg."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": round(record.created, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str = "human") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(HUMAN_FORMAT, datefmt="%H:%M:%S"))
+    handler._lmx = True  # type: ignore[attr-defined]
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, "_lmx", False)]
+    if len(ours) == len(root.handlers):  # like basicConfig: leave a host's handlers (pytest's) alone
+        for old in ours:
+            root.removeHandler(old)
+        root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def uvicorn_log_config(fmt: str) -> dict | None:
+    """uvicorn's own loggers in the same format (None keeps uvicorn's default human output)."""
+    if fmt != "json":
+        return None
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "opta_lmx.logs.JsonFormatter"}},
+        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvicorn.access": {"handlers": ["default"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+def worker_log_dir(state_dir: Path, state_dir_given: bool) -> Path:
+    """Where workers' logs go: LMX_LOG_DIR, else beside an explicit --state-dir, else the user log dir."""
+    from opta_lmx import paths
+
+    if os.environ.get("LMX_LOG_DIR"):
+        return paths.log_dir() / "workers"
+    if state_dir_given:
+        return state_dir / "logs"
+    return paths.log_dir() / "workers"
+
+
+def model_log_path(name: str, state_dir: Path, log_dir: Path) -> Path | None:
+    """The current worker's log of `name` (from its record), else the last one written, else None."""
+    records = state_dir / "workers" / "records"
+    newest: tuple[float, Path] | None = None
+    for path in records.glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("name") == name:
+            started = record.get("started_at") or 0.0
+            if newest is None or started > newest[0]:
+                newest = (started, Path(record["log_path"]))
+    if newest is not None:
+        return newest[1]
+    fallback = log_dir / f"{name}.log"
+    return fallback if fallback.exists() else None
+
+
+def tail(path: Path, lines: int, out=None) -> int:
+    """Print the last `lines` lines of `path`; return the offset reached (for follow)."""
+    out = out or sys.stdout
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        end = handle.tell()
+        chunk, position, data = 65536, end, b""
+        while position > 0 and data.count(b"\n") <= lines:
+            position = max(0, position - chunk)
+            handle.seek(position)
+            data = handle.read(end - position)
+        text = b"\n".join(data.split(b"\n")[-(lines + 1):]) if lines else b""
+        out.write(text.decode("utf-8", "replace"))
+        out.flush()
+        return end
+
+
+def follow(path: Path, offset: int, out=None, poll: float = 0.5, until=None) -> None:
+    """Print what is appended to `path` from `offset`, like `tail -F`: when the file is rotated,
+    finish the old one (it stays open) and go on with the new one from its start."""
+    out = out or sys.stdout
+    handle = None
+    try:
+        while until is None or not until():
+            if handle is None:
+                try:
+                    handle = open(path, "rb")
+                    handle.seek(offset)
+                except FileNotFoundError:
+                    time.sleep(poll)
+                    continue
+            data = handle.read()
+            if data:
+                out.write(data.decode("utf-8", "replace"))
+                out.flush()
+            try:
+                current = path.stat()
+                replaced = current.st_ino != os.fstat(handle.fileno()).st_ino
+                truncated = current.st_size < handle.tell()
+            except FileNotFoundError:
+                replaced, truncated = False, False
+            if replaced or truncated:
+                if replaced:
+                    rest = handle.read()  # whatever the old file got after our last read
+                    if rest:
+                        out.write(rest.decode("utf-8", "replace"))
+                        out.flush()
+                handle.close()
+                handle, offset = None, 0
+                continue
+            time.sleep(poll)
+    finally:
+        if handle is not None:
+            handle.close()

@@ -1,0 +1,67 @@
+"""Keys: where they come from, what they guard, and the refusal to listen openly without them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from opta_lmx.api.auth import KeyConfigError, Keys, check_bind, is_loopback, load_keys, presented_keys
+from opta_lmx.client import ClientError, parse_assignments
+from tests.lmx_harness import REPO, lmx_env
+
+
+def test_keys_from_environment_or_files(tmp_path):
+    assert load_keys({}) == Keys(None, None)
+    key_file = tmp_path / "admin.key"
+    key_file.write_text("from-file\n")
+    keys = load_keys({"LMX_ADMIN_KEY_FILE": str(key_file), "LMX_API_KEY": "inline"})
+    assert keys == Keys(admin="from-file", inference="inline")
+    with pytest.raises(KeyConfigError, match="cannot read"):
+        load_keys({"LMX_API_KEY_FILE": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(KeyConfigError, match="empty"):
+        load_keys({"LMX_API_KEY_FILE": str(tmp_path / "empty")})
+
+
+def test_admin_and_inference_keys_are_separate():
+    keys = Keys(admin="A", inference="I")
+    assert keys.admin_ok("A") and not keys.admin_ok("I") and not keys.admin_ok(None)
+    assert keys.inference_ok("I") and keys.inference_ok("A") and not keys.inference_ok("x")
+    assert Keys(admin="A").inference_ok(None)  # no inference key set: inference is open
+    assert presented_keys({"authorization": "Bearer k1", "x-admin-key": "k2"}) == ["k1", "k2"]
+
+
+def test_non_loopback_needs_both_keys():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    check_bind("127.0.0.1", Keys())
+    check_bind("0.0.0.0", Keys("a", "b"))
+    with pytest.raises(KeyConfigError, match="LMX_API_KEY"):
+        check_bind("0.0.0.0", Keys(admin="a"))
+
+
+def test_serve_refuses_a_public_address_without_keys(tmp_path):
+    config = tmp_path / "models.yaml"
+    config.write_text("models: []\n")
+    env = lmx_env()
+    for name in ("LMX_ADMIN_KEY", "LMX_API_KEY", "LMX_ADMIN_KEY_FILE", "LMX_API_KEY_FILE"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "opta_lmx.cli", "serve", "--config", str(config), "--host", "0.0.0.0",
+         "--port", "1", "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in done.stderr and "LMX_ADMIN_KEY" in done.stderr
+
+
+def test_set_assignments_become_a_merge_patch():
+    assert parse_assignments(["priority=5", "engine.max_tokens=64", "pinned=true", "aliases=[a, b]",
+                              "memory=null", "idle_ttl=30m"]) == {
+        "priority": 5, "engine": {"max_tokens": 64}, "pinned": True, "aliases": ["a", "b"],
+        "memory": None, "idle_ttl": "30m",
+    }
+    with pytest.raises(ClientError):
+        parse_assignments(["novalue"])
