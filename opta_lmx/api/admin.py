@@ -542,6 +542,8 @@ def _memory(reconciler: Reconciler, state: DesiredState | None) -> dict:
         "machine": {"total_bytes": vm.total, "available_bytes": vm.available, "used_bytes": vm.total - vm.available,
                     "percent": vm.percent},
         "models": models,
+        # What the planner counts (measured bytes or `memory:` overrides, loads at their estimate).
+        "planner": reconciler.observation()["memory"],
     }
 
 
