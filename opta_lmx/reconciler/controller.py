@@ -471,7 +471,7 @@ class Reconciler:
         for worker in sorted(recovered, key=lambda w: w.started_at or 0.0, reverse=True):
             name = worker.spec.name
             model = self.desired.model(name)
-            if model is None or model.state != DesiredModelState.LOADED:
+            if model is None or model.state == DesiredModelState.UNLOADED:  # on-demand ones are kept (idle TTL)
                 to_stop.append((worker, "no longer desired"))
             elif self.worker_spec(model).fingerprint != worker.spec.fingerprint:
                 to_stop.append((worker, "its spec changed"))
