@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from _common import model, save, start_lmx
 
@@ -52,7 +53,8 @@ async def round_(client, url, name, concurrency, max_tokens) -> dict:
     return {"tokens_per_s": tokens / wall, "ttft_ms": [r[0] * 1000 for r in results], "tokens": tokens}
 
 
-async def measure(direct: str, gateway: str, name: str, levels: list[int], repeats: int, max_tokens: int) -> dict:
+async def measure(direct: str, gateway: str, name: str, levels: list[int], repeats: int, max_tokens: int,
+                  gateway_pid: int) -> dict:
     out = {}
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -60,9 +62,14 @@ async def measure(direct: str, gateway: str, name: str, levels: list[int], repea
         await round_(client, gateway, name, 2, 8)
         for level in levels:
             runs = {"direct": [], "gateway": []}
+            gateway_cpu, gateway_tokens = 0.0, 0
             for _ in range(repeats):
                 for target, url in (("direct", direct), ("gateway", gateway)):
+                    cpu_before = sum(psutil.Process(gateway_pid).cpu_times()[:2])
                     runs[target].append(await round_(client, url, name, level, max_tokens))
+                    if target == "gateway":
+                        gateway_cpu += sum(psutil.Process(gateway_pid).cpu_times()[:2]) - cpu_before
+                        gateway_tokens += runs[target][-1]["tokens"]
             row = {}
             for target, rs in runs.items():
                 row[target] = {
@@ -72,11 +79,12 @@ async def measure(direct: str, gateway: str, name: str, levels: list[int], repea
                 }
             row["throughput_ratio"] = row["gateway"]["tokens_per_s"] / row["direct"]["tokens_per_s"]
             row["added_median_ttft_ms"] = row["gateway"]["median_ttft_ms"] - row["direct"]["median_ttft_ms"]
+            row["gateway_cpu_us_per_token"] = 1e6 * gateway_cpu / max(1, gateway_tokens)
             out[str(level)] = row
             print(f"c={level:>3}  direct {row['direct']['tokens_per_s']:8.1f} tok/s  gateway "
                   f"{row['gateway']['tokens_per_s']:8.1f} tok/s  ratio {row['throughput_ratio']:.3f}  "
                   f"ttft direct {row['direct']['median_ttft_ms']:.1f} ms gateway {row['gateway']['median_ttft_ms']:.1f} ms "
-                  f"(+{row['added_median_ttft_ms']:.2f} ms)", flush=True)
+                  f"(+{row['added_median_ttft_ms']:.2f} ms)  gateway CPU {row['gateway_cpu_us_per_token']:.0f} us/token", flush=True)
     return out
 
 
@@ -102,11 +110,12 @@ def main() -> None:
                     break
                 time.sleep(0.2)
             direct = models[0]["status"]["address"]
-            figures = asyncio.run(measure(direct, base, "m", args.concurrency, args.repeats, args.max_tokens))
+            figures = asyncio.run(measure(direct, base, "m", args.concurrency, args.repeats, args.max_tokens,
+                                       proc.pid))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    save("passthrough", {"size": args.size, "max_tokens": args.max_tokens, "repeats": args.repeats, "levels": figures})
+    save(f"passthrough-{args.size}", {"size": args.size, "max_tokens": args.max_tokens, "repeats": args.repeats, "levels": figures})
 
 
 if __name__ == "__main__":
