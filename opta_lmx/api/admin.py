@@ -237,6 +237,17 @@ async def _answer(request: Request, result: WriteResult, generation: int, name: 
 
 
 # -- models -----------------------------------------------------------------------------
+def _overview(reconciler, etag: str) -> dict:
+    """What every whole-state answer starts with: where the loop is, and the file it read."""
+    return {
+        "generation": reconciler.generation,
+        "observed_generation": reconciler.observed_generation,
+        "converged": reconciler.converged(),
+        "etag": etag,
+        "config": reconciler.config_status.model_dump(mode="json"),
+    }
+
+
 @router.get("/models")
 async def list_models(request: Request) -> JSONResponse:
     reconciler = _reconciler(request)
@@ -244,11 +255,7 @@ async def list_models(request: Request) -> JSONResponse:
     names = [m.name for m in state.models] if state else []
     names += [n for n in reconciler.statuses if n not in names]
     body = {
-        "generation": reconciler.generation,
-        "observed_generation": reconciler.observed_generation,
-        "converged": reconciler.converged(),
-        "etag": snap.etag,
-        "config": reconciler.config_status.model_dump(mode="json"),
+        **_overview(reconciler, snap.etag),
         "models": [_model_view(reconciler, n, state) for n in names],
         "observed": reconciler.observation(),  # workers, memory figures, demand: what `lmx plan` plans against
     }
@@ -553,11 +560,7 @@ async def status(request: Request) -> JSONResponse:
     snap, state = _current(request)
     memory = _memory(reconciler, state)
     body = {
-        "generation": reconciler.generation,
-        "observed_generation": reconciler.observed_generation,
-        "converged": reconciler.converged(),
-        "etag": snap.etag,
-        "config": reconciler.config_status.model_dump(mode="json"),
+        **_overview(reconciler, snap.etag),
         "memory": {k: v for k, v in memory.items() if k != "models"},
         "models": {name: s.phase.value for name, s in reconciler.statuses.items()},
     }

@@ -122,7 +122,7 @@ def validate_tree(tree: Any, source: str) -> DesiredState:
     if not isinstance(tree, dict):
         raise ConfigError(source, [FieldProblem("", "the top level must be a mapping", 1, 1)])
     try:
-        return DesiredState.model_validate(_plain(tree))
+        return DesiredState.model_validate(plain(tree))
     except ValidationError as error:
         problems = []
         for item in error.errors():
@@ -133,11 +133,12 @@ def validate_tree(tree: Any, source: str) -> DesiredState:
         raise ConfigError(source, problems) from None
 
 
-def _plain(node: Any) -> Any:
+def plain(node: Any) -> Any:
+    """A round-trip tree as plain dicts and lists (what validation and comparisons see)."""
     if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
+        return {str(k): plain(v) for k, v in node.items()}
     if isinstance(node, list):
-        return [_plain(v) for v in node]
+        return [plain(v) for v in node]
     return node
 
 

@@ -33,6 +33,7 @@ from opta_lmx.state.document import (
     content_etag,
     new_yaml,
     parse_document,
+    plain,
 )
 from opta_lmx.state.spec import DesiredState
 
@@ -365,14 +366,6 @@ def splice(original: str, before: str, after: str) -> str | None:
     return "".join(out)
 
 
-def _plain(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    return node
-
-
 def render_edit(text: str, mutate: Callable[[CommentedMap], str]) -> tuple[str, str]:
     """The new file text after `mutate` edits the tree of `text`, and its summary.
 
@@ -400,7 +393,7 @@ def render_edit(text: str, mutate: Callable[[CommentedMap], str]) -> tuple[str, 
     spliced = splice(text, before, after) if before else None
     if spliced is not None and spliced != after:
         try:
-            if _plain(new_yaml().load(spliced)) == _plain(new_yaml().load(after)):
+            if plain(new_yaml().load(spliced)) == plain(new_yaml().load(after)):
                 return spliced, summary
         except YAMLError:
             pass

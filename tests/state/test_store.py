@@ -13,13 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opta_lmx.state.document import ConfigError, content_etag, read_document
-from opta_lmx.state.document import new_yaml
+from opta_lmx.state.document import new_yaml, plain
 from opta_lmx.state.store import (
     EditError,
     ModelsStore,
     PreconditionFailed,
     _dump,
-    _plain,
     append_item,
     delete_item,
     describe_patch,
@@ -369,4 +368,4 @@ _patches = st.recursive(st.none() | _scalars | st.lists(_scalars, max_size=3),
 def test_merge_patch_is_rfc7396_and_round_trips(document, patch):
     text = _dump(new_yaml(), to_node(document)) if document else ""
     new_text, _ = render_edit(text, lambda tree: merge_patch(tree, patch) or "patch")
-    assert (_plain(new_yaml().load(new_text)) or {}) == _rfc7396(document, patch)
+    assert (plain(new_yaml().load(new_text)) or {}) == _rfc7396(document, patch)
