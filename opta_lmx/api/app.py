@@ -34,10 +34,12 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
                store: ModelsStore | None = None, keys: Keys | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        # aiohttp rather than httpx: its C HTTP parser costs a fraction of the CPU per relayed chunk.
+        # aiohttp rather than httpx: its C HTTP parser halves the CPU per relayed chunk (docs/benchmarks.md).
+        # No cookie jar: one client's cookies must never reach another's request.
         app.state.upstream = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=settings.upstream_timeout),
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, skip_auto_headers=("User-Agent", "Content-Type"),
+            connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False, skip_auto_headers=("User-Agent", "Content-Type"),
         )
         loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
         try:
