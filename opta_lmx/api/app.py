@@ -7,7 +7,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -34,9 +34,12 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
                store: ModelsStore | None = None, keys: Keys | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.upstream = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.upstream_timeout, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        # aiohttp rather than httpx: its C HTTP parser halves the CPU per relayed chunk (docs/benchmarks.md).
+        # No cookie jar: one client's cookies must never reach another's request.
+        app.state.upstream = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=settings.upstream_timeout),
+            connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False, skip_auto_headers=("User-Agent", "Content-Type"),
         )
         loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
         try:
@@ -46,7 +49,7 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
             loop_task.cancel()
             await asyncio.gather(loop_task, return_exceptions=True)
             await reconciler.shutdown()
-            await app.state.upstream.aclose()
+            await app.state.upstream.close()
 
     app = FastAPI(title="Opta-LMX", version="0.1.0", lifespan=lifespan)
     app.state.reconciler = reconciler

@@ -15,10 +15,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import aiohttp
 import anyio
-import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from yarl import URL
 
 from opta_lmx.api.errors import APIError
 from opta_lmx.api.metrics import GatewayMetrics
@@ -170,28 +171,27 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
         raise
     try:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
-        client: httpx.AsyncClient = app_state.upstream
-        upstream_request = client.build_request(
-            request.method, route.address + path, content=body, headers=headers, params=request.query_params
-        )
+        session: aiohttp.ClientSession = app_state.upstream
+        query = request.url.query
+        url = URL(route.address + path + ("?" + query if query else ""), encoded=True)
         try:
-            upstream = await client.send(upstream_request, stream=True)
-        except httpx.TransportError as error:
+            upstream = await session.request(request.method, url, data=body, headers=headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             raise APIError(502, f"the worker for `{name}` did not answer: {error!r}", "worker_unavailable") from None
     except BaseException:
         await admission.release(name, route)
         metrics.requests.labels(name, "502").inc()
         raise
-    metrics.requests.labels(name, str(upstream.status_code)).inc()
+    metrics.requests.labels(name, str(upstream.status)).inc()
     response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
     return StreamingResponse(
         _relay(upstream, name, metrics, arrived, admission, route),
-        status_code=upstream.status_code,
+        status_code=upstream.status,
         headers=response_headers,
     )
 
 
-async def _relay(upstream: httpx.Response, name: str, metrics: GatewayMetrics, arrived: float, admission: Admission,
+async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMetrics, arrived: float, admission: Admission,
                  route: Route | None = None):
     """Yield the upstream body as it comes.
 
@@ -200,17 +200,19 @@ async def _relay(upstream: httpx.Response, name: str, metrics: GatewayMetrics, a
     so the worker stops generating for it.
     """
     first = True
+    complete = False
     tail = b""
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.content.iter_any():
             if first:
                 metrics.ttft.labels(name).observe(time.perf_counter() - arrived)
                 first = False
             tail = (tail + chunk)[-_USAGE_TAIL:]
             yield chunk
+        complete = True
         _count_tokens(tail, is_sse, name, metrics)
-    except httpx.HTTPError as error:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         log.warning("response from %s broke off: %r", name, error)
         metrics.requests.labels(name, "worker_failed").inc()
         if is_sse:
@@ -219,7 +221,10 @@ async def _relay(upstream: httpx.Response, name: str, metrics: GatewayMetrics, a
             yield f"data: {message}\n\ndata: [DONE]\n\n".encode()
     finally:
         with anyio.CancelScope(shield=True):
-            await upstream.aclose()
+            if complete:
+                upstream.release()  # the connection goes back to the pool
+            else:
+                upstream.close()  # drops the connection, so the worker stops generating
             await admission.release(name, route)
         metrics.duration.labels(name).observe(time.perf_counter() - arrived)
 
