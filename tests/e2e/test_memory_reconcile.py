@@ -51,7 +51,8 @@ def test_memory_aware_reconciliation(serve, tiny_model, tiny_model_b):
     senders = [threading.Thread(target=lambda: results.append(chat(server, "a").status_code)) for _ in range(3)]
     for sender in senders:
         sender.start()
-    server.wait_for(lambda s: s.phases()["a"] == "Ready" and status(s, "a")["pid"] != old_pid, 90, "swapped a")
+    server.wait_for(lambda s: (lambda st: st["phase"] == "Ready" and st["pid"] not in (None, old_pid))(status(s, "a")),
+                    90, "swapped a")  # phase and pid from one read: the new worker, Ready
     for sender in senders:
         sender.join(60)
     assert results == [200, 200, 200]
@@ -86,7 +87,7 @@ def test_memory_aware_reconciliation(serve, tiny_model, tiny_model_b):
     # 4. SIGKILL of a worker: it comes back Ready, with a restart counted.
     hi_pid = status(server, "hi")["pid"]
     os.kill(hi_pid, signal.SIGKILL)
-    server.wait_for(lambda s: s.phases()["hi"] == "Ready" and status(s, "hi")["pid"] not in (None, hi_pid),
+    server.wait_for(lambda s: (lambda st: st["phase"] == "Ready" and st["pid"] not in (None, hi_pid))(status(s, "hi")),
                     90, "hi back Ready")
     assert status(server, "hi")["restarts"] == 1 and "WorkerExited" in events(server, "hi")
     assert chat(server, "hi").status_code == 200
