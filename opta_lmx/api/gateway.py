@@ -10,6 +10,7 @@ stream with an error event; a client that goes away closes its upstream request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from yarl import URL
 from opta_lmx.api.errors import APIError
 from opta_lmx.api.metrics import GatewayMetrics
 from opta_lmx.reconciler.controller import Reconciler, Route
+from opta_lmx.state.status import Phase
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ _DROP_REQUEST = frozenset({"host", "content-length", "connection", "keep-alive",
                            "upgrade", "proxy-connection", "authorization", "x-admin-key"})
 _DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                             "server", "date"})
-_USAGE_TAIL = 8192  # bytes of a response kept to read its token usage at the end
+_USAGE_CHUNKS = 8  # last chunks of a response kept to read its token usage at the end
 
 
 @dataclass
@@ -83,12 +85,11 @@ class Admission:
     def _not_loaded(self, name: str) -> APIError:
         status = self.reconciler.statuses.get(name)
         why = f" ({status.phase.value}: {status.message or status.last_error})" if status else ""
-        code = "model_unschedulable" if status and status.phase.value == "Unschedulable" else "model_not_loaded"
+        code = "model_unschedulable" if status and status.phase == Phase.UNSCHEDULABLE else "model_not_loaded"
         return APIError(503, f"The model `{name}` is not loaded{why}", code, headers={"Retry-After": "30"})
 
-    async def release(self, name: str, route: Route | None = None) -> None:
-        if route is not None:
-            route.traffic.end()
+    async def release(self, name: str, route: Route) -> None:
+        route.traffic.end()
         gate = self.gate(name)
         gate.in_flight -= 1
         self.metrics.in_flight.labels(name).dec()
@@ -136,14 +137,16 @@ def _model_field(body: bytes) -> tuple[str, dict]:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it (or its declared length) passes `limit`."""
+    too_large = APIError(413, f"the request body is larger than {limit} bytes", "body_too_large")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is larger than {limit} bytes", "body_too_large")
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes", "body_too_large")
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -192,7 +195,7 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
 
 
 async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMetrics, arrived: float, admission: Admission,
-                 route: Route | None = None):
+                 route: Route):
     """Yield the upstream body as it comes.
 
     If the worker dies mid-stream, an SSE stream ends with an error event and `[DONE]`. If
@@ -201,17 +204,17 @@ async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMe
     """
     first = True
     complete = False
-    tail = b""
+    tail: collections.deque[bytes] = collections.deque(maxlen=_USAGE_CHUNKS)
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
     try:
         async for chunk in upstream.content.iter_any():
             if first:
                 metrics.ttft.labels(name).observe(time.perf_counter() - arrived)
                 first = False
-            tail = (tail + chunk)[-_USAGE_TAIL:]
+            tail.append(chunk)
             yield chunk
         complete = True
-        _count_tokens(tail, is_sse, name, metrics)
+        _count_tokens(b"".join(tail), is_sse, name, metrics)
     except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         log.warning("response from %s broke off: %r", name, error)
         metrics.requests.labels(name, "worker_failed").inc()
@@ -233,10 +236,7 @@ def _count_tokens(tail: bytes, is_sse: bool, name: str, metrics: GatewayMetrics)
     """Add the usage a worker reported (last JSON object or SSE event carrying `usage`)."""
     candidates = tail.split(b"\n\n") if is_sse else [tail]
     for piece in reversed(candidates):
-        text = piece.strip()
-        for prefix in (b"data:",):
-            if text.startswith(prefix):
-                text = text[len(prefix):].strip()
+        text = piece.strip().removeprefix(b"data:").strip()
         if b'"usage"' not in text:
             continue
         try:

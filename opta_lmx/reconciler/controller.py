@@ -9,7 +9,6 @@ to the next edit.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -87,7 +86,7 @@ class Route:
     name: str
     address: str
     worker_id: str
-    traffic: Traffic = field(default_factory=Traffic, compare=False)
+    traffic: Traffic = field(compare=False)
 
 
 _UNLOAD_EVENT = {
@@ -166,7 +165,6 @@ class Reconciler:
         self._background: set[asyncio.Task] = set()
         self._recovered: list[Worker] | None = None  # a previous run's workers, until adopted or stopped
         self.passes = 0
-        self.last_request: dict[str, float] = {}  # model -> time of its latest request (idle TTLs)
         self.pass_listeners: list = []  # called with each pass's duration in seconds
         pool.add_exit_listener(self._worker_exited)
 
@@ -487,7 +485,7 @@ class Reconciler:
                 status.load_seconds = worker.load_seconds
                 self.events.record(name, "Adopted", f"kept worker pid {worker.pid} at {worker.address} from the previous run")
                 log.info("adopted worker %s of %s (pid %s) at %s", worker.id, name, worker.pid, worker.address)
-                await self._set_route(Route(name, worker.address, worker.id))
+                await self._set_route(self._route_to(name, worker))
         for worker, why in to_stop:
             self.events.record(worker.spec.name, "StoppedLeftover", f"stopping worker pid {worker.pid} from the previous run: {why}")
             log.info("stopping worker %s (pid %s) from the previous run: %s", worker.id, worker.pid, why)
@@ -544,13 +542,12 @@ class Reconciler:
             worker = await self.pool.start(spec, self.settings.ready_timeout)
             self._workers[worker.id] = (name, fingerprint)
             self._ready.add(worker.id)
-            traffic = self._traffic[worker.id] = Traffic(self.clock)
             self._demand.pop(name, None)
             status = self.statuses.setdefault(name, ModelStatus())
             status.load_seconds = worker.load_seconds
             self.events.record(name, "Ready", f"serving at {worker.address} (pid {worker.pid}, loaded in {worker.load_seconds:.1f}s)")
             log.info("model %s ready at %s in %.1fs", name, worker.address, worker.load_seconds or 0)
-            await self._set_route(Route(name, worker.address, worker.id, traffic))
+            await self._set_route(self._route_to(name, worker))
             measuring = asyncio.create_task(self._measure_mlx(worker.id, worker.address))
             self._background.add(measuring)
             measuring.add_done_callback(self._background.discard)
@@ -641,11 +638,11 @@ class Reconciler:
         self._mlx_bytes.pop(worker_id, None)
 
     # -- routing (read by the gateway) ---------------------------------------------
+    def _route_to(self, name: str, worker: Worker) -> Route:
+        """A route to `worker`, carrying its one in-flight counter (the drain and idle TTL read it)."""
+        return Route(name, worker.address, worker.id, self._traffic.setdefault(worker.id, Traffic(self.clock)))
+
     async def _set_route(self, route: Route) -> None:
-        # One in-flight counter per worker, whoever made the route: the drain and idle TTL read it.
-        traffic = self._traffic.setdefault(route.worker_id, route.traffic)
-        if traffic is not route.traffic:
-            route = dataclasses.replace(route, traffic=traffic)
         async with self._routes_changed:
             self._routes[route.name] = route
             self._routes_changed.notify_all()
@@ -657,7 +654,7 @@ class Reconciler:
             for wid, (other_name, _fp) in self._workers.items():
                 worker = self.pool.get(wid)
                 if other_name == name and wid in self._ready and wid != worker_id and worker:
-                    self._routes[name] = Route(name, worker.address, wid, self._traffic.setdefault(wid, Traffic(self.clock)))
+                    self._routes[name] = self._route_to(name, worker)
                     return
             del self._routes[name]
 
@@ -666,7 +663,6 @@ class Reconciler:
 
     def note_request(self, name: str) -> None:
         """The gateway saw a request for `name`: an observation the loop may read (idle, demand)."""
-        self.last_request[name] = self.clock()
         model = self.desired.model(name) if self.desired else None
         if model is not None and model.state == DesiredModelState.ON_DEMAND and name not in self._routes:
             self.request_model(name)
