@@ -66,6 +66,9 @@ def _store(request: Request) -> ModelsStore:
 def _current(request: Request) -> tuple[Snapshot, DesiredState | None]:
     """The file as it is now, and what it means if it is valid (else the loop's last good state)."""
     snap = _store(request).snapshot()
+    accepted = _reconciler(request).document
+    if accepted is not None and accepted.etag == snap.etag:
+        return snap, accepted.state  # the loop already parsed these very bytes
     try:
         return snap, parse_document(snap.text, str(_store(request).path)).state
     except (ConfigError, UnicodeDecodeError):
@@ -89,8 +92,7 @@ def _invalid(error: ConfigError) -> APIError:
     )
     return APIError(
         422, message, "invalid_desired_state", param=first.path if first else None,
-        extra={"problems": [{"path": p.path, "message": p.message, "line": p.line, "column": p.column}
-                            for p in error.problems]},
+        extra={"problems": error.to_dict()["problems"]},
     )
 
 
