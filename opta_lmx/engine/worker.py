@@ -241,13 +241,9 @@ class Worker:
                         permanent=any(marker in tail for marker in _PERMANENT_MARKERS),
                         log_tail=tail,
                     )
-                try:
-                    response = await client.get(f"{self.address}/health")
-                    if response.status_code == 200 and response.json().get("model_loaded"):
-                        self.ready_at = time.time()
-                        return
-                except (httpx.TransportError, ValueError):
-                    pass
+                if await self._serves(client):
+                    self.ready_at = time.time()
+                    return
                 if time.monotonic() > deadline:
                     tail = self.log_tail()
                     await self.stop(grace=2.0)
@@ -258,9 +254,13 @@ class Worker:
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         """Whether the worker answers /health with its model loaded (used to adopt it)."""
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            return await self._serves(client)
+
+    async def _serves(self, client: httpx.AsyncClient) -> bool:
+        """The one readiness test: /health answers 200 with the model loaded."""
         try:
-            async with httpx.AsyncClient(timeout=timeout) as client:
-                response = await client.get(f"{self.address}/health")
+            response = await client.get(f"{self.address}/health")
             return response.status_code == 200 and bool(response.json().get("model_loaded"))
         except (httpx.HTTPError, ValueError):
             return False
