@@ -69,6 +69,7 @@ def _server_class():
         """uvicorn, but a handled SIGTERM/SIGINT ends in exit 0 instead of being re-raised,
         and a second signal of either kind forces: no more draining, workers killed now."""
 
+        on_stop = None  # called (in the signal handler) on the first signal
         on_force = None  # called (in the signal handler) on the second signal
 
         @contextlib.contextmanager
@@ -92,6 +93,8 @@ def _server_class():
                     self.on_force()
             else:
                 log.info("signal %s: draining and stopping every worker", signal.Signals(sig).name)
+                if self.on_stop is not None:
+                    self.on_stop()
             super().handle_exit(sig, frame)
 
     return LmxServer
@@ -124,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyConfigError as error:
         print(f"lmx serve: {error}", file=sys.stderr)
         return 2
-    state_dir = Path(args.state_dir).expanduser() if args.state_dir else paths.state_dir()
+    state_dir = paths.state_dir(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     lock = InstanceLock(state_dir)
     try:
@@ -151,13 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        timeout_graceful_shutdown=args.grace, access_log=False,
                        log_config=uvicorn_log_config(args.log_format) or uvicorn.config.LOGGING_CONFIG)
     )
-    _on_exit = server.handle_exit
-
-    def handle_exit(sig, frame):  # lets long-lived streams (lmx events -f) end instead of holding shutdown
-        app.state.stopping = True
-        _on_exit(sig, frame)
-
-    server.handle_exit = handle_exit
+    # Long-lived streams (lmx events -f) end instead of holding the shutdown.
+    server.on_stop = lambda: setattr(app.state, "stopping", True)
 
     # Forcing also cuts short workers that are being stopped gracefully (lifespan shutdown).
     server.on_force = lambda: threading.Thread(
@@ -173,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     from opta_lmx import logs
 
-    state_dir = Path(args.state_dir).expanduser() if args.state_dir else paths.state_dir()
+    state_dir = paths.state_dir(args.state_dir)
     log_dir = logs.worker_log_dir(state_dir, state_dir_given=bool(args.state_dir))
     path = logs.model_log_path(args.model, state_dir, log_dir)
     if path is None or not path.exists():

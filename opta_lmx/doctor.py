@@ -161,7 +161,7 @@ def add_parser(sub) -> None:
 
 def cmd_doctor(args) -> int:
     config = Path(args.config).expanduser() if args.config else paths.default_config_path()
-    state_dir = Path(args.state_dir).expanduser() if args.state_dir else paths.state_dir()
+    state_dir = paths.state_dir(args.state_dir)
     findings = run_checks(config, args.host, args.port, state_dir)
     for finding in findings:
         print(f"{finding.level:<4} {finding.check:<8} {finding.detail}")

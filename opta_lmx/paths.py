@@ -18,7 +18,10 @@ def config_dir() -> Path:
     return _env_or("LMX_CONFIG_DIR", platformdirs.user_config_dir(APP))
 
 
-def state_dir() -> Path:
+def state_dir(override: str | os.PathLike[str] | None = None) -> Path:
+    """`override` (a --state-dir flag) if given, else LMX_STATE_DIR, else the platform's default."""
+    if override:
+        return Path(override).expanduser()
     return _env_or("LMX_STATE_DIR", platformdirs.user_state_dir(APP))
 
 
