@@ -350,10 +350,11 @@ class Reconciler:
             observed.append(ObservedWorker(name, wid, fingerprint, True, self._worker_bytes(name, fingerprint, wid),
                                            traffic.in_flight if traffic else 0))
         assert self.desired is not None
+        estimates = self._planning_estimates(fingerprints) if self._loading else {}
         for name, fingerprint in self._loading.items():
             model = self.desired.model(name)
             if model is not None and fingerprints.get(name) == fingerprint:
-                size = self._planning_estimates(fingerprints).get(name, 0)
+                size = estimates.get(name, 0)
             else:
                 size = self._measured_max.get(fingerprint, 0)
             observed.append(ObservedWorker(name, f"loading:{name}:{fingerprint}", fingerprint, False, size))
