@@ -212,6 +212,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Print what the loop would do with a models.yaml, against a running server or from nothing."""
     import httpx
 
+    from opta_lmx.client import admin_headers
     from opta_lmx.reconciler.preview import describe, preview
     from opta_lmx.state.document import ConfigError, read_document
 
@@ -219,7 +220,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not args.from_nothing:
         url = args.server.rstrip("/")
         try:
-            response = httpx.get(f"{url}/admin/models", timeout=5)
+            response = httpx.get(f"{url}/admin/models", headers=admin_headers(), timeout=5)
             response.raise_for_status()
             body = response.json()
             observation = body.get("observed")

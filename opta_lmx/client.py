@@ -22,14 +22,17 @@ class ClientError(Exception):
 
 
 # -- HTTP ---------------------------------------------------------------------------------
+def admin_headers(key: str | None = None) -> dict[str, str]:
+    """The admin key (given, else $LMX_ADMIN_KEY) as request headers, for every admin API caller."""
+    key = key or os.environ.get("LMX_ADMIN_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _client(args: argparse.Namespace):
     import httpx
 
-    headers = {}
-    key = args.admin_key or os.environ.get("LMX_ADMIN_KEY")
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    return httpx.Client(base_url=args.server.rstrip("/"), headers=headers, timeout=args.request_timeout)
+    return httpx.Client(base_url=args.server.rstrip("/"), headers=admin_headers(args.admin_key),
+                        timeout=args.request_timeout)
 
 
 def _call(args: argparse.Namespace, method: str, path: str, **kwargs):
