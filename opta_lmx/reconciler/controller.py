@@ -22,6 +22,7 @@ from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.memory import MemoryEstimate
 from opta_lmx.engine.pool import WorkerPool
 from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
+from opta_lmx.reconciler.view import LoopHealth
 from opta_lmx.reconciler.plan import (
     LoadModel,
     MemoryFigures,
@@ -165,6 +166,7 @@ class Reconciler:
         self._background: set[asyncio.Task] = set()
         self._recovered: list[Worker] | None = None  # a previous run's workers, until adopted or stopped
         self.passes = 0
+        self._running = False
         self.pass_listeners: list = []  # called with each pass's duration in seconds
         pool.add_exit_listener(self._worker_exited)
 
@@ -191,6 +193,7 @@ class Reconciler:
     async def run(self) -> None:
         """Reconcile until cancelled: on file changes, nudges, and every resync interval."""
         self._loop = asyncio.get_running_loop()
+        self._running = True
         watcher = asyncio.create_task(self._watch_file(), name="watch-models-yaml")
         monitor = asyncio.create_task(self._watch_memory(), name="watch-memory")
         try:
@@ -202,8 +205,13 @@ class Reconciler:
                     pass
                 self._wake.clear()
         finally:
+            self._running = False
             watcher.cancel()
             monitor.cancel()
+
+    def health(self) -> LoopHealth:
+        """Whether the loop runs (read by readiness and /metrics)."""
+        return LoopHealth(running=self._running)
 
     async def _watch_memory(self) -> None:
         """Nudge when the machine's free memory falls below the reserve (pressure), between resyncs."""
