@@ -149,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout,
                                                  queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes),
                      store=store, keys=keys)
+    app.state.worker_logs = (state_dir, log_dir)  # the dashboard's log tail reads them
     server = _server_class()(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                        timeout_graceful_shutdown=args.grace, access_log=False,

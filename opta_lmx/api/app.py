@@ -11,7 +11,7 @@ import aiohttp
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from opta_lmx.api import admin, gateway
+from opta_lmx.api import admin, dashboard, gateway
 from opta_lmx.api.auth import KeyAuth, Keys, load_keys
 from opta_lmx.api.errors import install_error_handlers
 from opta_lmx.api.gateway import Admission
@@ -63,6 +63,8 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     app.include_router(gateway.router)
     app.include_router(admin.router)
     app.include_router(admin.probes)
+    app.include_router(dashboard.page)
+    app.include_router(dashboard.reads)
 
     @app.get("/healthz")
     async def healthz() -> dict:
