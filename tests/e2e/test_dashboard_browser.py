@@ -81,19 +81,22 @@ def _two_models(tiny, tiny_b, second_state="unloaded") -> str:
 def test_page_shows_every_model_and_follows_the_file_without_reload(browser, serve, tiny_model, tiny_model_b):
     from playwright.sync_api import expect
 
-    server = serve(_two_models(tiny_model, tiny_model_b, "on-demand"))
+    too_big = f"  - name: huge\n    source: '{tiny_model}'\n    memory: 4TiB   # more than any budget here\n"
+    server = serve(_two_models(tiny_model, tiny_model_b, "on-demand") + too_big)
     server.wait_ready("chat")
     page = open_page(browser, server)
     expect(row(page, "chat").locator(".phase")).to_have_text("Ready")
     expect(row(page, "coder").locator(".phase")).to_have_text("Unloaded")
     expect(row(page, "coder").locator(".reason")).to_contain_text("on demand")
     expect(row(page, "chat").locator(".aliases")).to_have_text("default")
+    expect(row(page, "huge").locator(".phase")).to_have_text("Unschedulable")
+    expect(row(page, "huge").locator(".reason")).to_contain_text("Unschedulable: ")
     measured = server.admin_models()["models"][0]["status"]["measured_bytes"]
     assert measured, "the loop measured no memory for chat"
     figures = row(page, "chat").locator(".figures").inner_text()
     assert re.match(r"^\d+(\.\d)? (MiB|GiB) / \d+(\.\d)? (MiB|GiB)", figures), figures
     expect(page.locator("#memory-used")).to_have_text(re.compile(r"\d (MiB|GiB)$"))
-    expect(page.locator("#converged")).to_have_text("Converged")
+    expect(page.locator("#converged")).to_have_text("Not converged: huge is Unschedulable")
     expect(page.locator("#events li").first).to_be_visible()
 
     marker = page.evaluate("window.__sameDocument = true")  # survives only if the page is not reloaded

@@ -104,12 +104,14 @@ function spec(model) {  // the file leaves defaults out; show them
 
 function render() {
   const data = state.models;
+  const stuck = data.models.filter((m) => m.spec && m.status && ["Failed", "Unschedulable"].includes(m.status.phase))
+    .map((m) => `${m.name} is ${m.status.phase}`);
   const loop = $("loop");
   loop.textContent = "";
   loop.append(el("span", {}, "generation ", el("strong", {}, data.generation)),
     el("span", {}, " · observed ", el("strong", {}, data.observed_generation)), " ",
-    el("span", { class: "badge " + (data.converged ? "ok" : "busy"), id: "converged" },
-      data.converged ? "Converged" : "Converging…"));
+    el("span", { class: "badge " + (data.converged ? "ok" : stuck.length ? "bad" : "busy"), id: "converged" },
+      data.converged ? "Converged" : stuck.length ? `Not converged: ${stuck.join(", ")}` : "Converging…"));
   const config = data.config || {};
   $("config-error").hidden = config.valid !== false;
   if (config.valid === false) {
@@ -172,6 +174,9 @@ function reasonOf(model, observed) {
   return status.message || status.last_error || "";
 }
 
+function share(fraction) {
+  return fraction > 1 ? `${(fraction).toFixed(fraction >= 10 ? 0 : 1)}× the budget` : `${Math.max(1, Math.round(100 * fraction))}% of budget`;
+}
 function memoryCell(model, budget) {
   const status = model.status || {};
   const measured = status.measured_bytes, planned = status.estimated_bytes;
@@ -180,7 +185,9 @@ function memoryCell(model, budget) {
     el("div", { class: "mini", title: "measured (solid) and planned (outline) against the budget" },
       planned ? el("span", { class: "planned", style: { width: `${(100 * planned / scale).toFixed(2)}%` } }) : null,
       measured ? el("span", { class: "measured", style: { width: `${(100 * measured / scale).toFixed(2)}%` } }) : null),
-    el("span", { class: "figures" }, size(measured), " / ", size(planned)));
+    el("span", { class: "figures" }, size(measured), " / ", size(planned)),
+    budget && (measured || planned) ? el("span", { class: "sub share" },
+      " · " + share((measured || planned) / budget)) : null);
 }
 
 function renderModels(data) {
