@@ -151,6 +151,8 @@ def test_a_stale_edit_shows_the_conflict_and_retries_on_the_fresh_file(browser, 
     page.locator("#edit-apply").click()
     expect(page.locator("#edit-result")).to_contain_text("Conflict (412)")
     assert spec_of(server, "chat")["priority"] == 50, "a stale edit must write nothing"
+    expect(page.locator("#events")).to_contain_text("generation 2")  # the page saw the hand edit...
+    expect(page.locator("#priority-chat")).to_have_value("7")  # ...and its re-render kept what was typed
 
     page.locator("#edit-retry").click()
     expect(page.locator("#edit-diff")).to_contain_text("+    priority: 7")

@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "lmx-admin-key";
-const state = { models: null, traffic: {}, pending: null, edit: null, logModel: "" };
+const state = { models: null, traffic: {}, pending: null, edit: null, logModel: "", drafts: {} };
 
 // -- formatting -----------------------------------------------------------------------------
 const MiB = 1024 * 1024, GiB = 1024 * MiB;
@@ -198,8 +198,9 @@ function renderModels(data) {
   for (const model of data.models) {
     const s = spec(model), status = model.status || {}, phase = status.phase || "Pending";
     const traffic = state.traffic[model.name] || { in_flight: 0, queued: 0 };
-    const priority = el("input", { type: "number", id: `priority-${model.name}`, value: s.priority, step: 1,
-      class: "priority", "aria-label": `priority of ${model.name}` });
+    const priority = el("input", { type: "number", id: `priority-${model.name}`, step: 1, class: "priority",
+      value: state.drafts[model.name] ?? s.priority, "aria-label": `priority of ${model.name}`,
+      oninput: (e) => { state.drafts[model.name] = e.target.value; } });  // a re-render keeps what is typed
     const wantLoaded = s.state === "loaded";
     tbody.append(el("tr", { "data-model": model.name },
       el("th", { scope: "row" }, el("span", { class: "name" }, model.name),
@@ -357,6 +358,7 @@ async function applyEdit() {
     result.textContent = `Refused (${response.status}): ` + (body.error ? body.error.message : "");
     return;
   }
+  if (request.model) delete state.drafts[request.model];
   state.pending = { name: request.alias ? request.to : request.model, generation: body.generation };
   result.textContent = `Written as generation ${body.generation}. Waiting for the loop to converge…`
     + (body.error ? ` (${body.error.message})` : "");
