@@ -82,7 +82,8 @@ def test_page_shows_every_model_and_follows_the_file_without_reload(browser, ser
     from playwright.sync_api import expect
 
     too_big = f"  - name: huge\n    source: '{tiny_model}'\n    memory: 4TiB   # more than any budget here\n"
-    server = serve(_two_models(tiny_model, tiny_model_b, "on-demand") + too_big)
+    broken = f"  - name: broken\n    source: '{tiny_model.parent / 'no-such-model'}'\n"
+    server = serve(_two_models(tiny_model, tiny_model_b, "on-demand") + too_big + broken)
     server.wait_ready("chat")
     page = open_page(browser, server)
     expect(row(page, "chat").locator(".phase")).to_have_text("Ready")
@@ -96,7 +97,9 @@ def test_page_shows_every_model_and_follows_the_file_without_reload(browser, ser
     figures = row(page, "chat").locator(".figures").inner_text()
     assert re.match(r"^\d+(\.\d)? (MiB|GiB) / \d+(\.\d)? (MiB|GiB)", figures), figures
     expect(page.locator("#memory-used")).to_have_text(re.compile(r"\d (MiB|GiB)$"))
-    expect(page.locator("#converged")).to_have_text("Not converged: huge is Unschedulable")
+    expect(row(page, "broken").locator(".phase")).to_have_text("Failed")
+    expect(row(page, "broken").locator(".reason")).to_contain_text("Failed: ")
+    expect(page.locator("#converged")).to_have_text("Not converged: huge is Unschedulable, broken is Failed")
     expect(page.locator("#events li").first).to_be_visible()
 
     marker = page.evaluate("window.__sameDocument = true")  # survives only if the page is not reloaded
@@ -187,3 +190,24 @@ def test_with_an_admin_key_the_page_asks_once_and_keeps_it_for_the_tab(browser, 
         expect(page.locator("#key-dialog")).to_be_hidden()  # asked once per tab
     finally:
         stop_and_check(server)
+
+
+def test_moving_an_alias_loads_the_target_first_then_moves_it(browser, serve, tiny_model, tiny_model_b):
+    from playwright.sync_api import expect
+
+    server = serve(_two_models(tiny_model, tiny_model_b))
+    server.wait_ready("chat")
+    page = open_page(browser, server)
+    page.locator("#alias-name").fill("default")
+    page.locator("#alias-to").select_option("coder")
+    page.locator("#alias-unload").check()
+    page.locator("#alias-form button[type=submit]").click()
+    expect(page.locator("#edit-summary")).to_contain_text("move alias default to coder from chat")
+    expect(page.locator("#edit-diff")).to_contain_text("+    aliases: []")
+    page.locator("#edit-apply").click()
+    expect(page.locator("#edit-result")).to_contain_text("converged: coder is Ready")
+    assert spec_of(server, "coder")["aliases"] == ["default"] and spec_of(server, "coder")["state"] == "loaded"
+    assert spec_of(server, "chat")["aliases"] == [] and spec_of(server, "chat")["state"] == "unloaded"
+    page.keyboard.press("Escape")
+    expect(row(page, "coder").locator(".aliases")).to_have_text("default")
+    expect(row(page, "chat").locator(".phase")).to_have_text("Unloaded")
