@@ -74,7 +74,7 @@ class FakeHub:
             pass
 
         Handler.hub = hub
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True).start()
         return self
@@ -83,6 +83,11 @@ class FakeHub:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A client that hangs up mid-file (a cancelled download) is expected here, not an error."""
 
 
 _INFO = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?$")

@@ -81,8 +81,11 @@ class RepoListing:
 
 
 def hub_repo_id(source: str) -> str | None:
-    """`source` as a hub repo id (`owner/name`), or None when it is a local path."""
-    if Path(source).expanduser().exists() or source.startswith(("/", ".", "~")):
+    """`source` as a hub repo id (`owner/name`), or None when it is a local path.
+
+    The same rule as the control loop's: a path starts with `/`, `./`, `../` or `~`.
+    """
+    if source.startswith(("/", ".", "~")):
         return None
     if source.count("/") != 1 or not all(source.split("/")):
         return None
@@ -167,6 +170,7 @@ class ProgressTracker:
         self._cancel = cancel
         self._clock = clock
         self._lock = threading.Lock()
+        self._report_lock = threading.Lock()  # one callback at a time, whichever thread reports
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._last_report = -float("inf")
 
@@ -196,7 +200,8 @@ class ProgressTracker:
         progress = DownloadProgress(self.repo_id, min(self.done_bytes, self.total_bytes) if finished else self.done_bytes,
                                     self.total_bytes, self.rate(), finished)
         if self._on_progress is not None:
-            self._on_progress(progress)
+            with self._report_lock:
+                self._on_progress(progress)
         return progress
 
 

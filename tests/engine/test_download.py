@@ -165,3 +165,22 @@ def test_download_async_reports_on_the_loop(hub, options):
 ])
 def test_hub_repo_id(source, expected):
     assert dl.hub_repo_id(source) == expected
+
+
+def test_cancelling_download_async_stops_the_thread(hub, options):
+    hub.bytes_per_second = 64 * 1024
+
+    async def run():
+        started = asyncio.Event()
+        task = asyncio.create_task(dl.download_async(
+            REPO, lambda p: p.done_bytes > 0 and started.set(), interval=0.0, **options))
+        await asyncio.wait_for(started.wait(), 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The cancelled task returns only once the download thread has stopped and cleaned up
+        # (checked here: asyncio.run would wait for the thread on its way out anyway).
+        return list(options["cache_dir"].rglob("*.incomplete"))
+
+    assert asyncio.run(run()) == []
+    assert dl.needs_download(REPO, cache_dir=options["cache_dir"])
