@@ -197,8 +197,8 @@ class ProgressTracker:
         return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
     def report(self, finished: bool = False) -> DownloadProgress:
-        progress = DownloadProgress(self.repo_id, min(self.done_bytes, self.total_bytes) if finished else self.done_bytes,
-                                    self.total_bytes, self.rate(), finished)
+        done = min(self.done_bytes, self.total_bytes) if finished else self.done_bytes
+        progress = DownloadProgress(self.repo_id, done, self.total_bytes, self.rate(), finished)
         if self._on_progress is not None:
             with self._report_lock:
                 self._on_progress(progress)
@@ -239,8 +239,8 @@ def download(source: str, on_progress: ProgressCallback | None = None, *, revisi
     from huggingface_hub import snapshot_download, try_to_load_from_cache
 
     listing = repo_listing(repo_id, revision=revision, endpoint=endpoint, token=token)
-    cached = sum(size for path, size in listing.sizes.items()
-                 if isinstance(try_to_load_from_cache(repo_id, path, cache_dir=cache_dir, revision=listing.commit), str))
+    cached = sum(size for path, size in listing.sizes.items() if isinstance(
+        try_to_load_from_cache(repo_id, path, cache_dir=cache_dir, revision=listing.commit), str))
     tracker = ProgressTracker(repo_id, listing.total_bytes, cached, on_progress, interval=interval, cancel=cancel)
     tracker.report()
     with classified(repo_id):
