@@ -3,9 +3,9 @@
 Only the `model` field is read (api/passthrough.py finds it: JSON body, upload form field or
 query string). A request that names a model by alias is re-encoded with the canonical name
 (the worker knows only that one); all others go upstream byte for byte, and responses stream
-back without buffering. A request for a model that is
-still loading waits in a bounded per-model queue; a worker that dies mid-stream ends the
-stream with an error event; a client that goes away closes its upstream request.
+back without buffering. A request for a model that is still loading waits in a bounded
+per-model queue; a worker that dies mid-stream ends the stream with an error event; a client
+that goes away closes its upstream request.
 """
 
 from __future__ import annotations
