@@ -1,10 +1,11 @@
 """The inference gateway: route by `model`, pass the body and the stream through.
 
-Only the `model` field is read. A request that names a model by alias is re-encoded
-with the canonical name (the worker knows only that one); all others go upstream byte
-for byte, and responses stream back without buffering. A request for a model that is
-still loading waits in a bounded per-model queue; a worker that dies mid-stream ends the
-stream with an error event; a client that goes away closes its upstream request.
+Only the `model` field is read (api/passthrough.py finds it: JSON body, upload form field or
+query string). A request that names a model by alias is re-encoded with the canonical name
+(the worker knows only that one); all others go upstream byte for byte, and responses stream
+back without buffering. A request for a model that is still loading waits in a bounded
+per-model queue; a worker that dies mid-stream ends the stream with an error event; a client
+that goes away closes its upstream request.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from yarl import URL
 
 from opta_lmx.api.errors import APIError
 from opta_lmx.api.metrics import GatewayMetrics
+from opta_lmx.api.passthrough import EXTRA_GET_PATHS, EXTRA_POST_PATHS, renamed, requested_model
+from opta_lmx.api.passthrough import router as passthrough_router
 from opta_lmx.reconciler.controller import Reconciler, Route
 from opta_lmx.state.status import Phase
 
@@ -37,6 +40,7 @@ INFERENCE_PATHS = (
     "/v1/responses",
     "/v1/messages",
     "/v1/embeddings",
+    *EXTRA_POST_PATHS,
 )
 # Hop-by-hop headers (RFC 9110 7.6.1) and ones the upstream request recomputes.
 _DROP_REQUEST = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
@@ -123,19 +127,6 @@ class Admission:
             self.metrics.queued.labels(name).dec()
 
 
-def _model_field(body: bytes) -> tuple[str, dict]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "the request body must be a JSON object", "invalid_json") from None
-    if not isinstance(payload, dict):
-        raise APIError(400, "the request body must be a JSON object", "invalid_json")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(400, "`model` is required and must be a string", "missing_model", param="model")
-    return model, payload
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it (or its declared length) passes `limit`."""
     too_large = APIError(413, f"the request body is larger than {limit} bytes", "body_too_large")
@@ -157,14 +148,15 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
     metrics: GatewayMetrics = app_state.metrics
     arrived = time.perf_counter()
     body = await _read_body(request, app_state.settings.max_body_bytes)
-    requested, payload = _model_field(body)
+    found = await requested_model(request, path, body)
+    requested = found.name
     spec = reconciler.resolve(requested)
     if spec is None:
         raise APIError(404, f"The model `{requested}` does not exist", "model_not_found", param="model")
     name = spec.name
+    query = request.url.query
     if name != requested:
-        payload["model"] = name
-        body = json.dumps(payload).encode()
+        body, query = renamed(found, body, query, name)
     reconciler.note_request(name)
     admission: Admission = app_state.admission
     try:
@@ -175,7 +167,6 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
     try:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
         session: aiohttp.ClientSession = app_state.upstream
-        query = request.url.query
         url = URL(route.address + path + ("?" + query if query else ""), encoded=True)
         try:
             upstream = await session.request(request.method, url, data=body, headers=headers)
@@ -260,6 +251,9 @@ def _make_route(path: str):
 
 for _path in INFERENCE_PATHS:
     router.add_api_route(_path, _make_route(_path), methods=["POST"])
+for _path in EXTRA_GET_PATHS:
+    router.add_api_route(_path, _make_route(_path), methods=["GET"])
+router.include_router(passthrough_router)
 
 
 @router.get("/v1/models")

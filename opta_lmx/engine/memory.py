@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,16 @@ def estimate(source: str, engine: EngineOptions, override_bytes: int | None = No
         config = {}
     kv = kv_cache_bytes(config, engine) if isinstance(config, dict) else 0
     return MemoryEstimate(weights_bytes=weights or 0, kv_cache_bytes=kv, known=weights is not None)
+
+
+def estimate_from_listing(sizes: Mapping[str, int], config: dict, engine: EngineOptions) -> MemoryEstimate:
+    """The footprint from a hub repo's file listing (path -> bytes), before anything is downloaded.
+
+    Same rule as `estimate` on a local directory: weights are the top-level safetensors files.
+    """
+    weights = [size for path, size in sizes.items() if "/" not in path and path.endswith(".safetensors")]
+    kv = kv_cache_bytes(config, engine) if config else 0
+    return MemoryEstimate(weights_bytes=sum(weights), kv_cache_bytes=kv, known=bool(weights))
 
 
 def process_tree_rss(pid: int) -> int | None:

@@ -65,3 +65,14 @@ def test_estimate_of_a_generated_model_matches_its_files(tiny_model):
 def test_process_rss_is_measured_and_a_dead_pid_reads_none():
     assert process_tree_rss(os.getpid()) > 10 * 1024**2
     assert process_tree_rss(2**22 + 12345) is None
+
+
+def test_estimate_from_listing_matches_the_local_estimate(tmp_path):
+    from opta_lmx.engine.memory import estimate_from_listing
+
+    directory = write_model(tmp_path / "m")
+    sizes = {p.name: p.stat().st_size for p in directory.iterdir()}
+    sizes["sub/model-9.safetensors"] = 10**9  # not a top-level weight file: not counted, as on disk
+    engine = EngineOptions()
+    assert estimate_from_listing(sizes, CONFIG, engine) == estimate(str(directory), engine)
+    assert not estimate_from_listing({"config.json": 10}, CONFIG, engine).known
