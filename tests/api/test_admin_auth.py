@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from opta_lmx.api.auth import KeyConfigError, Keys, check_bind, is_loopback, load_keys, presented_keys
-from opta_lmx.client import ClientError, parse_assignments
+from opta_lmx.cli.client import ClientError
+from opta_lmx.cli.remote import parse_assignments
 from tests.lmx_harness import REPO, lmx_env
 
 

@@ -59,7 +59,7 @@ def uvicorn_log_config(fmt: str) -> dict | None:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "opta_lmx.logs.JsonFormatter"}},
+        "formatters": {"json": {"()": "opta_lmx.cli.logs.JsonFormatter"}},
         "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
         "loggers": {
             "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
@@ -71,9 +71,9 @@ def uvicorn_log_config(fmt: str) -> dict | None:
 
 def worker_log_dir(state_dir: Path, state_dir_given: bool) -> Path:
     """Where workers' logs go: LMX_LOG_DIR, else beside an explicit --state-dir, else the user log dir."""
-    from opta_lmx import paths
+    from opta_lmx import paths, settings
 
-    if os.environ.get("LMX_LOG_DIR"):
+    if settings.current().log_dir:
         return paths.log_dir() / "workers"
     if state_dir_given:
         return state_dir / "logs"
