@@ -7,7 +7,6 @@ doctor and logs live here; only this layer may import the generated-model tools 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from opta_lmx import settings
 from opta_lmx.cli.commands import cmd_check, cmd_logs, cmd_make_model, cmd_plan, cmd_schema
