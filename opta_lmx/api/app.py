@@ -63,12 +63,10 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     app.state.admission = Admission(reconciler, app.state.metrics, queue_limit=settings.queue_limit,
                                     wait_timeout=settings.load_wait_timeout)
     app.state.store = store or ModelsStore(reconciler.config_path)
-    app.state.admin = AdminService(reconciler, app.state.store, machine_memory)
     app.add_middleware(KeyAuth, keys=keys if keys is not None else load_keys())
     install_error_handlers(app)
     app.include_router(gateway.router)
-    app.include_router(admin.router)
-    app.include_router(admin.probes)
+    admin.mount(app, AdminService(reconciler, app.state.store, machine_memory))
 
     @app.get("/healthz")
     async def healthz() -> dict:

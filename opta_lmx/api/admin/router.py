@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from opta_lmx.api.admin import edits
@@ -29,6 +29,13 @@ from opta_lmx.state.spec import DesiredModelState, DesiredState
 
 router = APIRouter(prefix="/admin")
 probes = APIRouter()
+
+
+def mount(app: FastAPI, service: AdminService) -> None:
+    """Serve the admin API (and /readyz) of `service` on `app`."""
+    app.state.admin = service
+    app.include_router(router)
+    app.include_router(probes)
 
 
 def _service(request: Request) -> AdminService:
