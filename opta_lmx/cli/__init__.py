@@ -12,6 +12,7 @@ from opta_lmx import settings
 from opta_lmx.cli.commands import cmd_check, cmd_logs, cmd_make_model, cmd_plan, cmd_schema
 from opta_lmx.cli.serve import cmd_serve
 
+
 def build_parser() -> argparse.ArgumentParser:
     config = settings.current()
     parser = argparse.ArgumentParser(prog="lmx", description="Opta-LMX: models.yaml in, OpenAI answers out.")

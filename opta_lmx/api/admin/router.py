@@ -19,7 +19,6 @@ from opta_lmx.api.admin.protocol import (
     DEFAULT_WAIT,
     SetStateRequest,
     SwapRequest,
-    if_match_precondition,
     json_object,
     wait_query,
 )
@@ -48,8 +47,7 @@ def _send(answer: Answer) -> JSONResponse:
 
 async def _edit(request: Request, endpoint: str, mutate, *, subject="config", guarded: bool = True):
     if_match = request.headers.get("if-match") if guarded else None
-    return await _service(request).write(endpoint, mutate, precondition=if_match_precondition(if_match),
-                                         if_match=if_match, subject=subject)
+    return await _service(request).write(endpoint, mutate, if_match=if_match, subject=subject)
 
 
 # -- models -----------------------------------------------------------------------------
@@ -212,8 +210,7 @@ async def put_desired(request: Request) -> JSONResponse:
     service = _service(request)
     old = service.store.snapshot()
     if_match = request.headers.get("if-match")
-    result, generation = await service.write("PUT /admin/desired", text=text, dry_run=dry_run,
-                                             precondition=if_match_precondition(if_match), if_match=if_match)
+    result, generation = await service.write("PUT /admin/desired", text=text, dry_run=dry_run, if_match=if_match)
     diff = "".join(difflib.unified_diff(old.text.splitlines(True), text.splitlines(True),
                                         "models.yaml (current)", "models.yaml (new)"))
     if dry_run:

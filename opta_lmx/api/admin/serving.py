@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from opta_lmx.api.admin.protocol import edit_error_status, invalid_state
+from opta_lmx.api.admin.protocol import edit_error_status, if_match_precondition, invalid_state
 from opta_lmx.api.errors import APIError
 from opta_lmx.reconciler.view import ControlLoopView
 from opta_lmx.state.document import ConfigError, parse_document
 from opta_lmx.state.spec import DesiredModelState, DesiredState, MemorySpec
 from opta_lmx.state.status import Phase
-from opta_lmx.state.store import EditConflict, ModelsStore, Precondition, PreconditionFailed, Snapshot, WriteResult
+from opta_lmx.state.store import EditConflict, ModelsStore, PreconditionFailed, Snapshot, WriteResult
 from opta_lmx.state.yamledit import EditError
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,13 @@ class AdminService:
 
     # -- writes -----------------------------------------------------------------------------
     async def write(self, endpoint: str, mutate: Callable | None = None, *, text: str | None = None,
-                    precondition: Precondition | None = None, if_match: str | None = None,
-                    dry_run: bool = False, subject: str | Callable[[], str] = "config") -> tuple[WriteResult, int]:
-        """Edit models.yaml (or replace it with `text`), then have the loop accept it now."""
+                    if_match: str | None = None, dry_run: bool = False,
+                    subject: str | Callable[[], str] = "config") -> tuple[WriteResult, int]:
+        """Edit models.yaml (or replace it with `text`), then have the loop accept it now.
+
+        `if_match` (an If-Match header) guards the write: 412 if it names an older version.
+        """
+        precondition = if_match_precondition(if_match)
         try:
             if text is not None:
                 result = await asyncio.to_thread(self.store.replace, text, precondition=precondition,
