@@ -153,7 +153,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: pathlib.Path,
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(devmodel, "_write_weights", boom)
+    monkeypatch.setattr(devmodel.make, "_write_weights", boom)
     with pytest.raises(KeyboardInterrupt):
         devmodel.make_model(tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
@@ -183,7 +183,7 @@ def test_refuses_foreign_directory(tmp_path: pathlib.Path) -> None:
 
 
 def test_sharded_output_loads(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devmodel, "MAX_SHARD_BYTES", 400_000)
+    monkeypatch.setattr(devmodel.weights, "MAX_SHARD_BYTES", 400_000)
     target = devmodel.make_model(tmp_path / "m")
     index = json.loads((target / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from opta_lmx import doctor
+from opta_lmx.cli import doctor
 
 
 def test_platform_check():

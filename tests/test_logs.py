@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 
-from opta_lmx import logs
+from opta_lmx.cli import logs
 from opta_lmx.cli import main
 
 
@@ -23,7 +23,7 @@ def test_json_formatter_emits_one_object_per_line():
 def test_uvicorn_config_follows_the_format():
     assert logs.uvicorn_log_config("human") is None
     config = logs.uvicorn_log_config("json")
-    assert config["formatters"]["json"]["()"] == "opta_lmx.logs.JsonFormatter"
+    assert config["formatters"]["json"]["()"] == "opta_lmx.cli.logs.JsonFormatter"
 
 
 def test_worker_log_dir_rule(tmp_path, monkeypatch):

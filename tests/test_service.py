@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from opta_lmx import service
+from opta_lmx.cli import service
 from opta_lmx.cli import main
-from opta_lmx.service import LABEL, ServiceError, ServiceSettings, render_plist, render_unit
+from opta_lmx.cli.service import LABEL, ServiceError, ServiceSettings, render_plist, render_unit
 
 
 @pytest.fixture

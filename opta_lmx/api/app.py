@@ -11,11 +11,14 @@ import aiohttp
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from opta_lmx.api import admin, dashboard, gateway
+from opta_lmx.api import dashboard, gateway
+from opta_lmx.api.admin import router as admin
+from opta_lmx.api.admin.serving import AdminService, MachineMemory
 from opta_lmx.api.auth import KeyAuth, Keys, load_keys
 from opta_lmx.api.errors import install_error_handlers
 from opta_lmx.api.gateway import Admission
 from opta_lmx.api.metrics import GatewayMetrics
+from opta_lmx.engine.memory import machine_memory as probe_machine_memory
 from opta_lmx.reconciler.controller import Reconciler
 from opta_lmx.state.store import ModelsStore
 
@@ -31,7 +34,9 @@ class GatewaySettings:
 
 
 def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettings(), *,
-               store: ModelsStore | None = None, keys: Keys | None = None) -> FastAPI:
+               store: ModelsStore | None = None, keys: Keys | None = None,
+               machine_memory: MachineMemory = probe_machine_memory) -> FastAPI:
+    """The app over one loop; `machine_memory` is the (physical, available) probe /admin/memory shows."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         # aiohttp rather than httpx: its C HTTP parser halves the CPU per relayed chunk (docs/benchmarks.md).
@@ -61,8 +66,7 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     app.add_middleware(KeyAuth, keys=keys if keys is not None else load_keys())
     install_error_handlers(app)
     app.include_router(gateway.router)
-    app.include_router(admin.router)
-    app.include_router(admin.probes)
+    admin.mount(app, AdminService(reconciler, app.state.store, machine_memory))
     app.include_router(dashboard.page)
     app.include_router(dashboard.reads)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
+from opta_lmx import settings
 from opta_lmx.api.errors import error_body
 
 
@@ -40,25 +40,13 @@ def _equal(presented: str | None, expected: str) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
 
 
-def _read_key(variable: str, environ: dict[str, str]) -> str | None:
-    value = environ.get(variable)
-    if value:
-        return value.strip()
-    path = environ.get(variable + "_FILE")
-    if not path:
-        return None
+def load_keys(environ: Mapping[str, str] | None = None) -> Keys:
+    """The keys from the settings (or from `environ`, for tests)."""
+    config = settings.current() if environ is None else settings.Settings.from_env(environ)
     try:
-        key = Path(path).expanduser().read_text(encoding="utf-8").strip()
-    except OSError as error:
-        raise KeyConfigError(f"{variable}_FILE={path}: cannot read the key: {error}") from None
-    if not key:
-        raise KeyConfigError(f"{variable}_FILE={path} is empty")
-    return key
-
-
-def load_keys(environ: dict[str, str] | None = None) -> Keys:
-    environ = dict(os.environ) if environ is None else environ
-    return Keys(admin=_read_key("LMX_ADMIN_KEY", environ), inference=_read_key("LMX_API_KEY", environ))
+        return Keys(admin=config.admin_secret(), inference=config.api_secret())
+    except settings.SecretFileError as error:
+        raise KeyConfigError(str(error)) from None
 
 
 def is_loopback(host: str) -> bool:

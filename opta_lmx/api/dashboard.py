@@ -18,19 +18,13 @@ from typing import Any, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from opta_lmx import logs
 from opta_lmx.api.errors import APIError
 from opta_lmx.state.document import ConfigError, parse_document
 from opta_lmx.state.spec import DesiredModelState
-from opta_lmx.state.store import (
-    EditError,
-    describe_patch,
-    etag_matches,
-    merge_patch,
-    models_of,
-    render_edit,
-    require_model,
-)
+from opta_lmx.api.admin.protocol import edit_error_status, etag_matches
+from opta_lmx.state import worker_logs
+from opta_lmx.state.render import render_edit
+from opta_lmx.state.yamledit import EditError, describe_patch, merge_patch, models_of, require_model
 
 page = APIRouter(include_in_schema=False)
 reads = APIRouter(prefix="/admin")
@@ -135,7 +129,7 @@ async def preview(request: Request) -> JSONResponse:
         raise APIError(422, "the edit would make models.yaml invalid: " + "; ".join(map(str, error.problems)),
                        "invalid_desired_state", extra={"problems": error.to_dict()["problems"]}) from None
     except EditError as error:
-        raise APIError(error.status, error.message, error.code) from None
+        raise APIError(edit_error_status(error), error.message, error.code) from None
     except UnicodeDecodeError:
         raise APIError(409, "models.yaml is not UTF-8 text", "invalid_document") from None
     diff = "".join(difflib.unified_diff(snap.text.splitlines(True), text.splitlines(True),
@@ -154,7 +148,7 @@ async def worker_log(name: str, request: Request, lines: int = 200) -> PlainText
         raise APIError(404, "this server was started without a state directory, so it keeps no worker logs",
                        "log_not_found")
     state_dir, log_dir = where
-    path = await asyncio.to_thread(logs.model_log_path, name, Path(state_dir), Path(log_dir))
+    path = await asyncio.to_thread(worker_logs.model_log_path, name, Path(state_dir), Path(log_dir))
     if path is None or not path.exists():
         raise APIError(404, f"no worker log for `{name}` yet (it has not been loaded)", "log_not_found")
     text = await asyncio.to_thread(_tail_text, path, lines)
@@ -165,7 +159,7 @@ def _tail_text(path: Path, lines: int) -> str:
     from io import StringIO
 
     out = StringIO()
-    logs.tail(path, lines, out)
+    worker_logs.tail(path, lines, out)
     return out.getvalue()
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from opta_lmx.state.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,6 @@ class WorkerRecord:
     run_dir: str
     started_at: float | None = None
     ready_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def process(self) -> psutil.Process | None:
         """The recorded process if it is still the same one (not a reused pid) and not a zombie."""
@@ -53,6 +54,9 @@ class WorkerRecord:
             return proc
         except psutil.Error:
             return None
+
+
+_FIELDS = {f.name for f in fields(WorkerRecord)}
 
 
 def process_create_time(pid: int) -> float | None:
@@ -73,13 +77,7 @@ class WorkerRecords:
         return self.directory / f"{worker_id}.json"
 
     def write(self, record: WorkerRecord) -> None:
-        path = self._path(record.worker_id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as handle:
-            json.dump(asdict(record), handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomic(self._path(record.worker_id), json.dumps(asdict(record), indent=1))
 
     def remove(self, worker_id: str) -> None:
         try:
@@ -92,8 +90,10 @@ class WorkerRecords:
         records = []
         for path in sorted(self.directory.glob("*.json")):
             try:
-                records.append(WorkerRecord(**json.loads(path.read_text())))
-            except (OSError, ValueError, TypeError) as error:
+                data = json.loads(path.read_text())
+                # Keys this version does not know (an older `extra`) are dropped, not fatal.
+                records.append(WorkerRecord(**{k: v for k, v in data.items() if k in _FIELDS}))
+            except (OSError, ValueError, TypeError, AttributeError) as error:
                 log.warning("ignoring unreadable worker record %s: %s", path, error)
                 path.unlink(missing_ok=True)
         return records

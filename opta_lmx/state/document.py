@@ -7,7 +7,6 @@ a file that fails here changes nothing live.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,9 +165,3 @@ def read_document(path: str | os.PathLike[str]) -> Document:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(str(path), [FieldProblem("", f"cannot read: {error}", None, None)]) from None
     return parse_document(text, str(path))
-
-
-def dump_tree(tree: Any) -> str:
-    buffer = io.StringIO()
-    new_yaml().dump(tree, buffer)
-    return buffer.getvalue()

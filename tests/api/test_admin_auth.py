@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from opta_lmx.api.auth import KeyConfigError, Keys, check_bind, is_loopback, load_keys, presented_keys
-from opta_lmx.client import ClientError, parse_assignments
+from opta_lmx.cli.client import ClientError
+from opta_lmx.cli.remote import parse_assignments
 from tests.lmx_harness import REPO, lmx_env
 
 
@@ -65,3 +66,62 @@ def test_set_assignments_become_a_merge_patch():
     }
     with pytest.raises(ClientError):
         parse_assignments(["novalue"])
+
+
+def _serve_in_process(monkeypatch, app):
+    """Route the lmx client's HTTP to `app` in this process (TestClient is an httpx.Client)."""
+    from fastapi.testclient import TestClient
+
+    from opta_lmx.cli.client import AdminClient
+
+    monkeypatch.setattr(AdminClient, "_http", lambda self: TestClient(app, base_url=self.server,
+                                                                       headers=self.headers()))
+
+
+def test_the_lmx_client_reads_the_admin_key_file_as_the_server_does(tmp_path, monkeypatch, capsys):
+    """The bug: `lmx get` ignored LMX_ADMIN_KEY_FILE (which the server honours) and got 401."""
+    from opta_lmx.api.auth import KeyAuth
+    from opta_lmx.cli import main
+    from opta_lmx.state.store import ModelsStore
+    from tests.api.fake_loop import FakeLoop, admin_app
+
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  - name: alpha\n    source: org/alpha\n")
+    key_file = tmp_path / "admin.key"
+    key_file.write_text("key-in-a-file\n")
+    app = admin_app(FakeLoop(config), ModelsStore(config))
+    app.add_middleware(KeyAuth, keys=Keys(admin="key-in-a-file", inference="api"))
+    _serve_in_process(monkeypatch, app)
+    monkeypatch.delenv("LMX_ADMIN_KEY", raising=False)
+    monkeypatch.setenv("LMX_ADMIN_KEY_FILE", str(key_file))
+
+    assert main(["get", "models", "--server", "http://lmx.test"]) == 0
+    assert "alpha" in capsys.readouterr().out
+    monkeypatch.setenv("LMX_ADMIN_KEY_FILE", str(tmp_path / "missing.key"))
+    assert main(["get", "models", "--server", "http://lmx.test"]) == 1
+    assert "LMX_ADMIN_KEY_FILE" in capsys.readouterr().err
+    monkeypatch.delenv("LMX_ADMIN_KEY_FILE")
+    assert main(["get", "models", "--server", "http://lmx.test"]) == 1  # no key: the server says 401
+    assert "HTTP 401" in capsys.readouterr().err
+
+
+def test_lmx_plan_uses_the_same_client_and_key_file(tmp_path, monkeypatch, capsys):
+    from opta_lmx.api.auth import KeyAuth
+    from opta_lmx.cli import main
+    from opta_lmx.state.store import ModelsStore
+    from tests.api.fake_loop import FakeLoop, admin_app
+
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  - name: alpha\n    source: org/alpha\n    state: unloaded\n")
+    key_file = tmp_path / "admin.key"
+    key_file.write_text("plan-key")
+    app = admin_app(FakeLoop(config), ModelsStore(config))
+    app.add_middleware(KeyAuth, keys=Keys(admin="plan-key", inference="api"))
+    _serve_in_process(monkeypatch, app)
+    monkeypatch.delenv("LMX_ADMIN_KEY", raising=False)
+    monkeypatch.setenv("LMX_ADMIN_KEY_FILE", str(key_file))
+    assert main(["plan", "--server", "http://lmx.test", "--config", str(config)]) == 0
+    assert "against http://lmx.test" in capsys.readouterr().out
+    monkeypatch.delenv("LMX_ADMIN_KEY_FILE")
+    assert main(["plan", "--server", "http://lmx.test", "--config", str(config)]) == 2  # 401, server given
+    assert "cannot read http://lmx.test/admin/models" in capsys.readouterr().err

@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry, Gauge
 from opta_lmx.api import dashboard
 from opta_lmx.api.errors import install_error_handlers
 from opta_lmx.state.document import content_etag
-from opta_lmx.state.store import ModelsStore, merge_patch, require_model
+from opta_lmx.state.store import ModelsStore
+from opta_lmx.state.yamledit import merge_patch, require_model
 
 CONFIG = """\
 # kept: a comment at the top

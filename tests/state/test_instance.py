@@ -74,5 +74,12 @@ def test_lock_is_free_again_after_the_holder_is_killed(holder):
 def test_release_lets_the_same_process_lock_again(tmp_path):
     lock = InstanceLock(tmp_path)
     lock.acquire()
+    assert holder_pid(tmp_path) == os.getpid()
+    with pytest.raises(AlreadyRunning):  # held: a second lock (another open file) is refused
+        InstanceLock(tmp_path).acquire()
     lock.release()
-    InstanceLock(tmp_path).acquire()
+    assert holder_pid(tmp_path) is None
+    again = InstanceLock(tmp_path)
+    again.acquire()  # would raise AlreadyRunning if release had not dropped the flock
+    assert holder_pid(tmp_path) == os.getpid()
+    again.release()

@@ -14,21 +14,18 @@ from hypothesis import strategies as st
 
 from opta_lmx.state.document import ConfigError, content_etag, read_document
 from opta_lmx.state.document import new_yaml, plain
-from opta_lmx.state.store import (
+from opta_lmx.api.admin.protocol import edit_error_status, etag_matches, if_match_precondition
+from opta_lmx.state.render import _dump, render_edit, splice
+from opta_lmx.state.store import ModelsStore, PreconditionFailed
+from opta_lmx.state.yamledit import (
     EditError,
-    ModelsStore,
-    PreconditionFailed,
-    _dump,
     append_item,
     delete_item,
     describe_patch,
-    etag_matches,
     merge_patch,
     models_of,
-    render_edit,
     replace_mapping,
     require_model,
-    splice,
     to_node,
 )
 
@@ -167,16 +164,16 @@ def test_invalid_edit_is_refused_with_field_path_and_file_untouched(store):
     assert store.path.read_text() == ORIGINAL and os.stat(store.path).st_mtime_ns == mtime
     with pytest.raises(EditError) as missing:
         store.edit(patch_model("nope", {"priority": 1}))
-    assert missing.value.status == 404
+    assert edit_error_status(missing.value) == 404
 
 
 def test_stale_if_match_is_refused_and_file_untouched(store):
     etag = store.snapshot().etag
     assert etag_matches(etag, etag) and etag_matches("*", etag) and etag_matches(f'W/{etag}, "x"', etag)
-    store.edit(patch_model("coder", {"priority": 1}), if_match=etag)
+    store.edit(patch_model("coder", {"priority": 1}), precondition=if_match_precondition(etag))
     changed = store.path.read_text()
     with pytest.raises(PreconditionFailed) as caught:
-        store.edit(patch_model("coder", {"priority": 2}), if_match=etag)
+        store.edit(patch_model("coder", {"priority": 2}), precondition=if_match_precondition(etag))
     assert caught.value.current == content_etag(changed.encode())
     assert store.path.read_text() == changed
 
@@ -325,7 +322,7 @@ def test_a_file_that_does_not_parse_is_not_edited(store):
     store.path.write_text("models: [\n")
     with pytest.raises(EditError) as caught:
         store.edit(patch_model("coder", {"priority": 1}))
-    assert caught.value.status == 409 and "does not parse" in caught.value.message
+    assert edit_error_status(caught.value) == 409 and "does not parse" in caught.value.message
     assert store.path.read_text() == "models: [\n"
     store.replace(ORIGINAL)  # replacing it whole is the way out
     assert store.path.read_text() == ORIGINAL
@@ -335,10 +332,10 @@ def test_unwritable_directory_is_a_clear_error(store, monkeypatch):
     def refuse(*_args, **_kwargs):
         raise PermissionError(13, "Permission denied", str(store.path.parent))
 
-    monkeypatch.setattr("opta_lmx.state.store.tempfile.mkstemp", refuse)
+    monkeypatch.setattr("opta_lmx.state.atomic.tempfile.mkstemp", refuse)
     with pytest.raises(EditError) as caught:
         store.edit(patch_model("coder", {"priority": 1}))
-    assert caught.value.status == 500 and "cannot write" in caught.value.message
+    assert edit_error_status(caught.value) == 500 and "cannot write" in caught.value.message
     assert store.path.read_text() == ORIGINAL
 
 

@@ -59,7 +59,7 @@ def uvicorn_log_config(fmt: str) -> dict | None:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "opta_lmx.logs.JsonFormatter"}},
+        "formatters": {"json": {"()": "opta_lmx.cli.logs.JsonFormatter"}},
         "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
         "loggers": {
             "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
@@ -69,51 +69,18 @@ def uvicorn_log_config(fmt: str) -> dict | None:
     }
 
 
+from opta_lmx.state.worker_logs import model_log_path, tail  # noqa: E402,F401 (re-exported for lmx logs)
+
+
 def worker_log_dir(state_dir: Path, state_dir_given: bool) -> Path:
     """Where workers' logs go: LMX_LOG_DIR, else beside an explicit --state-dir, else the user log dir."""
-    from opta_lmx import paths
+    from opta_lmx import paths, settings
 
-    if os.environ.get("LMX_LOG_DIR"):
+    if settings.current().log_dir:
         return paths.log_dir() / "workers"
     if state_dir_given:
         return state_dir / "logs"
     return paths.log_dir() / "workers"
-
-
-def model_log_path(name: str, state_dir: Path, log_dir: Path) -> Path | None:
-    """The current worker's log of `name` (from its record), else the last one written, else None."""
-    records = state_dir / "workers" / "records"
-    newest: tuple[float, Path] | None = None
-    for path in records.glob("*.json"):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if record.get("name") == name:
-            started = record.get("started_at") or 0.0
-            if newest is None or started > newest[0]:
-                newest = (started, Path(record["log_path"]))
-    if newest is not None:
-        return newest[1]
-    fallback = log_dir / f"{name}.log"
-    return fallback if fallback.exists() else None
-
-
-def tail(path: Path, lines: int, out=None) -> int:
-    """Print the last `lines` lines of `path`; return the offset reached (for follow)."""
-    out = out or sys.stdout
-    with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        end = handle.tell()
-        chunk, position, data = 65536, end, b""
-        while position > 0 and data.count(b"\n") <= lines:
-            position = max(0, position - chunk)
-            handle.seek(position)
-            data = handle.read(end - position)
-        text = b"\n".join(data.split(b"\n")[-(lines + 1):]) if lines else b""
-        out.write(text.decode("utf-8", "replace"))
-        out.flush()
-        return end
 
 
 def follow(path: Path, offset: int, out=None, poll: float = 0.5, until=None) -> None:

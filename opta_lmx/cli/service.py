@@ -18,15 +18,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opta_lmx import paths
+from opta_lmx import paths, settings
+from opta_lmx.state.atomic import write_atomic
 
 LABEL = "com.opta.lmx"
 UNIT_NAME = "opta-lmx.service"
-TEMPLATES = Path(__file__).resolve().parent.parent / "launchd"
+TEMPLATES = Path(__file__).resolve().parents[2] / "launchd"
 PLIST_TEMPLATE = TEMPLATES / f"{LABEL}.plist"
 UNIT_TEMPLATE = TEMPLATES / UNIT_NAME
 THROTTLE_INTERVAL = 10  # seconds between restarts after a crash
-PASSED_THROUGH_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "LMX_CACHE_DIR", "LMX_CONFIG_DIR")
+PASSED_THROUGH_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")  # and LMX_CACHE_DIR, LMX_CONFIG_DIR from settings
 
 
 class ServiceError(Exception):
@@ -39,8 +40,8 @@ class ServiceSettings:
 
     config: Path
     python: Path = field(default_factory=lambda: Path(sys.executable).absolute())
-    host: str = "127.0.0.1"
-    port: int = 1234
+    host: str = settings.DEFAULT_HOST
+    port: int = settings.DEFAULT_PORT
     grace: float = 10.0
     state_dir: Path = field(default_factory=paths.state_dir)
     log_dir: Path = field(default_factory=paths.log_dir)
@@ -61,7 +62,7 @@ class ServiceSettings:
                 "--grace", f"{self.grace:g}"]
 
     def environment(self) -> dict[str, str]:
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         env = {
             "PATH": os.pathsep.join([str(self.python.parent), "/usr/local/bin", "/opt/homebrew/bin",
                                      "/usr/bin", "/bin", "/usr/sbin", "/sbin"]),
@@ -70,7 +71,9 @@ class ServiceSettings:
             "LMX_STATE_DIR": str(self.state_dir),
             "LMX_LOG_DIR": str(self.log_dir),
         }
-        env.update({k: os.environ[k] for k in PASSED_THROUGH_ENV if os.environ.get(k)})
+        env.update({k: os.environ[k] for k in PASSED_THROUGH_ENV if os.environ.get(k)})  # the hub's, not LMX_*
+        config = settings.current()
+        env.update({k: v for k, v in (("LMX_CACHE_DIR", config.cache_dir), ("LMX_CONFIG_DIR", config.config_dir)) if v})
         env.update(self.env)
         return env
 
@@ -182,9 +185,7 @@ class Platform:
             print(content.decode(), file=self.out)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
+        write_atomic(path, content)
         print(f"wrote {path}", file=self.out)
 
     def remove(self, path: Path) -> None:
@@ -309,8 +310,8 @@ def add_parser(sub) -> None:
     actions = service.add_subparsers(dest="service_command", required=True)
     install = actions.add_parser("install", help="write the service file and start it (again at every login)")
     install.add_argument("--config", help="models.yaml the service serves (default: the user config dir's)")
-    install.add_argument("--host", default="127.0.0.1")
-    install.add_argument("--port", type=int, default=1234)
+    install.add_argument("--host", default=settings.DEFAULT_HOST)
+    install.add_argument("--port", type=int, default=settings.DEFAULT_PORT)
     install.add_argument("--grace", type=float, default=10.0,
                          help="seconds to drain requests, and again to stop workers, on shutdown")
     install.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -369,7 +370,7 @@ def cmd_service(args) -> int:
         elif action == "status":
             return _status(platform)
         elif action == "logs":
-            from opta_lmx import logs
+            from opta_lmx.cli import logs
 
             log_file = paths.log_dir() / "lmx.log"
             if not log_file.exists():

@@ -1,7 +1,8 @@
-"""`lmx get|describe|set|apply|events|status`: a kubectl-like client of the admin API.
+"""`lmx get|describe|set|apply|events|status|load|unload`: kubectl-like commands over AdminClient.
 
-It speaks only HTTP to a running server (never the files or the engine directly), so the same
-commands work against a remote machine: `--server URL` or `LMX_SERVER`, key from `LMX_ADMIN_KEY`.
+They speak only HTTP to a running server (never the files or the engine directly), so the same
+commands work against a remote machine: `--server URL` or `LMX_SERVER`, key from `--admin-key`,
+`LMX_ADMIN_KEY` or `LMX_ADMIN_KEY_FILE`.
 """
 
 from __future__ import annotations
@@ -9,54 +10,20 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import sys
 import time
 from typing import Any
 
-DEFAULT_SERVER = "http://127.0.0.1:1234"
+from opta_lmx import settings
+from opta_lmx.cli.client import AdminClient, ClientError
 
 
-class ClientError(Exception):
-    pass
-
-
-# -- HTTP ---------------------------------------------------------------------------------
-def admin_headers(key: str | None = None) -> dict[str, str]:
-    """The admin key (given, else $LMX_ADMIN_KEY) as request headers, for every admin API caller."""
-    key = key or os.environ.get("LMX_ADMIN_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def _client(args: argparse.Namespace):
-    import httpx
-
-    return httpx.Client(base_url=args.server.rstrip("/"), headers=admin_headers(args.admin_key),
-                        timeout=args.request_timeout)
+def _client(args: argparse.Namespace) -> AdminClient:
+    return AdminClient.from_settings(args.server, args.admin_key, args.request_timeout)
 
 
 def _call(args: argparse.Namespace, method: str, path: str, **kwargs):
-    import httpx
-
-    try:
-        with _client(args) as client:
-            response = client.request(method, path, **kwargs)
-    except httpx.HTTPError as error:
-        raise ClientError(f"cannot reach {args.server}: {error}") from None
-    if response.status_code >= 400 and response.status_code not in (502, 504):
-        raise ClientError(_error_text(response))
-    return response
-
-
-def _error_text(response) -> str:
-    try:
-        error = response.json().get("error", {})
-    except ValueError:
-        return f"HTTP {response.status_code}: {response.text[:500]}"
-    lines = [f"HTTP {response.status_code}: {error.get('message', response.text[:500])}"]
-    for problem in error.get("problems", [])[1:]:
-        lines.append(f"  {problem.get('path')}: {problem.get('message')}")
-    return "\n".join(lines)
+    return _client(args).request(method, path, **kwargs)
 
 
 # -- output -------------------------------------------------------------------------------
@@ -220,23 +187,15 @@ def cmd_events(args: argparse.Namespace) -> int:
             for event in events:
                 _print_event(event)
         return 0
-    import httpx
-
     try:
-        with _client(args) as client, client.stream("GET", "/admin/events", params={"follow": "true", "limit": args.limit},
-                                                    timeout=httpx.Timeout(None, connect=10)) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise ClientError(_error_text(response))
-            for line in response.iter_lines():
+        with _client(args).stream_lines("/admin/events", {"follow": "true", "limit": args.limit}) as lines:
+            for line in lines:
                 if line.startswith("data: "):
                     event = json.loads(line[6:])
                     print(json.dumps(event)) if args.output == "json" else _print_event(event)
                     sys.stdout.flush()
     except KeyboardInterrupt:
         return 0
-    except httpx.HTTPError as error:
-        raise ClientError(f"event stream from {args.server} ended: {error}") from None
     return 0
 
 
@@ -277,9 +236,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 def add_commands(sub) -> None:
     """Add the client subcommands to `lmx`'s parser."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default=os.environ.get("LMX_SERVER", DEFAULT_SERVER),
-                        help=f"admin API base URL (default $LMX_SERVER or {DEFAULT_SERVER})")
-    common.add_argument("--admin-key", help="admin key (default $LMX_ADMIN_KEY)")
+    common.add_argument("--server", help=f"admin API base URL (default $LMX_SERVER or {settings.Settings().server_url})")
+    common.add_argument("--admin-key", help="admin key (default $LMX_ADMIN_KEY, else the file $LMX_ADMIN_KEY_FILE)")
     common.add_argument("-o", "--output", choices=["table", "json"], default="table")
     common.add_argument("--request-timeout", type=float, default=3600.0, help=argparse.SUPPRESS)
     waiting = argparse.ArgumentParser(add_help=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from opta_lmx import paths
+from opta_lmx import paths, settings
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -123,7 +123,7 @@ def _port_owner(port: int) -> str:
 
 
 def check_service(state_dir: Path) -> Finding:
-    from opta_lmx.service import ServiceError, platform_for
+    from opta_lmx.cli.service import ServiceError, platform_for
     from opta_lmx.state.instance import holder_pid
 
     pid = holder_pid(state_dir)
@@ -153,8 +153,8 @@ def run_checks(config: Path, host: str, port: int, state_dir: Path) -> list[Find
 def add_parser(sub) -> None:
     doctor = sub.add_parser("doctor", help="check the platform, MLX, memory, config, port and service")
     doctor.add_argument("--config", help="models.yaml to check (default: the user config dir's)")
-    doctor.add_argument("--host", default="127.0.0.1")
-    doctor.add_argument("--port", type=int, default=1234)
+    doctor.add_argument("--host", default=settings.DEFAULT_HOST)
+    doctor.add_argument("--port", type=int, default=settings.DEFAULT_PORT)
     doctor.add_argument("--state-dir")
     doctor.set_defaults(func=cmd_doctor)
 

@@ -1,0 +1,254 @@
+"""The admin API's routes: HTTP in, HTTP out; the logic is in serving, the edits in edits.
+
+Every write is an edit of models.yaml through the one store followed by a nudge of the loop.
+A write answers 202 with the generation its content was accepted as, or with `?wait=ready`
+blocks until the loop has converged on it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from opta_lmx.api.admin import edits
+from opta_lmx.api.admin.events import follow as follow_events
+from opta_lmx.api.admin.protocol import (
+    DEFAULT_WAIT,
+    SetStateRequest,
+    SwapRequest,
+    json_object,
+    wait_query,
+)
+from opta_lmx.api.admin.serving import AdminService, Answer
+from opta_lmx.api.errors import APIError
+from opta_lmx.state.spec import DesiredModelState, DesiredState
+
+router = APIRouter(prefix="/admin")
+probes = APIRouter()
+
+
+def mount(app: FastAPI, service: AdminService) -> None:
+    """Serve the admin API (and /readyz) of `service` on `app`."""
+    app.state.admin = service
+    app.include_router(router)
+    app.include_router(probes)
+
+
+def _service(request: Request) -> AdminService:
+    return request.app.state.admin
+
+
+def _send(answer: Answer) -> JSONResponse:
+    return JSONResponse(answer.body, status_code=answer.status, headers={"ETag": answer.etag} if answer.etag else None)
+
+
+async def _edit(request: Request, endpoint: str, mutate, *, subject="config", guarded: bool = True):
+    if_match = request.headers.get("if-match") if guarded else None
+    return await _service(request).write(endpoint, mutate, if_match=if_match, subject=subject)
+
+
+# -- models -----------------------------------------------------------------------------
+@router.get("/models")
+async def list_models(request: Request) -> JSONResponse:
+    body, etag = _service(request).models()
+    return JSONResponse(body, headers={"ETag": etag})
+
+
+@router.get("/models/{name}")
+async def get_model(name: str, request: Request) -> JSONResponse:
+    body, etag = _service(request).model(name)
+    return JSONResponse(body, headers={"ETag": etag})
+
+
+@router.put("/models/{name}")
+async def put_model(name: str, request: Request) -> JSONResponse:
+    """Create or replace one entry; keys that stay keep their place and comments."""
+    body = json_object(await request.body())
+    spec = body["spec"] if isinstance(body.get("spec"), dict) else body
+    spec = {k: v for k, v in spec.items() if v is not None}
+    if spec.get("name", name) != name:
+        raise APIError(422, f"the body names `{spec['name']}` but the URL names `{name}`; rename by "
+                            "DELETE and PUT", "name_mismatch", param="name")
+    spec = {"name": name, **{k: v for k, v in spec.items() if k != "name"}}
+    timeout = wait_query(dict(request.query_params)).seconds()
+    result, generation = await _edit(request, f"PUT /admin/models/{name}",
+                                     lambda tree: edits.put_model(tree, name, spec), subject=name)
+    return _send(await _service(request).answer(result, generation, name, timeout))
+
+
+@router.patch("/models/{name}")
+async def patch_model(name: str, request: Request) -> JSONResponse:
+    """JSON merge patch (RFC 7396) of one entry: null deletes a key, lists are replaced."""
+    patch = json_object(await request.body())
+    if patch.get("name", name) != name:
+        raise APIError(422, "a model cannot be renamed by PATCH; DELETE it and PUT the new name",
+                       "name_mismatch", param="name")
+    timeout = wait_query(dict(request.query_params)).seconds()
+    result, generation = await _edit(request, f"PATCH /admin/models/{name}",
+                                     lambda tree: edits.patch_model(tree, name, patch), subject=name)
+    return _send(await _service(request).answer(result, generation, name, timeout))
+
+
+@router.delete("/models/{name}")
+async def delete_model(name: str, request: Request) -> JSONResponse:
+    timeout = wait_query(dict(request.query_params)).seconds()
+    result, generation = await _edit(request, f"DELETE /admin/models/{name}",
+                                     lambda tree: edits.delete_model(tree, name), subject=name)
+    return _send(await _service(request).answer(result, generation, name, timeout))
+
+
+# -- imperative verbs, each one desired-state edit ----------------------------------------
+async def _set_state(request: Request, verb: str, state: DesiredModelState) -> JSONResponse:
+    body = json_object(await request.body())
+    model_id = SetStateRequest.model_validate(body).target()
+    timeout = wait_query(dict(request.query_params), body).seconds(default_wait=True)
+    touched: dict[str, str] = {}
+    result, generation = await _edit(request, f"POST /admin/models/{verb}",
+                                     lambda tree: edits.set_state(tree, model_id, verb, state, touched),
+                                     subject=lambda: touched.get("name", model_id))
+    return _send(await _service(request).answer(result, generation, touched["name"], timeout,
+                                                extra={"model_id": model_id, "action": verb}))
+
+
+@router.post("/models/load")
+async def load_model(request: Request) -> JSONResponse:
+    """`{"model_id"}` -> set `state: loaded` and wait until it serves (a hub id or path is added)."""
+    return await _set_state(request, "load", DesiredModelState.LOADED)
+
+
+@router.post("/models/unload")
+async def unload_model(request: Request) -> JSONResponse:
+    """`{"model_id"}` -> set `state: unloaded` and wait until its worker is gone."""
+    return await _set_state(request, "unload", DesiredModelState.UNLOADED)
+
+
+@router.post("/models/swap")
+async def swap_models(request: Request) -> JSONResponse:
+    """`{"from", "to"}`: one edit. `{"alias", "to"}`: load `to`, and move the alias once it is Ready."""
+    body = json_object(await request.body())
+    swap = SwapRequest.parse(body)
+    timeout = wait_query(dict(request.query_params), body).seconds(default_wait=True)
+    service = _service(request)
+    names: dict = {}
+    source = swap.source()
+    if source is not None:
+        result, generation = await _edit(request, "POST /admin/models/swap",
+                                         lambda tree: edits.swap(tree, source, swap.to, names))
+        deadline = time.monotonic() + (timeout or 0.0)
+        if timeout is not None:  # the planner unloads first, so `from` settles before `to`
+            await service.wait(names["from"], generation, timeout)
+        remaining = None if timeout is None else max(0.0, deadline - time.monotonic())
+        from_status = service.loop.statuses.get(names["from"])
+        return _send(await service.answer(result, generation, names["to"], remaining, extra={
+            "from": names["from"], "to": names["to"],
+            "from_status": from_status.model_dump(mode="json") if from_status else None,
+        }))
+    alias = swap.alias_name()
+    first, generation = await _edit(request, "POST /admin/models/swap",
+                                    lambda tree: edits.load_for_alias(tree, swap.to, alias, names),
+                                    subject=lambda: names.get("to", swap.to))
+    outcome = await service.wait(names["to"], generation, timeout if timeout is not None else DEFAULT_WAIT)
+    if outcome is not True:
+        return _send(await service.answer(first, generation, names["to"], 0.0,
+                                          extra={"alias": alias, "to": names["to"], "alias_moved": False}))
+    # The first edit changed the file, so If-Match guards only that one; this one rebases.
+    unload_previous = bool(swap.unload_previous)
+    second, generation = await _edit(request, "POST /admin/models/swap",
+                                     lambda tree: edits.move_alias(tree, alias, unload_previous, names),
+                                     guarded=False, subject=lambda: names["to"])
+    return _send(await service.answer(second, generation, names["to"], timeout, extra={
+        "alias": alias, "to": names["to"], "from": names.get("previous"), "alias_moved": True}))
+
+
+# -- the global part of the document -------------------------------------------------------
+def _config_view(state: DesiredState | None) -> dict:
+    state = state or DesiredState()
+    return {"memory": state.memory.model_dump(mode="json"), "defaults": state.defaults.model_dump(
+        mode="json", exclude_unset=True)}
+
+
+@router.get("/config")
+async def get_config(request: Request) -> JSONResponse:
+    snap, state = _service(request).current()
+    body = _config_view(state) | {"generation": _service(request).loop.generation, "etag": snap.etag}
+    return JSONResponse(body, headers={"ETag": snap.etag})
+
+
+@router.patch("/config")
+async def patch_config(request: Request) -> JSONResponse:
+    """Merge patch of `memory` and `defaults`; models are edited through /admin/models."""
+    patch = json_object(await request.body())
+    if "models" in patch:
+        raise APIError(422, "edit models through /admin/models/{name}", "invalid_request", param="models")
+    timeout = wait_query(dict(request.query_params)).seconds()
+    result, generation = await _edit(request, "PATCH /admin/config", lambda tree: edits.patch_config(tree, patch))
+    answer = await _service(request).answer(result, generation, None, timeout)
+    return _send(Answer(answer.status, answer.body | _config_view(result.state), result.etag))
+
+
+@router.get("/desired")
+async def get_desired(request: Request) -> Response:
+    """models.yaml as it is on disk, with its ETag (what `lmx apply` diffs against)."""
+    service = _service(request)
+    snap = service.store.snapshot()
+    return Response(snap.data, media_type="application/yaml",
+                    headers={"ETag": snap.etag, "X-Generation": str(service.loop.generation)})
+
+
+@router.put("/desired")
+async def put_desired(request: Request) -> JSONResponse:
+    """Replace models.yaml whole (validated first); `?dry_run=true` only validates and diffs."""
+    try:
+        text = (await request.body()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "the body must be UTF-8 YAML", "invalid_request") from None
+    dry_run = request.query_params.get("dry_run", "").lower() in ("1", "true", "yes")
+    timeout = wait_query(dict(request.query_params)).seconds()
+    service = _service(request)
+    old = service.store.snapshot()
+    if_match = request.headers.get("if-match")
+    result, generation = await service.write("PUT /admin/desired", text=text, dry_run=dry_run, if_match=if_match)
+    diff = "".join(difflib.unified_diff(old.text.splitlines(True), text.splitlines(True),
+                                        "models.yaml (current)", "models.yaml (new)"))
+    if dry_run:
+        return JSONResponse({"valid": True, "changed": result.changed, "diff": diff, "etag": old.etag},
+                            headers={"ETag": old.etag})
+    return _send(await service.answer(result, generation, None, timeout, extra={"diff": diff}))
+
+
+# -- read side ------------------------------------------------------------------------------
+@router.get("/status")
+async def status(request: Request) -> JSONResponse:
+    body, etag = _service(request).status()
+    return JSONResponse(body, headers={"ETag": etag})
+
+
+@router.get("/memory")
+async def memory(request: Request) -> dict:
+    _snap, state = _service(request).current()
+    return _service(request).memory(state)
+
+
+@router.get("/events")
+async def events(request: Request, since: int = 0, limit: int = 200, follow: bool = False):
+    """Recent events; `?follow=true` streams them as server-sent events (`id:` is the seq)."""
+    log = _service(request).loop.events
+    if not follow:
+        return {"events": [e.model_dump(mode="json") for e in log.since(since, limit)]}
+    last_id = request.headers.get("last-event-id")
+    if last_id and last_id.isdigit():
+        since = int(last_id)
+    stream = follow_events(log, since, limit, stopping=lambda: getattr(request.app.state, "stopping", False),
+                    disconnected=request.is_disconnected)
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@probes.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Ready once the loop runs, a valid desired state is in force and every model is as desired."""
+    body = _service(request).readiness()
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
