@@ -63,3 +63,7 @@ class _ModelCollector:
         yield GaugeMetricFamily("lmx_observed_generation", "Generation the loop has acted on", value=rec.observed_generation)
         yield GaugeMetricFamily("lmx_converged", "1 when every model is in its desired phase", value=1.0 if rec.converged() else 0.0)
         yield CounterMetricFamily("lmx_reconcile_passes", "Reconcile passes run", value=rec.passes)
+        health = rec.health()
+        yield CounterMetricFamily("lmx_reconcile_errors", "Reconcile passes that raised (each logged, retried after "
+                                  "a backoff)", value=health.pass_failures)
+        yield GaugeMetricFamily("lmx_loop_running", "1 while the control loop task runs", value=1.0 if health.running else 0.0)

@@ -85,7 +85,7 @@ async def settle(reconciler, passes=4):
     for _ in range(passes):
         await reconciler.reconcile_once()
         for _ in range(50):
-            if not reconciler._tasks:
+            if not reconciler.actions.tasks:
                 break
             await asyncio.sleep(0.01)
 
@@ -167,19 +167,19 @@ def test_crashes_back_off_exponentially_capped_and_say_crash_looping(tmp_path):
         for _ in range(4):
             pool.workers()[0].crash()
             await reconciler.reconcile_once()
-            failure = reconciler._failures["a"]
+            failure = reconciler.ledger.failures["a"]
             delays.append(failure.retry_at - now[0])
             assert reconciler.statuses["a"].phase == Phase.PENDING
             now[0] = failure.retry_at + 0.01
             await settle(reconciler)
             assert reconciler.statuses["a"].phase == Phase.READY
         assert delays == [1, 2, 4, 4]
-        assert "crash-looping" in reconciler._failures["a"].message
+        assert "crash-looping" in reconciler.ledger.failures["a"].message
         assert reconciler.statuses["a"].restarts == 4
         now[0] += 500  # stays up past stable_after: the backoff resets
         pool.workers()[0].crash()
         await reconciler.reconcile_once()
-        assert reconciler._failures["a"].retry_at - now[0] == 1
+        assert reconciler.ledger.failures["a"].retry_at - now[0] == 1
         await reconciler.shutdown()
 
     asyncio.run(scenario())
