@@ -38,7 +38,6 @@ class Supervisor:
         self.failures_in_a_row = 0
         self.last_error: str | None = None
         self.task: asyncio.Task | None = None
-        self.failure_listeners: list[Callable[[], None]] = []  # called once per pass that raised
 
     def health(self) -> LoopHealth:
         return LoopHealth(running=self.running, pass_failures=self.pass_failures, last_error=self.last_error)
@@ -81,8 +80,6 @@ class Supervisor:
             log.error("reconcile pass failed; retrying in %.1fs\n%s", delay, traceback.format_exc())
             self.rec.events.record("loop", "ReconcileError", f"{self.last_error}; retrying in {delay:.1f}s",
                                    kind="Warning")
-            for listener in self.failure_listeners:
-                listener()
             return delay
         self.failures_in_a_row = 0
         return self.rec.settings.resync_interval
