@@ -62,9 +62,10 @@ class Supervisor:
             raise
         finally:
             self.running = False
-            if not rec.stopping:
+            if not rec.stopping:  # a shutdown sets `stopping` first; anything else is worth saying
                 self.last_error = f"the control loop task {ended}"
-                log.error("%s; nothing converges any more", self.last_error)
+                log.log(logging.WARNING if ended == "cancelled" else logging.ERROR,
+                        "%s; nothing converges any more", self.last_error)
             for watcher in watchers:
                 watcher.cancel()
 
