@@ -44,11 +44,20 @@ class Actions:
         self._background: set[asyncio.Task] = set()
 
     def apply(self, actions) -> None:
+        """Start each action; one that raises fails alone (a load backs off), the others still start."""
         for action in actions:
-            if isinstance(action, UnloadModel):
-                self.start_unload(action)
-            elif isinstance(action, LoadModel):
-                self.start_load(action)
+            try:
+                if isinstance(action, UnloadModel):
+                    self.start_unload(action)
+                elif isinstance(action, LoadModel):
+                    self.start_load(action)
+            except Exception as error:  # noqa: BLE001 - one model's fault must not stop the others
+                log.exception("starting %s raised", action)
+                message = f"{type(error).__name__}: {error}"
+                if isinstance(action, LoadModel):
+                    self.fail(action.name, action.fingerprint, message, permanent=False)
+                else:
+                    self.rec.events.record(action.name, "UnloadFailed", message, kind="Warning")
 
     # -- loads ----------------------------------------------------------------------
     def start_load(self, action: LoadModel) -> None:

@@ -176,3 +176,27 @@ def test_the_fake_and_the_real_pool_satisfy_the_pool_protocol(tmp_path):
     assert isinstance(FakePool(), Pool)
     assert isinstance(WorkerPool(tmp_path / "workers"), Pool)
     assert not isinstance(object(), Pool)
+
+
+def test_an_action_that_raises_fails_its_model_alone(tmp_path, monkeypatch):
+    reconciler, pool = make(tmp_path)
+    monkeypatch.setattr(reconciler.actions, "start_load", _raising_for("a", reconciler.actions.start_load))
+
+    async def scenario():
+        await reconciler.reconcile_once()
+        await until(lambda: not reconciler.actions.tasks)
+        await reconciler.reconcile_once()
+        assert reconciler.statuses["b"].phase == Phase.READY and pool.started == ["b"]
+        status = reconciler.statuses["a"]
+        assert status.reason == "BackOff" and "OSError" in status.message, status
+        await reconciler.shutdown()
+
+    asyncio.run(scenario())
+
+
+def _raising_for(name, start_load):
+    def start(action):
+        if action.name == name:
+            raise OSError(28, "No space left on device")
+        return start_load(action)
+    return start
