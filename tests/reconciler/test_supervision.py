@@ -200,3 +200,13 @@ def _raising_for(name, start_load):
             raise OSError(28, "No space left on device")
         return start_load(action)
     return start
+
+
+def test_the_reconciler_offers_everything_the_api_view_names(tmp_path):
+    from opta_lmx.reconciler.view import ControlLoopView
+
+    reconciler, _pool = make(tmp_path)
+    members = set(ControlLoopView.__annotations__) | {
+        n for n in vars(ControlLoopView) if not n.startswith("_") and callable(getattr(ControlLoopView, n))}
+    assert {"health", "nudge", "accept_now", "statuses"} <= members
+    assert [m for m in sorted(members) if not hasattr(reconciler, m)] == []
