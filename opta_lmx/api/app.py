@@ -51,9 +51,8 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
             yield
         finally:
             log.info("shutting down: stopping every worker")
-            loop_task.cancel()
+            await reconciler.shutdown()  # stops the loop first (bounded), then every worker
             await asyncio.gather(loop_task, return_exceptions=True)
-            await reconciler.shutdown()
             await app.state.upstream.close()
 
     app = FastAPI(title="Opta-LMX", version="0.1.0", lifespan=lifespan)

@@ -27,7 +27,8 @@ from opta_lmx.api.errors import APIError
 from opta_lmx.api.metrics import GatewayMetrics
 from opta_lmx.api.passthrough import EXTRA_GET_PATHS, EXTRA_POST_PATHS, renamed, requested_model
 from opta_lmx.api.passthrough import router as passthrough_router
-from opta_lmx.reconciler.controller import Reconciler, Route
+from opta_lmx.reconciler.controller import Reconciler
+from opta_lmx.reconciler.routes import Route
 from opta_lmx.state.status import Phase
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class ModelGate:
 class Admission:
     def __init__(self, reconciler: Reconciler, metrics: GatewayMetrics, *, queue_limit: int, wait_timeout: float):
         self.reconciler = reconciler
+        self.routes = reconciler.routes  # the route table: the gateway reads and waits on it
         self.metrics = metrics
         self.queue_limit = queue_limit
         self.wait_timeout = wait_timeout
@@ -73,9 +75,9 @@ class Admission:
     async def acquire(self, name: str, limit: int | None) -> Route:
         """The route to use once the model is Ready and a concurrency slot is free; release() after."""
         gate = self.gate(name)
-        route = self.reconciler.route(name)
+        route = self.routes.get(name)
         if route is None or (limit is not None and gate.in_flight >= limit):
-            if route is None and not self.reconciler.expects_ready(name):
+            if route is None and not self.routes.expects_ready(name):
                 raise self._not_loaded(name)
             if gate.waiting >= self.queue_limit:
                 raise APIError(429, f"Too many requests are waiting for `{name}` ({gate.waiting})", "queue_full",
@@ -83,7 +85,7 @@ class Admission:
             route = await self._wait(name, gate, limit)
         gate.in_flight += 1
         self.metrics.in_flight.labels(name).inc()
-        route.traffic.begin()  # per worker: the loop drains a worker until this reaches 0
+        route.begin()  # per worker: the loop drains a worker until this reaches 0
         return route
 
     def _not_loaded(self, name: str) -> APIError:
@@ -93,7 +95,7 @@ class Admission:
         return APIError(503, f"The model `{name}` is not loaded{why}", code, headers={"Retry-After": "30"})
 
     async def release(self, name: str, route: Route) -> None:
-        route.traffic.end()
+        route.end()
         gate = self.gate(name)
         gate.in_flight -= 1
         self.metrics.in_flight.labels(name).dec()
@@ -105,8 +107,8 @@ class Admission:
         self.metrics.queued.labels(name).inc()
         deadline = time.monotonic() + self.wait_timeout
         try:
-            route = await self.reconciler.wait_route(name, self.wait_timeout)
-            if route is None and not self.reconciler.expects_ready(name):
+            route = await self.routes.wait(name, self.wait_timeout)
+            if route is None and not self.routes.expects_ready(name):
                 raise self._not_loaded(name)  # refused meanwhile (Unschedulable, Failed)
             if route is None:
                 raise APIError(503, f"The model `{name}` did not become ready within {self.wait_timeout:.0f}s",
@@ -121,7 +123,7 @@ class Admission:
                         await asyncio.wait_for(gate.changed.wait(), remaining)
                     except asyncio.TimeoutError:
                         pass
-            return self.reconciler.route(name) or route
+            return self.routes.get(name) or route
         finally:
             gate.waiting -= 1
             self.metrics.queued.labels(name).dec()
@@ -263,7 +265,7 @@ async def list_models(request: Request) -> dict:
     data = []
     if reconciler.desired is not None:
         for model in reconciler.desired.models:
-            if reconciler.route(model.name) is None:
+            if reconciler.routes.get(model.name) is None:
                 continue
             status = reconciler.statuses.get(model.name)
             created = int(status.started_at) if status and status.started_at else 0

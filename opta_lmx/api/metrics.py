@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from opta_lmx.reconciler.controller import Reconciler
+from opta_lmx.reconciler.view import ControlLoopView
 from opta_lmx.state.status import Phase
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -35,7 +36,7 @@ class GatewayMetrics:
 class _ModelCollector:
     """Read at scrape time from the reconciler's status, so it never goes stale."""
 
-    def __init__(self, reconciler: Reconciler):
+    def __init__(self, reconciler: ControlLoopView):
         self.reconciler = reconciler
 
     def describe(self):
@@ -63,3 +64,7 @@ class _ModelCollector:
         yield GaugeMetricFamily("lmx_observed_generation", "Generation the loop has acted on", value=rec.observed_generation)
         yield GaugeMetricFamily("lmx_converged", "1 when every model is in its desired phase", value=1.0 if rec.converged() else 0.0)
         yield CounterMetricFamily("lmx_reconcile_passes", "Reconcile passes run", value=rec.passes)
+        health = rec.health()
+        yield CounterMetricFamily("lmx_reconcile_errors", "Reconcile passes that raised (each logged, retried after "
+                                  "a backoff)", value=health.pass_failures)
+        yield GaugeMetricFamily("lmx_loop_running", "1 while the control loop task runs", value=1.0 if health.running else 0.0)

@@ -7,8 +7,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-
-import psutil
+from typing import Protocol, runtime_checkable
 
 from opta_lmx.engine.records import WorkerRecords
 from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
@@ -16,7 +15,30 @@ from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
 log = logging.getLogger(__name__)
 
 
+@runtime_checkable
+class Pool(Protocol):
+    """What the control loop needs of a pool of workers, so its tests can stand in a fake one."""
+
+    def workers(self) -> list[Worker]: ...
+
+    def get(self, worker_id: str) -> Worker | None: ...
+
+    async def start(self, spec: WorkerSpec, ready_timeout: float) -> Worker: ...
+
+    def recover(self) -> list[Worker]: ...
+
+    async def stop(self, worker: Worker, grace: float) -> None: ...
+
+    def forget(self, worker: Worker) -> None: ...
+
+    async def stop_all(self, grace: float) -> None: ...
+
+    def add_exit_listener(self, listener: Callable[[Worker], None]) -> None: ...
+
+
 class WorkerPool:
+    """The pool of real worker processes (implements `Pool`)."""
+
     def __init__(
         self,
         run_dir: Path,
@@ -111,7 +133,3 @@ class WorkerPool:
         for listener in self._exit_listeners:
             listener(worker)
 
-
-def machine_memory() -> dict[str, int]:
-    vm = psutil.virtual_memory()
-    return {"total": vm.total, "available": vm.available, "used": vm.total - vm.available}

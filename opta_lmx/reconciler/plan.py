@@ -93,12 +93,6 @@ class Plan:
     peak_bytes: int = 0  # the most the plan holds at once
     after_bytes: int = 0  # what is held once every action is done
 
-    def __iter__(self):
-        return iter(self.actions)
-
-    def __len__(self) -> int:
-        return len(self.actions)
-
     def loads(self) -> list[LoadModel]:
         return [a for a in self.actions if isinstance(a, LoadModel)]
 
@@ -126,6 +120,225 @@ def wanted_models(
     return wanted
 
 
+@dataclass(frozen=True)
+class Workers:
+    """The observed workers grouped by model, read against the wanted fingerprints and what is blocked."""
+
+    observed: tuple[ObservedWorker, ...]
+    fingerprints: Mapping[str, str]
+    blocked: frozenset[str] = frozenset()
+    estimates: Mapping[str, int] = field(default_factory=dict)
+
+    def of(self, name: str) -> list[ObservedWorker]:
+        return [w for w in self.observed if w.name == name]
+
+    def names(self) -> set[str]:
+        return {w.name for w in self.observed}
+
+    def current(self, name: str) -> ObservedWorker | None:
+        """The worker of `name` with the wanted fingerprint (a ready one before a loading one)."""
+        fingerprint = self.fingerprints.get(name)
+        matches = [w for w in self.of(name) if w.fingerprint == fingerprint]
+        return max(matches, key=lambda w: w.ready) if matches else None
+
+    def stale(self, name: str) -> list[ObservedWorker]:
+        fingerprint = self.fingerprints.get(name)
+        return [w for w in self.of(name) if w.fingerprint != fingerprint]
+
+    def need(self, name: str) -> int | None:
+        """Bytes the model takes once converged; None if it neither runs nor may start."""
+        worker = self.current(name)
+        if worker is not None:
+            # While the successor loads, the old worker still serves and still holds memory.
+            serving = [w for w in self.stale(name) if w.ready] if not worker.ready else []
+            return worker.bytes + sum(w.bytes for w in serving)
+        if name in self.blocked:
+            serving = [w for w in self.stale(name) if w.ready]
+            return sum(w.bytes for w in serving) if serving else None
+        return self.estimates.get(name, 0)
+
+
+@dataclass
+class Admission:
+    """What the admit phase decided: bytes per admitted model, and what was refused."""
+
+    admitted: dict[str, int] = field(default_factory=dict)
+    drop_stale: set[str] = field(default_factory=set)  # mid-swap models whose old worker must go now
+    unschedulable: dict[str, Unschedulable] = field(default_factory=dict)
+    pressure: set[str] = field(default_factory=set)  # admitted models dropped under memory pressure
+
+    @property
+    def used(self) -> int:
+        return sum(self.admitted.values())
+
+
+def admit(wanted: Mapping[str, tuple[ModelSpec, int]], workers: Workers, budget: int) -> Admission:
+    """Phase 1: a greedy pass in a stable order (pinned incumbents, pinned, priority, incumbents, file order)."""
+    running = workers.names()
+
+    def rank(item: tuple[str, tuple[ModelSpec, int]]):
+        name, (spec, index) = item
+        here = name in running
+        return (not (spec.pinned and here), not spec.pinned, -spec.priority, not here, index)
+
+    result = Admission()
+    used = 0
+    for name, _entry in sorted(wanted.items(), key=rank):
+        size = workers.need(name)
+        if size is None:
+            continue
+        if used + size <= budget:
+            result.admitted[name] = size
+            used += size
+            continue
+        worker = workers.current(name)
+        if worker is not None and used + worker.bytes <= budget:
+            result.admitted[name] = worker.bytes
+            used += worker.bytes
+            result.drop_stale.add(name)
+            continue
+        missing = used + size - budget
+        holders = ", ".join(result.admitted) or "nothing"
+        result.unschedulable[name] = Unschedulable(
+            name,
+            f"needs {format_size(size)} but only {format_size(max(budget - used, 0))} of the "
+            f"{format_size(budget)} budget is left beside {holders}: {format_size(missing)} missing",
+            missing,
+        )
+    return result
+
+
+def relieve_pressure(
+    admission: Admission, wanted: Mapping[str, tuple[ModelSpec, int]], workers: Workers, memory: MemoryFigures
+) -> Admission:
+    """Phase 2: below the reserve, drop running unpinned models (on-demand, low priority, late first)."""
+    if memory.available_bytes is None or memory.available_bytes >= memory.reserve_bytes:
+        return admission
+    deficit = memory.reserve_bytes - memory.available_bytes
+    running = workers.names()
+    victims = sorted(
+        (n for n in admission.admitted if n in running and not wanted[n][0].pinned),
+        key=lambda n: (wanted[n][0].state != DesiredModelState.ON_DEMAND, wanted[n][0].priority, -wanted[n][1]),
+    )
+    for name in victims:
+        if deficit <= 0:
+            break
+        deficit -= sum(w.bytes for w in workers.of(name))
+        admission.pressure.add(name)
+        admission.admitted.pop(name)
+        admission.unschedulable[name] = Unschedulable(
+            name,
+            f"unloaded under memory pressure: the machine has {format_size(memory.available_bytes)} "
+            f"free, below the {format_size(memory.reserve_bytes)} reserve",
+            0,
+        )
+    return admission
+
+
+def plan_unloads(
+    desired: DesiredState, wanted: Mapping[str, tuple[ModelSpec, int]], workers: Workers,
+    admission: Admission, idle: Mapping[str, float],
+) -> list[UnloadModel]:
+    """Phase 3: every observed worker that is not (or no longer) admitted, with why."""
+    unloads: list[UnloadModel] = []
+    for worker in workers.observed:
+        name = worker.name
+        if name in admission.admitted:
+            replaced = _replaced_because(worker, workers.current(name), name in admission.drop_stale)
+            if replaced is not None:
+                unloads.append(UnloadModel(name, worker.worker_id, UnloadReason.REPLACED, replaced, worker.bytes))
+            continue
+        spec = desired.model(name)
+        if spec is None:
+            reason, message = UnloadReason.REMOVED, "removed from models.yaml"
+        elif name in admission.pressure:
+            reason, message = UnloadReason.PRESSURE, admission.unschedulable[name].message
+        elif spec.state == DesiredModelState.UNLOADED:
+            reason, message = UnloadReason.UNLOADED, "state is unloaded"
+        elif name in wanted and workers.need(name) is None:
+            reason, message = UnloadReason.REPLACED, "its entry changed and the new spec cannot start now"
+        elif name not in wanted:
+            reason, message = UnloadReason.IDLE, f"idle for {idle.get(name, 0):.0f}s (idle_ttl {spec.idle_ttl})"
+        else:
+            reason = UnloadReason.EVICTED
+            verdict = admission.unschedulable.get(name)
+            message = "evicted: " + (verdict.message if verdict else "no longer fits")
+        unloads.append(UnloadModel(name, worker.worker_id, reason, message, worker.bytes))
+    return unloads
+
+
+def _replaced_because(worker: ObservedWorker, successor: ObservedWorker | None, drop_stale: bool) -> str | None:
+    """Why an admitted model's other worker goes now; None: it keeps serving (successor loading or blocked)."""
+    if worker is successor:
+        return None
+    if drop_stale:
+        return "no room to run old and new side by side"
+    if successor is not None and successor.ready:
+        return "its successor is ready"
+    if not worker.ready:
+        return "its entry changed while it was loading"
+    return None
+
+
+@dataclass
+class Loads:
+    """What the loads phase decided (its unloads are old workers that must go before a deferred load)."""
+
+    loads: list[LoadModel] = field(default_factory=list)
+    unloads: list[UnloadModel] = field(default_factory=list)
+    unschedulable: dict[str, Unschedulable] = field(default_factory=dict)
+    peak_bytes: int = 0
+
+
+def plan_loads(
+    wanted: Mapping[str, tuple[ModelSpec, int]], workers: Workers, admission: Admission,
+    unloads: list[UnloadModel], memory: MemoryFigures, demand: frozenset[str],
+) -> Loads:
+    """Phase 4: start admitted models at once if they fit beside what runs now, else after the unloads."""
+    machine = math.inf if memory.available_bytes is None else memory.available_bytes - memory.reserve_bytes
+    result = Loads(peak_bytes=sum(w.bytes for w in workers.observed))
+    immediate: list[LoadModel] = []
+    deferred: list[tuple[str, ModelSpec, int]] = []
+    already = {u.worker_id for u in unloads}
+    for name, size in admission.admitted.items():
+        if workers.current(name) is not None or name in workers.blocked:
+            continue
+        spec = wanted[name][0]
+        if result.peak_bytes + size <= memory.budget_bytes and size <= machine:
+            replaced = tuple(w.worker_id for w in workers.stale(name) if w.worker_id not in already)
+            immediate.append(LoadModel(name, workers.fingerprints[name], spec, _load_reason(name, workers, demand),
+                                       size, (), replaced))
+            result.peak_bytes += size
+            machine -= size
+        else:
+            deferred.append((name, spec, size))
+    freed_first = sum(u.bytes for u in unloads)
+    for name, _spec, _size in deferred:
+        for worker in workers.stale(name):
+            if worker.ready:
+                result.unloads.append(UnloadModel(name, worker.worker_id, UnloadReason.REPLACED,
+                                                  "no room to run old and new side by side", worker.bytes))
+                freed_first += worker.bytes
+    replaced_later = sum(w.bytes for load in immediate for w in workers.observed if w.worker_id in load.replaces)
+    after_ids = tuple(u.worker_id for u in [*unloads, *result.unloads])
+    after_ids += tuple(i for load in immediate for i in load.replaces)
+    room = machine + freed_first + replaced_later
+    result.loads = list(immediate)
+    for name, spec, size in deferred:
+        if size > room:
+            result.unschedulable[name] = Unschedulable(
+                name,
+                f"needs {format_size(size)} but the machine has only {format_size(max(room, 0))} free "
+                f"above the {format_size(memory.reserve_bytes)} reserve",
+                int(size - max(room, 0)),
+            )
+            continue
+        room -= size
+        result.loads.append(LoadModel(name, workers.fingerprints[name], spec, _load_reason(name, workers, demand),
+                                      size, after_ids, ()))
+    return result
+
+
 def plan(
     desired: DesiredState,
     fingerprints: Mapping[str, str],
@@ -144,186 +357,28 @@ def plan(
     (backing off, or failed for this spec); `demand` the on-demand models that requests are
     waiting for; `idle` seconds since each model last served a request. A replaced worker keeps
     serving until its successor is ready, and also while its successor cannot start.
+    Four phases, each a pure function: admit, relieve_pressure, plan_unloads, plan_loads.
     """
     memory = memory or MemoryFigures()
-    estimates = estimates or {}
     idle = idle or {}
-    budget = memory.budget_bytes
-    by_name: dict[str, list[ObservedWorker]] = {}
-    for worker in observed:
-        by_name.setdefault(worker.name, []).append(worker)
-    wanted = wanted_models(desired, set(by_name), demand, idle)
-    result = Plan(budget_bytes=budget, held_bytes=sum(w.bytes for w in observed))
-
-    def current(name: str) -> ObservedWorker | None:
-        fingerprint = fingerprints.get(name)
-        matches = [w for w in by_name.get(name, []) if w.fingerprint == fingerprint]
-        return max(matches, key=lambda w: w.ready) if matches else None
-
-    def stale(name: str) -> list[ObservedWorker]:
-        fingerprint = fingerprints.get(name)
-        return [w for w in by_name.get(name, []) if w.fingerprint != fingerprint]
-
-    def need(name: str) -> int | None:
-        """Bytes the model takes once converged; None if it neither runs nor may start."""
-        worker = current(name)
-        if worker is not None:
-            # While the successor loads, the old worker still serves and still holds memory.
-            serving = [w for w in stale(name) if w.ready] if not worker.ready else []
-            return worker.bytes + sum(w.bytes for w in serving)
-        if name in blocked:
-            serving = [w for w in stale(name) if w.ready]
-            return sum(w.bytes for w in serving) if serving else None
-        return estimates.get(name, 0)
-
-    # -- admission: pinned incumbents, pinned, priority, incumbents, file order --------------
-    def rank(item: tuple[str, tuple[ModelSpec, int]]):
-        name, (spec, index) = item
-        running = name in by_name
-        return (not (spec.pinned and running), not spec.pinned, -spec.priority, not running, index)
-
-    admitted: dict[str, int] = {}
-    drop_stale: set[str] = set()  # mid-swap models whose old worker must go now to make room
-    used = 0
-    for name, (spec, _index) in sorted(wanted.items(), key=rank):
-        size = need(name)
-        if size is None:
-            continue
-        if used + size <= budget:
-            admitted[name] = size
-            used += size
-            continue
-        worker = current(name)
-        if worker is not None and used + worker.bytes <= budget:
-            admitted[name] = worker.bytes
-            used += worker.bytes
-            drop_stale.add(name)
-            continue
-        missing = used + size - budget
-        holders = ", ".join(admitted) or "nothing"
-        result.unschedulable[name] = Unschedulable(
-            name,
-            f"needs {format_size(size)} but only {format_size(max(budget - used, 0))} of the "
-            f"{format_size(budget)} budget is left beside {holders}: {format_size(missing)} missing",
-            missing,
-        )
-
-    # -- memory pressure: the machine is below its reserve ------------------------------------
-    pressure: set[str] = set()
-    if memory.available_bytes is not None and memory.available_bytes < memory.reserve_bytes:
-        deficit = memory.reserve_bytes - memory.available_bytes
-        victims = sorted(
-            (n for n in admitted if n in by_name and not wanted[n][0].pinned),
-            key=lambda n: (
-                wanted[n][0].state != DesiredModelState.ON_DEMAND,
-                wanted[n][0].priority,
-                -wanted[n][1],
-            ),
-        )
-        for name in victims:
-            if deficit <= 0:
-                break
-            freed = sum(w.bytes for w in by_name[name])
-            pressure.add(name)
-            deficit -= freed
-            used -= admitted.pop(name)
-            result.unschedulable[name] = Unschedulable(
-                name,
-                f"unloaded under memory pressure: the machine has {format_size(memory.available_bytes)} "
-                f"free, below the {format_size(memory.reserve_bytes)} reserve",
-                0,
-            )
-
-    # -- unloads -----------------------------------------------------------------------------
-    unloads: list[UnloadModel] = []
-    for worker in observed:
-        name = worker.name
-        if name in admitted:
-            successor = current(name)
-            if worker is successor:
-                continue
-            if name in drop_stale:
-                unloads.append(UnloadModel(name, worker.worker_id, UnloadReason.REPLACED,
-                                           "no room to run old and new side by side", worker.bytes))
-            elif successor is not None and successor.ready:
-                unloads.append(UnloadModel(name, worker.worker_id, UnloadReason.REPLACED,
-                                           "its successor is ready", worker.bytes))
-            elif not worker.ready:
-                unloads.append(UnloadModel(name, worker.worker_id, UnloadReason.REPLACED,
-                                           "its entry changed while it was loading", worker.bytes))
-            continue  # a stale ready worker keeps serving while its successor loads or is blocked
-        spec = desired.model(name)
-        if spec is None:
-            reason, message = UnloadReason.REMOVED, "removed from models.yaml"
-        elif name in pressure:
-            reason, message = UnloadReason.PRESSURE, result.unschedulable[name].message
-        elif spec.state == DesiredModelState.UNLOADED:
-            reason, message = UnloadReason.UNLOADED, "state is unloaded"
-        elif name in wanted and need(name) is None:
-            reason, message = UnloadReason.REPLACED, "its entry changed and the new spec cannot start now"
-        elif name not in wanted:
-            reason, message = UnloadReason.IDLE, f"idle for {idle.get(name, 0):.0f}s (idle_ttl {spec.idle_ttl})"
-        else:
-            reason = UnloadReason.EVICTED
-            verdict = result.unschedulable.get(name)
-            message = "evicted: " + (verdict.message if verdict else "no longer fits")
-        unloads.append(UnloadModel(name, worker.worker_id, reason, message, worker.bytes))
-
-    # -- loads: at once if they fit beside what runs now, else after the unloads -------------
-    machine = math.inf
-    if memory.available_bytes is not None:
-        machine = memory.available_bytes - memory.reserve_bytes
-    peak = result.held_bytes
-    immediate: list[LoadModel] = []
-    deferred: list[tuple[str, ModelSpec, int]] = []
-    for name, size in admitted.items():
-        if current(name) is not None or name in blocked:
-            continue
-        spec = wanted[name][0]
-        if peak + size <= budget and size <= machine:
-            already = {u.worker_id for u in unloads}
-            replaced = tuple(w.worker_id for w in stale(name) if w.worker_id not in already)
-            immediate.append(LoadModel(name, fingerprints[name], spec, _load_reason(name, by_name, demand),
-                                       size, (), replaced))
-            peak += size
-            machine -= size
-        else:
-            deferred.append((name, spec, size))
-    freed_first = sum(u.bytes for u in unloads)
-    for name, _spec, _size in deferred:
-        for worker in stale(name):
-            if worker.ready:
-                unloads.append(UnloadModel(name, worker.worker_id, UnloadReason.REPLACED,
-                                           "no room to run old and new side by side", worker.bytes))
-                freed_first += worker.bytes
-    replaced_later = sum(w.bytes for load in immediate for w in observed if w.worker_id in load.replaces)
-    after_ids = tuple(u.worker_id for u in unloads) + tuple(i for load in immediate for i in load.replaces)
-    room = machine + freed_first + replaced_later
-    loads: list[LoadModel] = list(immediate)
-    for name, spec, size in deferred:
-        if size > room:
-            result.unschedulable[name] = Unschedulable(
-                name,
-                f"needs {format_size(size)} but the machine has only {format_size(max(room, 0))} free "
-                f"above the {format_size(memory.reserve_bytes)} reserve",
-                int(size - max(room, 0)),
-            )
-            continue
-        room -= size
-        loads.append(LoadModel(name, fingerprints[name], spec, _load_reason(name, by_name, demand),
-                               size, after_ids, ()))
-
-    result.actions = [*unloads, *loads]
-    unloaded = {u.worker_id for u in unloads} | {i for load in loads for i in load.replaces}
+    workers = Workers(tuple(observed), fingerprints, blocked, estimates or {})
+    wanted = wanted_models(desired, workers.names(), demand, idle)
+    admission = relieve_pressure(admit(wanted, workers, memory.budget_bytes), wanted, workers, memory)
+    unloads = plan_unloads(desired, wanted, workers, admission, idle)
+    loads = plan_loads(wanted, workers, admission, unloads, memory, demand)
+    result = Plan(budget_bytes=memory.budget_bytes, held_bytes=sum(w.bytes for w in observed))
+    result.unschedulable = {**admission.unschedulable, **loads.unschedulable}
+    result.actions = [*unloads, *loads.unloads, *loads.loads]
+    unloaded = {u.worker_id for u in result.unloads()} | {i for load in loads.loads for i in load.replaces}
     result.after_bytes = sum(w.bytes for w in observed if w.worker_id not in unloaded) + sum(
-        load.bytes for load in loads
+        load.bytes for load in loads.loads
     )
-    result.peak_bytes = max(peak, result.after_bytes)
+    result.peak_bytes = max(loads.peak_bytes, result.after_bytes)
     return result
 
 
-def _load_reason(name: str, by_name: Mapping[str, list[ObservedWorker]], demand: frozenset[str]) -> str:
-    if by_name.get(name):
+def _load_reason(name: str, workers: Workers, demand: frozenset[str]) -> str:
+    if workers.of(name):
         return "spec changed"
     return "requested (on-demand)" if name in demand else "desired in models.yaml"
 

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opta_lmx.engine import memory as engine_memory
-from opta_lmx.engine.worker import WorkerSpec
-from opta_lmx.reconciler.controller import resolve_source
+from opta_lmx.reconciler.accounting import MemoryAccounts, held_bytes, memory_figures, worker_spec
 from opta_lmx.reconciler.plan import LoadModel, MemoryFigures, ObservedWorker, Plan, UnloadModel, plan
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import DesiredState
@@ -24,35 +23,28 @@ class Preview:
 
 
 def preview(config_path: Path, desired: DesiredState, observation: dict | None = None) -> Preview:
-    """Plan `desired` against `observation` (the `observed` part of GET /admin/models) or nothing."""
-    specs = {
-        m.name: WorkerSpec(m.name, resolve_source(config_path, m.source), desired.effective_engine(m))
-        for m in desired.models
-    }
+    """Plan `desired` against `observation` (the `observed` part of GET /admin/models) or nothing.
+
+    The memory rules are accounting.py's, the loop's own: a preview never plans with other figures."""
+    specs = {m.name: worker_spec(config_path, desired, m) for m in desired.models}
     fingerprints = {name: spec.fingerprint for name, spec in specs.items()}
-    estimates = {
-        m.name: engine_memory.estimate(specs[m.name].source, specs[m.name].engine, m.memory_bytes())
-        for m in desired.models
-    }
     observation = observation or {}
-    measured_max = observation.get("measured_max", {})
-    planning = {
-        name: est.total_bytes if est.override_bytes is not None
-        else max(est.total_bytes, measured_max.get(fingerprints[name], 0))
-        for name, est in estimates.items()
-    }
+    accounts = MemoryAccounts()
+    accounts.measured_max.update(observation.get("measured_max", {}))
+    estimates = {m.name: accounts.estimate(specs[m.name], m.memory_bytes()) for m in desired.models}
+    planning = {name: accounts.planning(est, fingerprints[name]) for name, est in estimates.items()}
     observed = []
     for w in observation.get("workers", []):
-        size = w["bytes"]
-        if w["fingerprint"] == fingerprints.get(w["name"]) and estimates[w["name"]].override_bytes is not None:
-            size = estimates[w["name"]].override_bytes
+        current = estimates.get(w["name"]) if w["fingerprint"] == fingerprints.get(w["name"]) else None
+        # The server's figure is what the loop counts the worker at, unless this file's override wins.
+        size = held_bytes(current, None, w["bytes"])
         observed.append(ObservedWorker(w["name"], w["worker_id"], w["fingerprint"], w["ready"], size,
                                        w.get("in_flight", 0)))
     physical, available = engine_memory.machine_memory()
     server_memory = observation.get("memory") or {}
     physical = server_memory.get("physical_bytes") or physical
     available = server_memory.get("available_bytes") or available
-    memory = MemoryFigures(desired.memory.budget_bytes(physical), desired.memory.reserve_bytes(), available)
+    memory = memory_figures(desired, physical, available)
     blocked = frozenset(
         b["name"] for b in observation.get("blocked", []) if b["fingerprint"] == fingerprints.get(b["name"])
     )

@@ -47,7 +47,7 @@ def _kinds(actions):
     ],
 )
 def test_plan_table(desired, fingerprints, observed, blocked, expected):
-    assert _kinds(plan(desired, fingerprints, observed, frozenset(blocked))) == expected
+    assert _kinds(plan(desired, fingerprints, observed, frozenset(blocked)).actions) == expected
 
 
 def _apply(observed, actions):
@@ -67,6 +67,6 @@ def test_second_pass_plans_nothing():
     observed = [ObservedWorker("a", "wa", "0", True), ObservedWorker("c", "wc", "3", True),
                 ObservedWorker("gone", "wg", "9", True)]
     for _ in range(3):  # a swap takes two passes (load, then unload the old one)
-        observed = _apply(observed, plan(desired, fingerprints, observed))
+        observed = _apply(observed, plan(desired, fingerprints, observed).actions)
     assert plan(desired, fingerprints, observed).actions == []
     assert sorted((w.name, w.fingerprint) for w in observed) == [("a", "1"), ("b", "2")]

@@ -4,73 +4,10 @@ before unload, on-demand demand, and crash backoff. Real workers are in tests/e2
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 from opta_lmx.reconciler.controller import LoopSettings, Reconciler
 from opta_lmx.state.status import Phase
-
-MiB = 1024**2
-_pids = itertools.count(50000)
-
-
-class FakeWorker:
-    def __init__(self, spec):
-        self.spec = spec
-        self.id = f"{spec.name}-{next(_pids)}"
-        self.pid = next(_pids)
-        self.address = "http://127.0.0.1:9"
-        self.started_at = self.ready_at = 0.0
-        self.load_seconds = 0.1
-        self.stopping = False
-        self.returncode = None
-        self._alive = True
-
-    def alive(self):
-        return self._alive
-
-    def memory_bytes(self):
-        return 100 * MiB if self._alive else None
-
-    def crash(self):
-        self._alive, self.returncode = False, -9
-
-
-class FakePool:
-    def __init__(self):
-        self.clock = lambda: 1.0
-        self._workers = {}
-        self.started, self.stopped = [], []
-
-    def add_exit_listener(self, _listener):
-        return None  # the tests drive exits themselves
-
-    def recover(self):
-        return []
-
-    def workers(self):
-        return list(self._workers.values())
-
-    def get(self, worker_id):
-        return self._workers.get(worker_id)
-
-    async def start(self, spec, _timeout):
-        worker = FakeWorker(spec)
-        worker.started_at = worker.ready_at = self.clock()
-        self._workers[worker.id] = worker
-        self.started.append(spec.name)
-        return worker
-
-    async def stop(self, worker, _grace):
-        worker.stopping, worker._alive = True, False
-        self._workers.pop(worker.id, None)
-        self.stopped.append(worker.spec.name)
-
-    def forget(self, worker):
-        self._workers.pop(worker.id, None)
-
-    async def stop_all(self, grace):
-        for worker in self.workers():
-            await self.stop(worker, grace)
+from tests.reconciler.fakes import FakePool, MiB
 
 
 def make(tmp_path, text, available=[10_000 * MiB]):
@@ -85,7 +22,7 @@ async def settle(reconciler, passes=4):
     for _ in range(passes):
         await reconciler.reconcile_once()
         for _ in range(50):
-            if not reconciler._tasks:
+            if not reconciler.actions.tasks:
                 break
             await asyncio.sleep(0.01)
 
@@ -167,19 +104,19 @@ def test_crashes_back_off_exponentially_capped_and_say_crash_looping(tmp_path):
         for _ in range(4):
             pool.workers()[0].crash()
             await reconciler.reconcile_once()
-            failure = reconciler._failures["a"]
+            failure = reconciler.ledger.failures["a"]
             delays.append(failure.retry_at - now[0])
             assert reconciler.statuses["a"].phase == Phase.PENDING
             now[0] = failure.retry_at + 0.01
             await settle(reconciler)
             assert reconciler.statuses["a"].phase == Phase.READY
         assert delays == [1, 2, 4, 4]
-        assert "crash-looping" in reconciler._failures["a"].message
+        assert "crash-looping" in reconciler.ledger.failures["a"].message
         assert reconciler.statuses["a"].restarts == 4
         now[0] += 500  # stays up past stable_after: the backoff resets
         pool.workers()[0].crash()
         await reconciler.reconcile_once()
-        assert reconciler._failures["a"].retry_at - now[0] == 1
+        assert reconciler.ledger.failures["a"].retry_at - now[0] == 1
         await reconciler.shutdown()
 
     asyncio.run(scenario())

@@ -27,7 +27,9 @@ def test_from_nothing_admits_by_priority_and_explains(tmp_path, tiny_model, tiny
     text = describe(result, "test")
     assert "held now 0 B -> after 600.0 MiB" in text
     assert "unschedulable a: needs 600.0 MiB" in text and "200.0 MiB missing" in text
-    assert "weights" in text or "memory: in models.yaml" in text
+    # b is planned at its `memory:` override, c from its files (weights + KV cache + worker)
+    assert "1. load   b: 600.0 MiB = 600.0 MiB (memory: in models.yaml)" in text, text
+    assert result.estimates["c"].override_bytes is None and "weights" in result.estimates["c"].describe()
 
 
 def test_against_an_observation_evicts_the_lower_priority_worker(tmp_path, tiny_model, tiny_model_b):

@@ -1,0 +1,84 @@
+"""The observe half of a pass: read models.yaml (keeping the last good state on an error), and
+measure the workers the ledger knows into what the planner reads."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from opta_lmx.reconciler.plan import ObservedWorker
+from opta_lmx.state.document import ConfigError, read_document
+from opta_lmx.state.spec import DesiredModelState
+from opta_lmx.state.status import ConfigStatus
+
+if TYPE_CHECKING:
+    from opta_lmx.reconciler.controller import Reconciler
+
+log = logging.getLogger(__name__)
+
+
+def read_desired(rec: Reconciler) -> None:
+    """Accept models.yaml as a new generation if it changed; a bad file leaves the last good state live."""
+    try:
+        document = read_document(rec.config_path)
+    except ConfigError as error:
+        if rec.config_status.valid or rec.config_status.error != error.to_dict():
+            log.error("models.yaml rejected; the last good state stays live:\n%s", error.describe())
+            rec.events.record("config", "InvalidConfig", error.describe(), kind="Warning")
+        rec.config_status = ConfigStatus(
+            path=str(rec.config_path), valid=False, error=error.to_dict(),
+            last_good_etag=rec.document.etag if rec.document else None, checked_at=rec.clock(),
+        )
+        return
+    if rec.document is None or document.etag != rec.document.etag:
+        rec.generation += 1
+        rec.events.record("config", "ConfigAccepted",
+                          f"generation {rec.generation} ({len(document.state.models)} models)")
+        log.info("models.yaml accepted as generation %d", rec.generation)
+        rec.document = document
+        rec.desired = document.state
+
+        def unchanged(name: str, failure) -> bool:  # a changed entry is tried again from scratch
+            model = document.state.model(name)
+            return model is not None and rec.worker_spec(model).fingerprint == failure.fingerprint
+
+        rec.ledger.forget_failures(unchanged)
+    rec.config_status = ConfigStatus(
+        path=str(rec.config_path), valid=True, last_good_etag=document.etag, checked_at=rec.clock()
+    )
+
+
+def observe(rec: Reconciler, fingerprints: dict[str, str]) -> list[ObservedWorker]:
+    """The ledger's workers (serving, draining, loading) with what each holds, measured now."""
+    assert rec.desired is not None
+    observed = []
+    for entry in rec.ledger.processes():
+        worker = rec.pool.get(entry.worker_id or "")
+        rss = worker.memory_bytes() if worker else None
+        if rss is not None:
+            entry.measured_bytes = rss + entry.mlx_bytes
+            rec.accounts.measured(entry.fingerprint, entry.measured_bytes)
+        observed.append(ObservedWorker(entry.model, entry.key, entry.fingerprint, True, rec.worker_bytes(entry),
+                                       entry.traffic.in_flight))
+    loads = [e for e in rec.ledger if e.loading]
+    estimates = rec.planning_estimates(fingerprints) if loads else {}
+    for entry in loads:
+        if rec.desired.model(entry.model) is not None and fingerprints.get(entry.model) == entry.fingerprint:
+            size = estimates.get(entry.model, 0)
+        else:
+            size = rec.accounts.measured_max.get(entry.fingerprint, 0)
+        observed.append(ObservedWorker(entry.model, entry.key, entry.fingerprint, False, size))
+    return observed
+
+
+def wake_times(rec: Reconciler, now: float) -> list[float]:
+    """When a later pass has something to do: a backoff ends, an idle TTL or a demand expires."""
+    assert rec.desired is not None
+    times = [f.retry_at for f in rec.ledger.failures.values() if not f.permanent]
+    for name, seconds in rec.idle_seconds(now).items():
+        model = rec.desired.model(name)
+        ttl = model.idle_ttl_seconds() if model and model.state == DesiredModelState.ON_DEMAND else None
+        if ttl is not None:
+            times.append(now + max(ttl - seconds, 0.0))
+    times += [t + rec.settings.demand_ttl for t in rec.demand.values()]
+    return [t for t in times if t > now]

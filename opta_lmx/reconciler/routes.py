@@ -1,0 +1,77 @@
+"""The route table: where requests for each model go now, read by the gateway.
+
+The loop writes it (a worker became ready, a worker drains or exited); the gateway reads it,
+waits on it while a model loads, and counts requests in flight on the route's `Traffic`, the
+same counter the loop reads to drain a worker and to measure idleness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from opta_lmx.reconciler.ledger import Traffic
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where requests for a model go now, and the counter of what is in flight there."""
+
+    name: str
+    address: str
+    worker_id: str
+    traffic: Traffic = field(compare=False)
+
+    def begin(self) -> None:
+        """A request starts on this worker (the loop drains it until every one has ended)."""
+        self.traffic.begin()
+
+    def end(self) -> None:
+        self.traffic.end()
+
+
+class RouteTable:
+    """Model name -> Route, with a wait for a route that is still loading (every wait bounded)."""
+
+    def __init__(self, expects_ready: Callable[[str], bool] = lambda _name: False):
+        self._routes: dict[str, Route] = {}
+        self._changed = asyncio.Condition()
+        self.expects_ready = expects_ready  # whether waiting for `name` is worthwhile (set by the loop)
+
+    def get(self, name: str) -> Route | None:
+        return self._routes.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._routes
+
+    async def set(self, route: Route) -> None:
+        async with self._changed:
+            self._routes[route.name] = route
+            self._changed.notify_all()
+
+    def drop(self, name: str, worker_id: str, fallback: Route | None = None) -> None:
+        """Stop routing `name` to `worker_id`: to `fallback` (another ready worker, mid-swap) or nowhere."""
+        route = self._routes.get(name)
+        if route is None or route.worker_id != worker_id:
+            return
+        if fallback is not None:
+            self._routes[name] = fallback
+        else:
+            del self._routes[name]
+
+    async def wait(self, name: str, timeout: float) -> Route | None:
+        """The route for `name`, waiting up to `timeout` seconds while it may still become ready."""
+        deadline = time.monotonic() + timeout
+        async with self._changed:
+            while (route := self._routes.get(name)) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.expects_ready(name):
+                    return None
+                try:
+                    async with asyncio.timeout(min(remaining, 1.0)):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass
+            return route

@@ -1,0 +1,75 @@
+"""A stand-in pool of workers (no processes) that satisfies engine.pool.Pool, for the loop's tests."""
+
+from __future__ import annotations
+
+import itertools
+
+MiB = 1024**2
+_pids = itertools.count(50000)
+
+
+class FakeWorker:
+    def __init__(self, spec):
+        self.spec = spec
+        self.id = f"{spec.name}-{next(_pids)}"
+        self.pid = next(_pids)
+        self.address = "http://127.0.0.1:9"
+        self.started_at = self.ready_at = 0.0
+        self.load_seconds = 0.1
+        self.stopping = False
+        self.returncode = None
+        self._alive = True
+
+    def alive(self):
+        return self._alive
+
+    def memory_bytes(self):
+        return 100 * MiB if self._alive else None
+
+    def crash(self):
+        self._alive, self.returncode = False, -9
+
+
+class FakePool:
+    """Starts FakeWorkers at once; a test may set `start_error` to make starts raise."""
+
+    def __init__(self):
+        self.clock = lambda: 1.0
+        self._workers = {}
+        self.started, self.stopped = [], []
+        self.attempts = 0
+        self.start_error: BaseException | None = None
+
+    def add_exit_listener(self, _listener):
+        return None  # the tests drive exits themselves
+
+    def recover(self):
+        return []
+
+    def workers(self):
+        return list(self._workers.values())
+
+    def get(self, worker_id):
+        return self._workers.get(worker_id)
+
+    async def start(self, spec, _timeout):
+        self.attempts += 1
+        if self.start_error is not None:
+            raise self.start_error
+        worker = FakeWorker(spec)
+        worker.started_at = worker.ready_at = self.clock()
+        self._workers[worker.id] = worker
+        self.started.append(spec.name)
+        return worker
+
+    async def stop(self, worker, _grace):
+        worker.stopping, worker._alive = True, False
+        self._workers.pop(worker.id, None)
+        self.stopped.append(worker.spec.name)
+
+    def forget(self, worker):
+        self._workers.pop(worker.id, None)
+
+    async def stop_all(self, grace):
+        for worker in self.workers():
+            await self.stop(worker, grace)
