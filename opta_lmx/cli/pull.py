@@ -8,6 +8,7 @@ files already complete stay in the cache and the next `lmx pull` fetches only th
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
@@ -53,6 +54,9 @@ class ProgressBar:
 def cmd_pull(args: argparse.Namespace) -> int:
     from opta_lmx.engine import download as dl
 
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("httpx", "httpx2", "httpcore"):  # one INFO line per request would drown the bar
+            logging.getLogger(name).setLevel(logging.WARNING)
     if dl.hub_repo_id(args.source) is None:
         print(f"lmx pull: {args.source!r} is not a hub model id (owner/name); local paths need no pull",
               file=sys.stderr)
