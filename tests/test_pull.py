@@ -66,7 +66,8 @@ def test_pull_fetches_the_snapshot_with_a_progress_bar(hub, env, tiny_model, tmp
 
 
 def test_a_missing_or_private_repo_fails_with_a_clear_message(env):
-    result = pull(env, "opta-test/no-such-model")
+    endpoint = env.pop("HF_ENDPOINT")  # given as the option instead
+    result = pull(env, "opta-test/no-such-model", "--endpoint", endpoint)
     assert result.returncode == 1
     assert "not found on the hub" in result.stderr and "private" in result.stderr
     assert "Traceback" not in result.stderr
