@@ -21,13 +21,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
 
 from opta_lmx.engine.options import serve_args
 from opta_lmx.engine.records import WorkerRecord, process_create_time
+from opta_lmx.engine.worker_main import SERVING
 from opta_lmx.state.spec import EngineOptions
+
+if TYPE_CHECKING:
+    from opta_lmx.engine.spare import Spare
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +115,8 @@ class Worker:
         self._stopping = False
         self.started_at: float | None = None
         self.ready_at: float | None = None
+        self.spare_id: str | None = None  # the spare this worker was made from, if any
+        self._wake: Callable[[], None] | None = None  # wakes wait_ready when the worker announces
 
     # -- identity -----------------------------------------------------------------
     @classmethod
@@ -194,10 +201,14 @@ class Worker:
         return env
 
     # -- lifecycle ----------------------------------------------------------------
-    def spawn(self) -> None:
+    def spawn(self, spare: "Spare | None" = None) -> None:
+        """Start the worker: cold, or by assigning its model to a waiting `spare` (engine/spare.py)."""
         (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         rotate_log(self.log_path)
+        if spare is not None:
+            self._spawn_from(spare)
+            return
         log_file = open(self.log_path, "ab", buffering=0)
         self.started_at = time.time()
         log.info("starting worker %s: %s", self.id, " ".join(self.command()))
@@ -213,6 +224,25 @@ class Worker:
         log_file.close()
         self.create_time = process_create_time(self._proc.pid) or self.started_at
         threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
+
+    def _spawn_from(self, spare: "Spare") -> None:
+        command = self.command()
+        if command[1:3] != ["-m", "vllm_mlx.cli"]:
+            raise ValueError(f"a spare runs vllm_mlx.cli arguments, not {command[:3]}")
+        self.started_at = time.time()
+        log.info("worker %s from spare %s (pid %s): %s", self.id, spare.id, spare.pid, " ".join(command))
+        spare.listen(self._announced)
+        spare.assign(command[3:], self.environment(), self.log_path)
+        assert spare.proc is not None
+        self._proc = spare.proc
+        self.create_time = spare.create_time
+        self.spare_id = spare.id
+        spare.forget_files()
+        threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
+
+    def _announced(self, word: str) -> None:
+        if word == SERVING and self._wake is not None:
+            self._wake()
 
     def _wait_for_exit(self) -> None:
         if self._proc is not None:
@@ -232,6 +262,9 @@ class Worker:
     async def wait_ready(self, timeout: float) -> None:
         """Return once the worker answers /health; raise WorkerStartError otherwise."""
         deadline = time.monotonic() + timeout
+        announced = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._wake = lambda: loop.call_soon_threadsafe(announced.set)
         async with httpx.AsyncClient(timeout=2.0) as client:
             while True:
                 if not self.alive():
@@ -250,7 +283,10 @@ class Worker:
                     raise WorkerStartError(
                         f"worker not ready after {timeout:.0f}s", permanent=False, log_tail=tail
                     )
-                await asyncio.sleep(0.1)
+                try:  # a worker from a spare announces when it serves: no polling delay
+                    await asyncio.wait_for(announced.wait(), 0.1)
+                except asyncio.TimeoutError:
+                    pass
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         """Whether the worker answers /health with its model loaded (used to adopt it)."""

@@ -1,0 +1,249 @@
+"""Spare workers: processes that have imported vllm-mlx and wait to be given a model.
+
+Starting a worker cold costs its imports (~3 s of CPU here) before any weight is read. A
+spare pays that in the background; `take()` hands one over and starts the next. Spares run
+engine/worker_main.py in their own process group, like workers. A spare exits by itself
+when its stdin closes, so a control plane that dies, however it dies, leaves none behind.
+
+This works the same on Linux and macOS: the spare is a fresh process, never a fork of one
+that has touched Metal or the Objective-C runtime.
+
+A spare is only used for a worker whose environment (HOME aside) is the one the spare was
+started with: some libraries read their environment when imported (HF_HUB_OFFLINE, HF_HOME).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from opta_lmx.engine.records import process_create_time
+from opta_lmx.engine.worker_main import SERVING, WAITING
+
+log = logging.getLogger(__name__)
+
+#: Variables that differ per worker and are applied at assignment, not at import.
+PER_WORKER_VARIABLES = frozenset({"HOME"})
+#: A spare that dies this soon after starting makes the next replacement wait (crash loop).
+RESTART_BACKOFF = (1.0, 60.0)
+
+
+def worker_environment(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a cold worker of a pool with `extra_env` gets (HOME aside): a spare's."""
+    from opta_lmx.engine.worker import Worker, WorkerSpec
+
+    probe = Worker(WorkerSpec("spare", "spare"), run_dir=Path("/nonexistent"), port=1, env=extra_env)
+    return comparable_env(probe.environment())
+
+
+def comparable_env(env: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in env.items() if key not in PER_WORKER_VARIABLES}
+
+
+class Spare:
+    """One waiting process: its Popen, its announcement pipe and the environment it imported with."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str], python: str = sys.executable):
+        self.id = f"spare-{os.urandom(3).hex()}"
+        self.run_dir = Path(run_dir) / self.id
+        self.env = dict(env)
+        self.log_path = self.run_dir / "spare.log"
+        self._python = python
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.create_time: float | None = None
+        self.started_at: float | None = None
+        self.waiting = threading.Event()
+        self.announced: list[str] = []
+        self._listeners: list[Callable[[str], None]] = []
+        self._lock = threading.Lock()
+
+    def command(self, announce_fd: int) -> list[str]:
+        return [self._python, "-m", "opta_lmx.engine.worker_main", "--announce-fd", str(announce_fd)]
+
+    def start(self) -> None:
+        (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "HOME": str(self.run_dir / "home")}
+        read_fd, write_fd = os.pipe()
+        try:
+            with open(self.log_path, "ab", buffering=0) as log_file:
+                self.started_at = time.time()
+                self.proc = subprocess.Popen(
+                    self.command(write_fd), stdin=subprocess.PIPE, stdout=log_file,
+                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                    close_fds=True, pass_fds=(write_fd,),
+                )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.create_time = process_create_time(self.proc.pid) or self.started_at
+        threading.Thread(target=self._listen, args=(read_fd,), name=f"listen-{self.id}", daemon=True).start()
+
+    def listen(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(word)` for each later announcement, and at once for the past ones."""
+        with self._lock:
+            self._listeners.append(listener)
+            past = list(self.announced)
+        for word in past:
+            listener(word)
+
+    def _listen(self, read_fd: int) -> None:
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            buffered = b""
+            while chunk := pipe.read(256):
+                buffered += chunk
+                while b"\n" in buffered:
+                    raw, buffered = buffered.split(b"\n", 1)
+                    word = raw.decode("utf-8", "replace")
+                    with self._lock:
+                        self.announced.append(word)
+                        listeners = list(self._listeners)
+                    if word == WAITING:
+                        self.waiting.set()
+                    for listener in listeners:
+                        listener(word)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def forget_files(self) -> None:
+        """Once assigned, the process writes to its worker's log and HOME: drop the spare's."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def assign(self, argv: list[str], env: dict[str, str], log_path: Path, cwd: str | None = None) -> None:
+        """Make this spare the worker `vllm-mlx <argv>` would be; it closes its stdin after."""
+        assert self.proc is not None and self.proc.stdin is not None
+        line = json.dumps({"argv": argv, "env": env, "log_path": str(log_path), "cwd": cwd or os.getcwd()})
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+        self.proc.stdin.close()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Close its stdin (a waiting spare exits by itself), then SIGTERM, then SIGKILL its group."""
+        if self.proc is None:
+            return
+        try:
+            if self.proc.stdin and not self.proc.stdin.closed:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                self.proc.wait(timeout=grace / 3)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class SpareWorkers:
+    """Keeps `count` spares waiting and replaces any that die; `take()` hands one over.
+
+    The replacement for a taken spare starts once the new worker serves (or after
+    `refill_delay` seconds): importing competes for the CPU with the load it would slow.
+    """
+
+    def __init__(self, run_dir: Path, env: dict[str, str], *, count: int = 1,
+                 python: str = sys.executable, refill_delay: float = 30.0):
+        self.run_dir = Path(run_dir)
+        self.env = dict(env)
+        self.count = count
+        self.refill_delay = refill_delay
+        self._python = python
+        self._spares: list[Spare] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._failures = 0
+        self.replaced = 0  # spares that died while waiting and were replaced (for status and tests)
+
+    def spares(self) -> list[Spare]:
+        with self._lock:
+            return list(self._spares)
+
+    def fill(self) -> None:
+        """Start spares until `count` are alive (a no-op once closed)."""
+        while True:
+            with self._lock:
+                self._spares = [s for s in self._spares if s.alive()]
+                if self._closed or len(self._spares) >= self.count:
+                    return
+                spare = Spare(self.run_dir, self.env, python=self._python)
+                self._spares.append(spare)
+            try:
+                spare.start()
+            except OSError as error:
+                log.warning("could not start a spare worker: %s", error)
+                with self._lock:
+                    self._spares.remove(spare)
+                return
+            threading.Thread(target=self._watch, args=(spare,), name=f"watch-{spare.id}", daemon=True).start()
+
+    def take(self, env: dict[str, str]) -> Spare | None:
+        """A waiting spare that imported with this environment, or None (start cold then)."""
+        wanted = comparable_env(env)
+        with self._lock:
+            for spare in self._spares:
+                if spare.alive() and spare.waiting.is_set() and comparable_env(spare.env) == wanted:
+                    self._spares.remove(spare)
+                    break
+            else:
+                return None
+        refill = threading.Timer(self.refill_delay, self.fill)
+        refill.daemon = True
+        refill.start()
+        spare.listen(lambda word: _fire(refill) if word == SERVING else None)
+        return spare
+
+    def _watch(self, spare: Spare) -> None:
+        """Replace a spare that died while waiting, with a backoff if they keep dying."""
+        assert spare.proc is not None
+        spare.proc.wait()
+        with self._lock:
+            if spare not in self._spares or self._closed:
+                return  # taken (now a worker's business) or stopped on purpose
+            self._spares.remove(spare)
+            self._failures += 1
+            delay = min(RESTART_BACKOFF[0] * 2 ** (self._failures - 1), RESTART_BACKOFF[1])
+            self.replaced += 1
+        log.warning("spare %s exited with %s; replacing it in %.0fs (log: %s)",
+                    spare.id, spare.proc.returncode, delay, spare.log_path)
+        shutil.rmtree(spare.run_dir, ignore_errors=True)
+        if spare.waiting.is_set():
+            delay = 0.0  # it had worked: not a crash loop
+            self._failures = 0
+        timer = threading.Timer(delay, self.fill)
+        timer.daemon = True
+        timer.start()
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop every spare and start no more."""
+        with self._lock:
+            self._closed = True
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            spare.stop(grace)
+
+
+def _fire(timer: threading.Timer) -> None:
+    """Run a pending refill now instead of when its timer ends."""
+    timer.cancel()
+    threading.Thread(target=timer.function, daemon=True).start()
