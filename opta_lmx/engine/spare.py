@@ -52,7 +52,9 @@ def comparable_env(env: dict[str, str]) -> dict[str, str]:
 class Spare:
     """One waiting process: its Popen, its announcement pipe and the environment it imported with."""
 
-    def __init__(self, run_dir: Path, env: dict[str, str], python: str = sys.executable):
+    def __init__(self, run_dir: Path, env: dict[str, str], python: str = sys.executable,
+                 warm_up_model: Path | None = None):
+        self.warm_up_model = warm_up_model
         self.id = f"spare-{os.urandom(3).hex()}"
         self.run_dir = Path(run_dir) / self.id
         self.env = dict(env)
@@ -67,7 +69,10 @@ class Spare:
         self._lock = threading.Lock()
 
     def command(self, announce_fd: int) -> list[str]:
-        return [self._python, "-m", "opta_lmx.engine.worker_main", "--announce-fd", str(announce_fd)]
+        command = [self._python, "-m", "opta_lmx.engine.worker_main", "--announce-fd", str(announce_fd)]
+        if self.warm_up_model is not None:
+            command += ["--warm-up-model", str(self.warm_up_model)]
+        return command
 
     def start(self) -> None:
         (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
@@ -163,7 +168,8 @@ class SpareWorkers:
     """
 
     def __init__(self, run_dir: Path, env: dict[str, str], *, count: int = 1,
-                 python: str = sys.executable, refill_delay: float = 30.0):
+                 python: str = sys.executable, refill_delay: float = 30.0, warm_up: bool = True):
+        self.warm_up = warm_up
         self.run_dir = Path(run_dir)
         self.env = dict(env)
         self.count = count
@@ -186,7 +192,8 @@ class SpareWorkers:
                 self._spares = [s for s in self._spares if s.alive()]
                 if self._closed or len(self._spares) >= self.count:
                     return
-                spare = Spare(self.run_dir, self.env, python=self._python)
+                spare = Spare(self.run_dir, self.env, python=self._python,
+                              warm_up_model=self.run_dir / "warm-up-model" if self.warm_up else None)
                 self._spares.append(spare)
             try:
                 spare.start()
