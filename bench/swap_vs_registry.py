@@ -121,7 +121,7 @@ class Engine:
         if self.spares is not None:
             spare = self.spares.take(worker.environment())
             assert spare is not None, "no spare waiting"
-        worker.spawn(spare=spare)
+        worker.spawn(spare)
         await worker.wait_ready(600)
         await asyncio.to_thread(answer, worker.address, name)
         return worker
@@ -152,7 +152,7 @@ class Engine:
 def wait_for_spare(spares: SpareWorkers, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     spares.fill()
-    while not any(s.waiting.is_set() and s.alive() for s in spares.spares()):
+    while not any(s.waiting and s.alive() for s in spares.spares()):
         if time.monotonic() > deadline:
             raise TimeoutError("no spare became ready")
         time.sleep(0.05)

@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from opta_lmx.engine.announce import Announcements, Launched
 from opta_lmx.engine.records import process_create_time
-from opta_lmx.engine.worker_main import SERVING, WAITING
+from opta_lmx.engine.worker_main import SERVING
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,7 @@ class Spare:
         self.proc: subprocess.Popen[bytes] | None = None
         self.create_time: float | None = None
         self.started_at: float | None = None
-        self.waiting = threading.Event()
-        self.announced: list[str] = []
-        self._listeners: list[Callable[[str], None]] = []
-        self._lock = threading.Lock()
+        self.announcements: Announcements | None = None
 
     def command(self, announce_fd: int) -> list[str]:
         command = [self._python, "-m", "opta_lmx.engine.worker_main", "--announce-fd", str(announce_fd)]
@@ -92,31 +90,12 @@ class Spare:
         finally:
             os.close(write_fd)
         self.create_time = process_create_time(self.proc.pid) or self.started_at
-        threading.Thread(target=self._listen, args=(read_fd,), name=f"listen-{self.id}", daemon=True).start()
+        self.announcements = Announcements(read_fd, self.id)
 
-    def listen(self, listener: Callable[[str], None]) -> None:
-        """Call `listener(word)` for each later announcement, and at once for the past ones."""
-        with self._lock:
-            self._listeners.append(listener)
-            past = list(self.announced)
-        for word in past:
-            listener(word)
-
-    def _listen(self, read_fd: int) -> None:
-        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
-            buffered = b""
-            while chunk := pipe.read(256):
-                buffered += chunk
-                while b"\n" in buffered:
-                    raw, buffered = buffered.split(b"\n", 1)
-                    word = raw.decode("utf-8", "replace")
-                    with self._lock:
-                        self.announced.append(word)
-                        listeners = list(self._listeners)
-                    if word == WAITING:
-                        self.waiting.set()
-                    for listener in listeners:
-                        listener(word)
+    @property
+    def waiting(self) -> bool:
+        """Whether it has imported and waits for its assignment."""
+        return self.announcements is not None and self.announcements.waiting.is_set()
 
     @property
     def pid(self) -> int | None:
@@ -129,13 +108,18 @@ class Spare:
         """Once assigned, the process writes to its worker's log and HOME: drop the spare's."""
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def assign(self, argv: list[str], env: dict[str, str], log_path: Path, cwd: str | None = None) -> None:
-        """Make this spare the worker `vllm-mlx <argv>` would be; it closes its stdin after."""
-        assert self.proc is not None and self.proc.stdin is not None
-        line = json.dumps({"argv": argv, "env": env, "log_path": str(log_path), "cwd": cwd or os.getcwd()})
+    def launch(self, argv: list[str], env: dict[str, str], log_path: Path,
+               on_announce: Callable[[str], None]) -> Launched:
+        """Make this spare the worker `vllm-mlx <argv>` would be (see PreparedStart)."""
+        assert self.proc is not None and self.proc.stdin is not None and self.announcements is not None
+        self.announcements.listen(on_announce)
+        line = json.dumps({"argv": argv, "env": env, "log_path": str(log_path), "cwd": os.getcwd()})
         self.proc.stdin.write(line.encode() + b"\n")
         self.proc.stdin.flush()
         self.proc.stdin.close()
+        self.forget_files()
+        assert self.create_time is not None
+        return Launched(self.proc.pid, self.create_time, self.proc, self.id)
 
     def stop(self, grace: float = 5.0) -> None:
         """Close its stdin (a waiting spare exits by itself), then SIGTERM, then SIGKILL its group."""
@@ -209,7 +193,7 @@ class SpareWorkers:
         wanted = comparable_env(env)
         with self._lock:
             for spare in self._spares:
-                if spare.alive() and spare.waiting.is_set() and comparable_env(spare.env) == wanted:
+                if spare.alive() and spare.waiting and comparable_env(spare.env) == wanted:
                     self._spares.remove(spare)
                     break
             else:
@@ -217,7 +201,8 @@ class SpareWorkers:
         refill = threading.Timer(self.refill_delay, self.fill)
         refill.daemon = True
         refill.start()
-        spare.listen(lambda word: _fire(refill) if word == SERVING else None)
+        assert spare.announcements is not None
+        spare.announcements.listen(lambda word: _fire(refill) if word == SERVING else None)
         return spare
 
     def _watch(self, spare: Spare) -> None:
@@ -234,7 +219,7 @@ class SpareWorkers:
         log.warning("spare %s exited with %s; replacing it in %.0fs (log: %s)",
                     spare.id, spare.proc.returncode, delay, spare.log_path)
         shutil.rmtree(spare.run_dir, ignore_errors=True)
-        if spare.waiting.is_set():
+        if spare.waiting:
             delay = 0.0  # it had worked: not a crash loop
             self._failures = 0
         timer = threading.Timer(delay, self.fill)

@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="opta_lmx.engine.worker_main")
     parser.add_argument("--announce-fd", type=int, default=None)
     parser.add_argument("--warm-up-model", default=None, help="a tiny model to load and drop once")
+    parser.add_argument("--list-modules", default=None,
+                        help="after warming up, write the imported module names here and exit (for templates)")
     args = parser.parse_args(argv)
     fd = args.announce_fd
     if fd is not None:
@@ -136,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             _warm_up(args.warm_up_model)
         except Exception as error:  # a spare that did not warm up still saves the imports
             print(f"warm-up failed (the spare still waits): {error!r}", file=sys.stderr, flush=True)
+    if args.list_modules:
+        with open(args.list_modules, "w") as handle:
+            json.dump(sorted(sys.modules), handle)
+        return 0
     _announce(fd, WAITING)
     try:
         assignment = _read_assignment()
@@ -144,13 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if assignment is None:
         return 0  # stopped while waiting
+    serve(assignment, fd)
+    return 0
+
+
+def serve(assignment: dict, announce_fd: int | None) -> None:
+    """Become the assigned worker and run `vllm-mlx serve` until it stops."""
     _become(assignment)
-    _announce_when_serving(fd)
+    _announce_when_serving(announce_fd)
     import vllm_mlx.cli
 
     sys.argv = ["vllm-mlx", *assignment["argv"]]
     vllm_mlx.cli.main()
-    return 0
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def gone(pid: int) -> bool:
 
 def waiting_spare(spares: SpareWorkers, other_than: int | None = None):
     return wait_for(lambda: next((s for s in spares.spares()
-                                  if s.waiting.is_set() and s.alive() and s.pid != other_than), None),
+                                  if s.waiting and s.alive() and s.pid != other_than), None),
                     what="a waiting spare")
 
 
@@ -83,7 +83,7 @@ def test_workers_from_spares_serve_their_own_model_under_their_own_name(tmp_path
                 worker = Worker(WorkerSpec(name, str(source)), run_dir=tmp_path / "run")
                 taken = spares.take(worker.environment())
                 assert taken is spare
-                worker.spawn(spare=taken)
+                worker.spawn(taken)
                 workers.append(worker)
                 await worker.wait_ready(120)
                 assert worker.pid == spare.pid and worker.spare_id == spare.id
@@ -122,15 +122,15 @@ CONTROL_PLANE = textwrap.dedent("""
         pool = WorkerPool(run)
         spares = SpareWorkers(run / "spares", worker_environment(), count=1)
         spares.fill()
-        while not (waiting := [s for s in spares.spares() if s.waiting.is_set()]):
+        while not (waiting := [s for s in spares.spares() if s.waiting]):
             time.sleep(0.05)
         worker = Worker(WorkerSpec("tiny", source), run_dir=pool.run_dir)
-        worker.spawn(spare=spares.take(worker.environment()))
+        worker.spawn(spares.take(worker.environment()))
         pool.records.write(worker.record())
         await worker.wait_ready(120)
         pool.records.write(worker.record())
         spares.fill()
-        while not [s for s in spares.spares() if s.waiting.is_set()]:
+        while not [s for s in spares.spares() if s.waiting]:
             time.sleep(0.05)
         print(json.dumps({"worker": worker.pid, "spares": [s.pid for s in spares.spares()]}), flush=True)
         time.sleep(600)
