@@ -8,7 +8,8 @@ mode: the `small` size). Each repeat does, one after the other so all see the sa
 - Opta-LMX engine, budget for one: stop the old worker, start the new one, first answer;
 - Opta-LMX engine, budget for both: start the new worker while the old serves, first answer
   (the old one is stopped after the clock stops: make-before-break);
-each of the two Opta-LMX swaps through a waiting spare worker (engine/spare.py) and cold.
+each of the two Opta-LMX swaps three ways: forked from the worker template (engine/template.py,
+Linux), through a waiting spare worker (engine/spare.py), and cold (a fresh `vllm-mlx serve`).
 
 The Opta-LMX figures are the engine's: from the decision to start to the first answer. The
 control loop's own reaction time (file watch debounce, planning) is not in them. Before each
@@ -39,6 +40,7 @@ from first_answer import bare_seconds
 
 from opta_lmx.devmodel import SIZES, make_model, model_files
 from opta_lmx.engine.spare import SpareWorkers, worker_environment
+from opta_lmx.engine.template import WorkerTemplate
 from opta_lmx.engine.worker import Worker, WorkerSpec
 
 # Issue 10's models: the `medium` shape with 8 layers (about 430 MB in float32).
@@ -109,19 +111,21 @@ class Registry:
 class Engine:
     """Opta-LMX's engine: one worker process per model, from a spare or cold."""
 
-    def __init__(self, root: Path, models: dict[str, Path], spares: SpareWorkers | None):
-        self.root, self.models, self.spares = root, models, spares
+    def __init__(self, root: Path, models: dict[str, Path], spares: SpareWorkers | None = None,
+                 template: WorkerTemplate | None = None):
+        self.root, self.models, self.spares, self.template = root, models, spares, template
+        self.path = "fork" if template else "spare" if spares else "cold"
         self.ports = [next(PORTS), next(PORTS)]  # make-before-break needs two
         self.worker: Worker | None = None
         self.memory: list[dict] = []
 
     async def start(self, name: str) -> Worker:
         worker = Worker(WorkerSpec(name, str(self.models[name])), run_dir=self.root / "run", port=self.ports[0])
-        spare = None
+        prepared = self.template
         if self.spares is not None:
-            spare = self.spares.take(worker.environment())
-            assert spare is not None, "no spare waiting"
-        worker.spawn(spare)
+            prepared = self.spares.take(worker.environment())
+            assert prepared is not None, "no spare waiting"
+        worker.spawn(prepared)
         await worker.wait_ready(600)
         await asyncio.to_thread(answer, worker.address, name)
         return worker
@@ -137,7 +141,7 @@ class Engine:
         self.ports.reverse()
         self.worker = await self.start(name)
         seconds = time.perf_counter() - started
-        self.memory.append({"uss": uss(self.worker.pid), "spare": self.spares is not None})
+        self.memory.append({"uss": uss(self.worker.pid), "path": self.path})
         if old is not None and budget == "both":
             await old.stop(grace=10)
         return seconds
@@ -147,6 +151,8 @@ class Engine:
             await self.worker.stop(grace=10)
         if self.spares is not None:
             self.spares.close()
+        if self.template is not None:
+            self.template.close()
 
 
 def wait_for_spare(spares: SpareWorkers, timeout: float = 300) -> None:
@@ -170,37 +176,38 @@ async def run(root: Path, size: str, repeats: int) -> dict:
     each_gb = weight_bytes / 1024**3 * 1.3
     registry = Registry(root, a, b, each_gb)
     spare_pool = SpareWorkers(root / "spares", worker_environment(), count=1, refill_delay=0.5)
-    engines = {("one", "spare"): Engine(root, {"a": a, "b": b}, spare_pool),
-               ("both", "spare"): None, ("one", "cold"): Engine(root, {"a": a, "b": b}, None), ("both", "cold"): None}
-    engines[("both", "spare")] = engines[("one", "spare")]  # one worker chain per start path
-    engines[("both", "cold")] = engines[("one", "cold")]
+    template = WorkerTemplate(root / "template", worker_environment())
+    template.ensure()
+    models = {"a": a, "b": b}
+    chains = [Engine(root, models, template=template), Engine(root, models, spares=spare_pool), Engine(root, models)]
     times: dict[str, list[float]] = {"registry": [], "registry_warm_answer": [], "bare": []}
     try:
-        await engines[("one", "spare")].swap("one")  # first worker of each chain (not timed)
-        await engines[("one", "cold")].swap("one")
         await asyncio.to_thread(wait_for_spare, spare_pool)
-        spare_uss = uss(spare_pool.spares()[0].pid)
+        while not template.waiting.is_set():
+            await asyncio.sleep(0.1)
+        spare_uss, template_uss = uss(spare_pool.spares()[0].pid), uss(template.pid)
+        for chain in chains:
+            await chain.swap("one")  # the first worker of each chain (not timed)
         for repeat in range(repeats):
             times["registry"].append(registry.swap())
             times["registry_warm_answer"].append(registry.warm())
-            for (budget, path), engine in engines.items():
-                times.setdefault(f"opta_{path}_budget_{budget}", []).append(await engine.swap(budget))
+            for chain in chains:
+                for budget in ("one", "both"):
+                    times.setdefault(f"opta_{chain.path}_budget_{budget}", []).append(await chain.swap(budget))
             times["bare"].append(bare_seconds(a))
             print(f"  repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
     finally:
         registry.stop()
-        for engine in {id(e): e for e in engines.values()}.values():
-            await engine.close()
-        spare_pool.close()
+        for chain in chains:
+            await chain.close()
     rows = {key: summary(values) for key, values in times.items()}
     reference = rows["registry"]["median_s"]
     ratios = {key: round(row["median_s"] / reference, 2) for key, row in rows.items() if key.startswith("opta_")}
-    memory = {"waiting_spare_uss_mib": round(spare_uss / 2**20)}
-    for path in ("spare", "cold"):
-        values = [m["uss"] for e in {id(e): e for e in engines.values()}.values() for m in e.memory
-                  if m["spare"] == (path == "spare")]
-        memory[f"worker_{path}_uss_mib"] = round(statistics.median(values) / 2**20)
-        memory[f"worker_{path}_uss_beyond_weights_mib"] = round((statistics.median(values) - weight_bytes) / 2**20)
+    memory = {"waiting_spare_uss_mib": round(spare_uss / 2**20), "template_uss_mib": round(template_uss / 2**20)}
+    for chain in chains:
+        median = statistics.median(m["uss"] for m in chain.memory[1:] or chain.memory)
+        memory[f"worker_{chain.path}_uss_mib"] = round(median / 2**20)
+        memory[f"worker_{chain.path}_uss_beyond_weights_mib"] = round((median - weight_bytes) / 2**20)
     return {"size": size, "weights_mb": round(weight_bytes / 1e6), "repeats": repeats,
             "times": rows, "ratio_to_registry": ratios, "memory": memory}
 
