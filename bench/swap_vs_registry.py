@@ -118,6 +118,8 @@ class Engine:
         self.ports = [next(PORTS), next(PORTS)]  # make-before-break needs two
         self.worker: Worker | None = None
         self.memory: list[dict] = []
+        self.split: list[dict] = []
+        self.stops: list[float] = []
 
     async def start(self, name: str) -> Worker:
         worker = Worker(WorkerSpec(name, str(self.models[name])), run_dir=self.root / "run", port=self.ports[0])
@@ -126,8 +128,12 @@ class Engine:
             prepared = self.spares.take(worker.environment())
             assert prepared is not None, "no spare waiting"
         worker.spawn(prepared)
+        started = time.perf_counter()
         await worker.wait_ready(600)
+        ready = time.perf_counter()
         await asyncio.to_thread(answer, worker.address, name)
+        self.split.append({"start_to_ready_s": round(ready - started, 3),
+                           "first_answer_s": round(time.perf_counter() - ready, 3)})
         return worker
 
     async def swap(self, budget: str) -> float:
@@ -138,6 +144,7 @@ class Engine:
         started = time.perf_counter()
         if old is not None and budget == "one":
             await old.stop(grace=10)
+            self.stops.append(round(time.perf_counter() - started, 3))
         self.ports.reverse()
         self.worker = await self.start(name)
         seconds = time.perf_counter() - started
@@ -175,7 +182,7 @@ async def run(root: Path, size: str, repeats: int) -> dict:
     weight_bytes = sum(model_files(a).values())
     each_gb = weight_bytes / 1024**3 * 1.3
     registry = Registry(root, a, b, each_gb)
-    spare_pool = SpareWorkers(root / "spares", worker_environment(), count=1, refill_delay=0.5)
+    spare_pool = SpareWorkers(root / "spares", worker_environment(), count=1, refill_delay=3.0)
     template = WorkerTemplate(root / "template", worker_environment())
     template.ensure()
     models = {"a": a, "b": b}
@@ -208,7 +215,11 @@ async def run(root: Path, size: str, repeats: int) -> dict:
         median = statistics.median(m["uss"] for m in chain.memory[1:] or chain.memory)
         memory[f"worker_{chain.path}_uss_mib"] = round(median / 2**20)
         memory[f"worker_{chain.path}_uss_beyond_weights_mib"] = round((median - weight_bytes) / 2**20)
-    return {"size": size, "weights_mb": round(weight_bytes / 1e6), "repeats": repeats,
+    parts = {chain.path: {
+        "stop_old_s": statistics.median(chain.stops) if chain.stops else None,
+        "start_to_ready_s": statistics.median(x["start_to_ready_s"] for x in chain.split[1:]),
+        "first_answer_s": statistics.median(x["first_answer_s"] for x in chain.split[1:])} for chain in chains}
+    return {"size": size, "parts_median": parts, "weights_mb": round(weight_bytes / 1e6), "repeats": repeats,
             "times": rows, "ratio_to_registry": ratios, "memory": memory}
 
 
@@ -225,6 +236,7 @@ def main() -> None:
     for key, row in result["times"].items():
         print(f"{key:32s} {row['median_s']:7.3f} s  {result['ratio_to_registry'].get(key, '')}")
     print(result["memory"])
+    print(result["parts_median"])
     save("swap_vs_registry-quick" if args.quick else "swap_vs_registry", result)
 
 

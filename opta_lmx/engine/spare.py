@@ -147,12 +147,13 @@ class Spare:
 class SpareWorkers:
     """Keeps `count` spares waiting and replaces any that die; `take()` hands one over.
 
-    The replacement for a taken spare starts once the new worker serves (or after
-    `refill_delay` seconds): importing competes for the CPU with the load it would slow.
+    The replacement for a taken spare starts `refill_delay` seconds after the new worker
+    serves, or at the latest `refill_delay` + 60 s after the take: its imports compete for the
+    CPU with the load and the first answers it would slow.
     """
 
     def __init__(self, run_dir: Path, env: dict[str, str], *, count: int = 1,
-                 python: str = sys.executable, refill_delay: float = 30.0, warm_up: bool = True):
+                 python: str = sys.executable, refill_delay: float = 5.0, warm_up: bool = True):
         self.warm_up = warm_up
         self.run_dir = Path(run_dir)
         self.env = dict(env)
@@ -198,12 +199,19 @@ class SpareWorkers:
                     break
             else:
                 return None
-        refill = threading.Timer(self.refill_delay, self.fill)
+        refill = threading.Timer(self.refill_delay + 60.0, self.fill)
         refill.daemon = True
         refill.start()
         assert spare.announcements is not None
-        spare.announcements.listen(lambda word: _fire(refill) if word == SERVING else None)
+        spare.announcements.listen(lambda word: self._refill_soon(refill) if word == SERVING else None)
         return spare
+
+    def _refill_soon(self, pending: threading.Timer) -> None:
+        """The taken spare serves: refill `refill_delay` seconds from now, not at the deadline."""
+        pending.cancel()
+        timer = threading.Timer(self.refill_delay, self.fill)
+        timer.daemon = True
+        timer.start()
 
     def _watch(self, spare: Spare) -> None:
         """Replace a spare that died while waiting, with a backoff if they keep dying."""
@@ -235,7 +243,3 @@ class SpareWorkers:
             spare.stop(grace)
 
 
-def _fire(timer: threading.Timer) -> None:
-    """Run a pending refill now instead of when its timer ends."""
-    timer.cancel()
-    threading.Thread(target=timer.function, daemon=True).start()

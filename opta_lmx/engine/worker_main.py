@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     if assignment is None:
         return 0  # stopped while waiting
     serve(assignment, fd)
-    return 0
+    # vllm-mlx has shut down (engine stopped, caches saved). Skip the interpreter's teardown of
+    # ~4000 modules: the process exits, and returns its memory, a few hundred ms sooner.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def serve(assignment: dict, announce_fd: int | None) -> None:
