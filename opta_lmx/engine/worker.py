@@ -291,7 +291,10 @@ class Worker:
                     raise WorkerStartError(
                         f"worker not ready after {timeout:.0f}s", permanent=False, log_tail=tail
                     )
-                try:  # a worker from a spare announces when it serves: no polling delay
+                if announced.is_set():  # announced but /health not yet right: poll, do not spin
+                    await asyncio.sleep(0.05)
+                    continue
+                try:  # a prepared start announces when it serves: no polling delay
                     await asyncio.wait_for(announced.wait(), 0.1)
                 except asyncio.TimeoutError:
                     pass
