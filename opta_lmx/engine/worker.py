@@ -21,13 +21,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
 
 from opta_lmx.engine.options import serve_args
 from opta_lmx.engine.records import WorkerRecord, process_create_time
+from opta_lmx.engine.worker_main import SERVING
 from opta_lmx.state.spec import EngineOptions
+
+if TYPE_CHECKING:
+    from opta_lmx.engine.announce import PreparedStart
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +115,10 @@ class Worker:
         self._stopping = False
         self.started_at: float | None = None
         self.ready_at: float | None = None
+        self.spare_id: str | None = None  # the spare or template this worker was started through
+        self._wake: Callable[[], None] | None = None  # wakes wait_ready when the worker announces
+        self._served_announced = False
+        self._announces = False  # started through a spare or template: ready only once it says so
 
     # -- identity -----------------------------------------------------------------
     @classmethod
@@ -194,10 +203,14 @@ class Worker:
         return env
 
     # -- lifecycle ----------------------------------------------------------------
-    def spawn(self) -> None:
+    def spawn(self, prepared: "PreparedStart | None" = None) -> None:
+        """Start the worker: cold, or through a waiting spare or a template (engine/announce.py)."""
         (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         rotate_log(self.log_path)
+        if prepared is not None:
+            self._spawn_from(prepared)
+            return
         log_file = open(self.log_path, "ab", buffering=0)
         self.started_at = time.time()
         log.info("starting worker %s: %s", self.id, " ".join(self.command()))
@@ -213,6 +226,28 @@ class Worker:
         log_file.close()
         self.create_time = process_create_time(self._proc.pid) or self.started_at
         threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
+
+    def _spawn_from(self, prepared: "PreparedStart") -> None:
+        command = self.command()
+        if command[1:3] != ["-m", "vllm_mlx.cli"]:
+            raise ValueError(f"a prepared start runs vllm_mlx.cli arguments, not {command[:3]}")
+        self.started_at = time.time()
+        log.info("starting worker %s through %s: %s", self.id, prepared.id, " ".join(command))
+        launched = prepared.launch(command[3:], self.environment(), self.log_path, self._announced)
+        if launched.popen is not None:
+            self._proc = launched.popen
+        else:  # forked by a template: not our child, watched like an adopted worker
+            self._adopted = psutil.Process(launched.pid)
+        self.create_time = launched.create_time
+        self.spare_id = launched.source_id
+        self._announces = True
+        threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
+
+    def _announced(self, word: str) -> None:
+        if word == SERVING:
+            self._served_announced = True
+            if self._wake is not None:
+                self._wake()
 
     def _wait_for_exit(self) -> None:
         if self._proc is not None:
@@ -232,6 +267,11 @@ class Worker:
     async def wait_ready(self, timeout: float) -> None:
         """Return once the worker answers /health; raise WorkerStartError otherwise."""
         deadline = time.monotonic() + timeout
+        announced = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._wake = lambda: loop.call_soon_threadsafe(announced.set)
+        if self._served_announced:
+            announced.set()
         async with httpx.AsyncClient(timeout=2.0) as client:
             while True:
                 if not self.alive():
@@ -241,7 +281,8 @@ class Worker:
                         permanent=any(marker in tail for marker in _PERMANENT_MARKERS),
                         log_tail=tail,
                     )
-                if await self._serves(client):
+                # An announcing worker must have said so: another process may answer on its port.
+                if (announced.is_set() or not self._announces) and await self._serves(client):
                     self.ready_at = time.time()
                     return
                 if time.monotonic() > deadline:
@@ -250,7 +291,13 @@ class Worker:
                     raise WorkerStartError(
                         f"worker not ready after {timeout:.0f}s", permanent=False, log_tail=tail
                     )
-                await asyncio.sleep(0.1)
+                if announced.is_set():  # announced but /health not yet right: poll, do not spin
+                    await asyncio.sleep(0.05)
+                    continue
+                try:  # a prepared start announces when it serves: no polling delay
+                    await asyncio.wait_for(announced.wait(), 0.1)
+                except asyncio.TimeoutError:
+                    pass
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         """Whether the worker answers /health with its model loaded (used to adopt it)."""
