@@ -171,6 +171,13 @@ def test_out_of_range_numbers_are_422(client, config):
     assert config.read_text() == CONFIG
 
 
+@pytest.mark.parametrize("model_id", ["x" * 5000, "~nosuchuser", "a\x00b"])
+def test_a_model_id_no_path_can_be_is_not_found_not_a_500(client, config, model_id):
+    """Found by the fuzzer's neighbourhood: `load` asks the disk whether an unknown id is a path."""
+    _error(client.post("/admin/models/load?wait=none", json={"model_id": model_id}), 404, "model_not_found")
+    assert config.read_text() == CONFIG
+
+
 # -- issue 12 item 7: /admin/health --------------------------------------------------------------
 def test_admin_health_gives_models_memory_convergence_and_the_loop(client, loop):
     _accepted(client, loop)

@@ -14,6 +14,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from opta_lmx.api.admin import edits
+from opta_lmx.api.admin import openapi as docs
 from opta_lmx.api.admin.events import follow as follow_events
 from opta_lmx.api.admin.protocol import (
     DEFAULT_WAIT,
@@ -74,7 +75,7 @@ async def get_model(name: str, request: Request) -> JSONResponse:
     return JSONResponse(body, headers={"ETag": etag})
 
 
-@router.put("/models/{name}")
+@router.put("/models/{name}", openapi_extra=docs.PUT_MODEL)
 async def put_model(name: str, request: Request) -> JSONResponse:
     """Create or replace one entry; keys that stay keep their place and comments."""
     body = await _json(request)
@@ -90,7 +91,7 @@ async def put_model(name: str, request: Request) -> JSONResponse:
     return _send(await _service(request).answer(result, generation, name, timeout))
 
 
-@router.patch("/models/{name}")
+@router.patch("/models/{name}", openapi_extra=docs.PATCH_MODEL)
 async def patch_model(name: str, request: Request) -> JSONResponse:
     """JSON merge patch (RFC 7396) of one entry: null deletes a key, lists are replaced."""
     patch = await _json(request)
@@ -103,7 +104,7 @@ async def patch_model(name: str, request: Request) -> JSONResponse:
     return _send(await _service(request).answer(result, generation, name, timeout))
 
 
-@router.delete("/models/{name}")
+@router.delete("/models/{name}", openapi_extra=docs.DELETE_MODEL)
 async def delete_model(name: str, request: Request) -> JSONResponse:
     timeout = wait_query(dict(request.query_params)).seconds()
     result, generation = await _edit(request, f"DELETE /admin/models/{name}",
@@ -124,19 +125,19 @@ async def _set_state(request: Request, verb: str, state: DesiredModelState) -> J
                                                 extra={"model_id": model_id, "action": verb}))
 
 
-@router.post("/models/load")
+@router.post("/models/load", openapi_extra=docs.SET_STATE)
 async def load_model(request: Request) -> JSONResponse:
     """`{"model_id"}` -> set `state: loaded` and wait until it serves (a hub id or path is added)."""
     return await _set_state(request, "load", DesiredModelState.LOADED)
 
 
-@router.post("/models/unload")
+@router.post("/models/unload", openapi_extra=docs.SET_STATE)
 async def unload_model(request: Request) -> JSONResponse:
     """`{"model_id"}` -> set `state: unloaded` and wait until its worker is gone."""
     return await _set_state(request, "unload", DesiredModelState.UNLOADED)
 
 
-@router.post("/models/swap")
+@router.post("/models/swap", openapi_extra=docs.SWAP)
 async def swap_models(request: Request) -> JSONResponse:
     """`{"from", "to"}`: one edit. `{"alias", "to"}`: load `to`, and move the alias once it is Ready."""
     body = await _json(request)
@@ -188,7 +189,7 @@ async def get_config(request: Request) -> JSONResponse:
     return JSONResponse(body, headers={"ETag": snap.etag})
 
 
-@router.patch("/config")
+@router.patch("/config", openapi_extra=docs.PATCH_CONFIG)
 async def patch_config(request: Request) -> JSONResponse:
     """Merge patch of `memory` and `defaults`; models are edited through /admin/models."""
     patch = await _json(request)
@@ -211,7 +212,7 @@ async def get_desired(request: Request) -> Response:
                     headers={"ETag": snap.etag, "X-Generation": str(service.loop.generation)})
 
 
-@router.put("/desired")
+@router.put("/desired", openapi_extra=docs.PUT_DESIRED)
 async def put_desired(request: Request) -> JSONResponse:
     """Replace models.yaml whole (validated first); `?dry_run=true` only validates and diffs."""
     try:
