@@ -118,7 +118,7 @@ class ModelsStore:
         edit is redone on the new content (or, under a precondition, checked again). A missing
         or blank file is not an empty desired state: the edit is refused unless `create`.
         """
-        return self._write(lambda snap: render_edit(self._editable_text(snap, create), mutate),
+        return self._write(lambda snap: render_edit(self.editable_text(snap, create), mutate),
                            precondition=precondition, endpoint=endpoint, dry_run=dry_run)
 
     def replace(self, text: str, *, precondition: Precondition | None = None, endpoint: str = "",
@@ -134,7 +134,7 @@ class ModelsStore:
         return self._write(lambda _snap: (text, summary), precondition=precondition, endpoint=endpoint,
                            dry_run=dry_run)
 
-    def _editable_text(self, snap: Snapshot, create: bool) -> str:
+    def editable_text(self, snap: Snapshot, create: bool = False) -> str:
         """The text an edit applies to, or an EditError saying why this file cannot be edited."""
         if snap.problem is not None:
             raise EditError(snap.problem, "document_unreadable")
