@@ -178,6 +178,26 @@ def test_a_model_id_no_path_can_be_is_not_found_not_a_500(client, config, model_
     assert config.read_text() == CONFIG
 
 
+def test_reads_parse_the_file_off_the_event_loop(client, config, monkeypatch):
+    """Issue 12 item 8, the admin part: a hostile file must not stall the event loop it is read on."""
+    import asyncio
+
+    from opta_lmx.api.admin import serving
+
+    on_loop = []
+    real_parse = serving.parse_document
+
+    def parse(*args, **kwargs):
+        on_loop.append(asyncio._get_running_loop() is not None)
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(serving, "parse_document", parse)
+    config.write_text(CONFIG + "# changed after the loop read it\n")
+    for path in READS:
+        assert client.get(path).status_code == 200, path
+    assert on_loop and not any(on_loop)
+
+
 # -- issue 12 item 7: /admin/health --------------------------------------------------------------
 def test_admin_health_gives_models_memory_convergence_and_the_loop(client, loop):
     _accepted(client, loop)

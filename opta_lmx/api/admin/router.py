@@ -7,6 +7,7 @@ blocks until the loop has converged on it.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import time
 
@@ -65,13 +66,13 @@ async def _json(request: Request) -> dict:
 # -- models -----------------------------------------------------------------------------
 @router.get("/models")
 async def list_models(request: Request) -> JSONResponse:
-    body, etag = _service(request).models()
+    body, etag = await _service(request).models()
     return JSONResponse(body, headers={"ETag": etag})
 
 
 @router.get("/models/{name}")
 async def get_model(name: str, request: Request) -> JSONResponse:
-    body, etag = _service(request).model(name)
+    body, etag = await _service(request).model(name)
     return JSONResponse(body, headers={"ETag": etag})
 
 
@@ -184,7 +185,7 @@ def _config_view(state: DesiredState | None) -> dict:
 
 @router.get("/config")
 async def get_config(request: Request) -> JSONResponse:
-    snap, state = _service(request).current()
+    snap, state = await _service(request).current()
     body = _config_view(state) | {"generation": _service(request).loop.generation, "etag": snap.etag}
     return JSONResponse(body, headers={"ETag": snap.etag})
 
@@ -205,7 +206,7 @@ async def patch_config(request: Request) -> JSONResponse:
 async def get_desired(request: Request) -> Response:
     """models.yaml as it is on disk, with its ETag (what `lmx apply` diffs against)."""
     service = _service(request)
-    snap = service.store.snapshot()
+    snap = await asyncio.to_thread(service.store.snapshot)
     if snap.problem is not None:
         raise APIError(409, snap.problem, "document_unreadable")
     return Response(snap.data, media_type="application/yaml",
@@ -222,7 +223,7 @@ async def put_desired(request: Request) -> JSONResponse:
     dry_run = _flag(request, "dry_run")
     timeout = wait_query(dict(request.query_params)).seconds()
     service = _service(request)
-    old = service.store.snapshot()
+    old = await asyncio.to_thread(service.store.snapshot)
     if_match = request.headers.get("if-match")
     result, generation = await service.write("PUT /admin/desired", text=text, dry_run=dry_run, if_match=if_match)
     old_text = old.data.decode("utf-8", errors="replace")  # the old file may be anything: show what it was
@@ -237,13 +238,13 @@ async def put_desired(request: Request) -> JSONResponse:
 # -- read side ------------------------------------------------------------------------------
 @router.get("/status")
 async def status(request: Request) -> JSONResponse:
-    body, etag = _service(request).status()
+    body, etag = await _service(request).status()
     return JSONResponse(body, headers={"ETag": etag})
 
 
 @router.get("/memory")
 async def memory(request: Request) -> dict:
-    _snap, state = _service(request).current()
+    _snap, state = await _service(request).current()
     return _service(request).memory(state)
 
 
@@ -266,7 +267,7 @@ async def events(request: Request, since: int = Query(0, ge=0, le=2**63),
 @router.get("/health")
 async def health(request: Request) -> dict:
     """The overview the original Opta-LMX gave: models, memory, convergence and the loop's health."""
-    return _service(request).health()
+    return await _service(request).health()
 
 
 @probes.get("/readyz")

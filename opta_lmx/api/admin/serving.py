@@ -48,8 +48,14 @@ class AdminService:
         self.machine_memory = machine_memory
 
     # -- reads ------------------------------------------------------------------------------
-    def current(self) -> tuple[Snapshot, DesiredState | None]:
-        """The file as it is now, and what it means if it is valid (else the loop's last good state)."""
+    async def current(self) -> tuple[Snapshot, DesiredState | None]:
+        """The file as it is now, and what it means if it is valid (else the loop's last good state).
+
+        Read and parsed in a thread: a huge or hostile file must not stall the gateway's event loop.
+        """
+        return await asyncio.to_thread(self._read_current)
+
+    def _read_current(self) -> tuple[Snapshot, DesiredState | None]:
         snap = self.store.snapshot()
         accepted = self.loop.document
         if accepted is not None and accepted.etag == snap.etag:
@@ -80,8 +86,8 @@ class AdminService:
             "config": self.loop.config_status.model_dump(mode="json"),
         }
 
-    def models(self) -> tuple[dict, str]:
-        snap, state = self.current()
+    async def models(self) -> tuple[dict, str]:
+        snap, state = await self.current()
         names = [m.name for m in state.models] if state else []
         names += [n for n in self.loop.statuses if n not in names]
         body = {
@@ -91,8 +97,8 @@ class AdminService:
         }
         return body, snap.etag
 
-    def model(self, name: str) -> tuple[dict, str]:
-        snap, state = self.current()
+    async def model(self, name: str) -> tuple[dict, str]:
+        snap, state = await self.current()
         if (state is None or state.model(name) is None) and name not in self.loop.statuses:
             raise APIError(404, f"no model named `{name}` in models.yaml", "model_not_found")
         return self.model_view(name, state) | {"generation": self.loop.generation, "etag": snap.etag}, snap.etag
@@ -123,8 +129,8 @@ class AdminService:
             "planner": self.loop.observation()["memory"],
         }
 
-    def status(self) -> tuple[dict, str]:
-        snap, state = self.current()
+    async def status(self) -> tuple[dict, str]:
+        snap, state = await self.current()
         memory = self.memory(state)
         body = {
             **self.overview(snap.etag),
@@ -133,10 +139,10 @@ class AdminService:
         }
         return body, snap.etag
 
-    def health(self) -> dict:
+    async def health(self) -> dict:
         """`/admin/health`: each model's phase against what is desired, memory, convergence, the loop."""
         loop = self.loop
-        snap, state = self.current()
+        snap, state = await self.current()
         names = [m.name for m in state.models] if state else []
         names += [n for n in loop.statuses if n not in names]
         models = []
