@@ -151,6 +151,12 @@ def test_deeply_nested_json_is_a_json_400(client, config, depth):
     assert config.read_text() == CONFIG
 
 
+def test_a_whole_file_nested_too_deep_to_validate_is_a_422(client, config):
+    deep = "models: " + "[" * 5000 + "]" * 5000 + "\n"
+    _error(client.put("/admin/desired", content=deep), 422, "invalid_desired_state")
+    assert config.read_text() == CONFIG
+
+
 def test_a_non_ascii_last_event_id_is_ignored(client, loop):
     loop.events.record("alpha", "Something", "happened")
     client.app.state.stopping = True  # the stream sends the backlog and ends

@@ -214,6 +214,9 @@ class AdminService:
             raise APIError(edit_error_status(error), error.message, error.code) from None
         except EditConflict as error:
             raise APIError(409, str(error), "edit_conflict") from None
+        except (RecursionError, OverflowError, ValueError) as error:  # input a validator could not take
+            raise APIError(422, f"the result cannot be validated, so nothing was written: "
+                                f"{type(error).__name__}: {str(error)[:200]}", "invalid_desired_state") from None
         if dry_run:
             return result, self.loop.generation
         if result.changed:
