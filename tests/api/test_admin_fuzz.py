@@ -1,14 +1,17 @@
 """The admin API fuzzed from its own OpenAPI schema (issue 12 item 9), in process over the fake loop.
 
 Schemathesis generates requests for every admin operation from `/openapi.json` (valid ones and,
-in its negative mode, ones that break the schema). Whatever it sends: never a 5xx, every 4xx is
-an OpenAI-shaped error, and a 4xx never changes models.yaml (its bytes are compared). The
+in its negative mode, ones that break the schema), each against one of four files in turn (good,
+missing, blank, not UTF-8). Whatever it sends: never a 5xx, every 4xx is an OpenAI-shaped error,
+a 4xx never changes models.yaml (its bytes are compared), and a missing or blank file is only
+ever created by `PUT /admin/desired` or `?create=true`. The
 budget is small (a few examples per operation) so it runs in CI in seconds; raise
 `LMX_FUZZ_EXAMPLES` to fuzz longer by hand.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -61,15 +64,35 @@ def _remove_the_temp_dir():
     shutil.rmtree(PATH.parent, ignore_errors=True)
 
 
+# The file each case starts from, in turn: a good one, none at all, a blank one, a non-UTF-8 one.
+STARTS = [CONFIG, None, b"\n", CONFIG.replace(b"org/beta", b"org/b\xe9ta")]
+_cases = itertools.count()
+
+
+def _put_back(start: bytes | None) -> None:
+    if start is None:
+        PATH.unlink(missing_ok=True)
+    else:
+        PATH.write_bytes(start)
+
+
+def _read() -> bytes | None:
+    return PATH.read_bytes() if PATH.exists() else None
+
+
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_input_makes_a_5xx_or_a_4xx_that_writes(case):
-    path = PATH
-    path.write_bytes(CONFIG)
+    start = STARTS[next(_cases) % len(STARTS)]
+    _put_back(start)
     response = case.call()
-    assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.text[:500]}"
+    what = f"{case.method} {case.formatted_path} {case.query} from {start!r:.40}"
+    assert response.status_code < 500, f"{what}: {response.text[:500]}"
     if 400 <= response.status_code < 500:
-        assert path.read_bytes() == CONFIG, f"{case.method} {case.formatted_path} answered " \
-                                            f"{response.status_code} but changed models.yaml"
+        assert _read() == start, f"{what} answered {response.status_code} but changed models.yaml"
         error = response.json()["error"]
         assert error["message"] and error["type"], response.text
+    elif start is None or not start.strip():  # a missing or blank file is created only on request
+        explicit = (case.method, case.path) == ("PUT", "/admin/desired") or \
+            str((case.query or {}).get("create")).lower() in ("true", "1", "yes")
+        assert explicit or _read() == start, f"{what} created models.yaml without being asked to"
