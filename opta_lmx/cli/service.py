@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import plistlib
 import shlex
+import stat
 import string
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +36,10 @@ PLIST_TEMPLATE = TEMPLATES / f"{LABEL}.plist"
 UNIT_TEMPLATE = TEMPLATES / UNIT_NAME
 THROTTLE_INTERVAL = 10  # seconds between restarts after a crash
 PASSED_THROUGH_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")  # and LMX_CACHE_DIR, LMX_CONFIG_DIR from settings
+# A service file is read by the service manager and sits in a backed-up home directory: it may name
+# the files that hold the keys, never hold a key itself.
+KEY_FILE_OF = {"LMX_ADMIN_KEY": "LMX_ADMIN_KEY_FILE", "LMX_API_KEY": "LMX_API_KEY_FILE"}
+SERVICE_FILE_MODE = 0o600
 
 
 class ServiceError(Exception):
@@ -81,6 +87,9 @@ class ServiceSettings:
         config = settings.current()
         env.update({k: v for k, v in (("LMX_CACHE_DIR", config.cache_dir), ("LMX_CONFIG_DIR", config.config_dir)) if v})
         env.update(self.env)
+        held = [key for key in KEY_FILE_OF if env.get(key)]
+        if held:
+            raise ServiceError(_key_value_refusal(held[0]))
         return env
 
     def check_absolute(self) -> None:
@@ -192,7 +201,7 @@ class Platform:
             print(content.decode(), file=self.out)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, content)
+        write_atomic(path, content, mode=SERVICE_FILE_MODE)  # it names the key files: the user's alone
         print(f"wrote {path}", file=self.out)
 
     def remove(self, path: Path) -> None:
@@ -337,6 +346,35 @@ def add_parser(sub) -> None:
     service.set_defaults(func=cmd_service)
 
 
+def _key_value_refusal(variable: str) -> str:
+    return (f"a service file must not hold {variable}'s value (and without it the service would run without "
+            f"the key): put the key in a file only you can read (chmod 600 FILE) and pass --env "
+            f"{KEY_FILE_OF[variable]}=FILE, or set {KEY_FILE_OF[variable]} when you run install")
+
+
+def key_file_env(env: dict[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The key files the service gets (absolute, checked), from `--env` or else the environment.
+
+    A key set only as a value in the environment is refused: the service would run without it.
+    """
+    out = {}
+    for variable, file_variable in KEY_FILE_OF.items():
+        path = env.get(file_variable) or environ.get(file_variable)
+        if variable in env or (environ.get(variable) and not path):
+            raise ServiceError(_key_value_refusal(variable))
+        if path:
+            file = Path(path).expanduser().absolute()
+            try:
+                settings.read_secret(variable, None, str(file))
+                mode = stat.S_IMODE(file.stat().st_mode)
+            except (settings.SecretFileError, OSError) as error:
+                raise ServiceError(str(error)) from None
+            if mode & 0o077:
+                raise ServiceError(f"{file_variable}={file} is readable by others (mode {mode:o}): chmod 600 {file}")
+            out[file_variable] = str(file)
+    return out
+
+
 def settings_from_args(args) -> ServiceSettings:
     config = Path(args.config).expanduser().absolute() if args.config else paths.default_config_path().absolute()
     env = {}
@@ -345,6 +383,7 @@ def settings_from_args(args) -> ServiceSettings:
         if not sep or not key:
             raise ServiceError(f"--env wants KEY=VALUE, got {item!r}")
         env[key] = value
+    env.update(key_file_env(env, os.environ))
     return ServiceSettings(
         config=config, host=args.host, port=args.port, grace=args.grace,
         state_dir=paths.state_dir().absolute(), log_dir=paths.log_dir().absolute(),
