@@ -12,18 +12,17 @@ from __future__ import annotations
 import os
 import plistlib
 import shlex
-import stat
 import string
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opta_lmx import paths, settings
+from opta_lmx.cli.service_keys import KEY_FILE_OF, ServiceError, key_file_env, key_value_refusal
 from opta_lmx.state.atomic import write_atomic
 
 if TYPE_CHECKING:
@@ -36,14 +35,7 @@ PLIST_TEMPLATE = TEMPLATES / f"{LABEL}.plist"
 UNIT_TEMPLATE = TEMPLATES / UNIT_NAME
 THROTTLE_INTERVAL = 10  # seconds between restarts after a crash
 PASSED_THROUGH_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")  # and LMX_CACHE_DIR, LMX_CONFIG_DIR from settings
-# A service file is read by the service manager and sits in a backed-up home directory: it may name
-# the files that hold the keys, never hold a key itself.
-KEY_FILE_OF = {"LMX_ADMIN_KEY": "LMX_ADMIN_KEY_FILE", "LMX_API_KEY": "LMX_API_KEY_FILE"}
 SERVICE_FILE_MODE = 0o600
-
-
-class ServiceError(Exception):
-    """A service command that cannot go on; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ class ServiceSettings:
         env.update(self.env)
         held = [key for key in KEY_FILE_OF if env.get(key)]
         if held:
-            raise ServiceError(_key_value_refusal(held[0]))
+            raise ServiceError(key_value_refusal(held[0]))
         return env
 
     def check_absolute(self) -> None:
@@ -344,35 +336,6 @@ def add_parser(sub) -> None:
     for action in actions.choices.values():
         action.add_argument("--dry-run", action="store_true", help="print what would be written and run")
     service.set_defaults(func=cmd_service)
-
-
-def _key_value_refusal(variable: str) -> str:
-    return (f"a service file must not hold {variable}'s value (and without it the service would run without "
-            f"the key): put the key in a file only you can read (chmod 600 FILE) and pass --env "
-            f"{KEY_FILE_OF[variable]}=FILE, or set {KEY_FILE_OF[variable]} when you run install")
-
-
-def key_file_env(env: dict[str, str], environ: Mapping[str, str]) -> dict[str, str]:
-    """The key files the service gets (absolute, checked), from `--env` or else the environment.
-
-    A key set only as a value in the environment is refused: the service would run without it.
-    """
-    out = {}
-    for variable, file_variable in KEY_FILE_OF.items():
-        path = env.get(file_variable) or environ.get(file_variable)
-        if variable in env or (environ.get(variable) and not path):
-            raise ServiceError(_key_value_refusal(variable))
-        if path:
-            file = Path(path).expanduser().absolute()
-            try:
-                settings.read_secret(variable, None, str(file))
-                mode = stat.S_IMODE(file.stat().st_mode)
-            except (settings.SecretFileError, OSError) as error:
-                raise ServiceError(str(error)) from None
-            if mode & 0o077:
-                raise ServiceError(f"{file_variable}={file} is readable by others (mode {mode:o}): chmod 600 {file}")
-            out[file_variable] = str(file)
-    return out
 
 
 def settings_from_args(args) -> ServiceSettings:
