@@ -136,6 +136,7 @@ class Soak:
         self.lock = threading.Lock()
         self.outcomes: list[Outcome] = []
         self.kills: list[Kill] = []
+        self.watchers: list[threading.Thread] = []
         self.edits: list[Edit] = []
         self.writers: list[WriterStats] = []
         self.rss: list[tuple[float, int, int]] = []  # (t, control plane pid, rss bytes)
@@ -264,8 +265,10 @@ class Soak:
             os.close(fd)
 
     def hand_edit(self, atomic: bool) -> Edit:
-        """Atomic: swap b's engine (max_tokens 64 <-> 65) by rename. In place: toggle a's aliases
-        by truncating the file, pausing 30 ms (a zero-byte file is visible), then writing it whole."""
+        """Atomic: swap b's engine (max_tokens 64 <-> 65) by rename. In place: toggle a's aliases by
+        truncating the file, pausing 30 ms (a zero-byte file is visible), then writing it whole,
+        as `cat >` or an editor saving in place does. A torn prefix is never written: it can be
+        a valid smaller file, which no reader can tell from a real edit."""
         with self._directory_lock():
             text = self.config.read_text()
             pattern = B_ENGINE if atomic else A_ALIASES
@@ -312,7 +315,9 @@ class Soak:
             return None
         kill = Kill(name, pid, self.now())
         self.kills.append(kill)
-        threading.Thread(target=self._watch_recovery, args=(kill,), daemon=True).start()
+        watcher = threading.Thread(target=self._watch_recovery, args=(kill,), daemon=True)
+        watcher.start()
+        self.watchers.append(watcher)
         return kill
 
     def _watch_recovery(self, kill: Kill, timeout: float = 180.0) -> None:

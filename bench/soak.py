@@ -136,7 +136,7 @@ def plan_faults(opts: SoakOptions, rng: random.Random) -> list[tuple[float, str]
         return [min(max(t, 1.0), usable + 2.0) for t in times]
 
     plan += [(t, "kill") for t in spread(n_kills, 0.5)]
-    plan += [(t, "edit-atomic" if i % 2 == 0 else "edit-in-place") for i, t in enumerate(spread(n_edits, 0.25))]
+    plan += [(t, "edit-in-place" if i % 2 == 0 else "edit-atomic") for i, t in enumerate(spread(n_edits, 0.25))]
     return sorted(plan)
 
 
@@ -170,6 +170,10 @@ def restart_control_plane(server: ServeProcess, soak: Soak, opts: SoakOptions) -
 def _apply(action: str, server: ServeProcess, soak: Soak, opts: SoakOptions, restarts: list[dict]) -> None:
     if action == "kill":
         kill = soak.kill_worker(MODELS)
+        for _ in range(10):  # none Ready (both loading or swapping): try again shortly
+            if kill is not None or soak.stop.wait(2.0):
+                break
+            kill = soak.kill_worker(MODELS)
         print(f"  {soak.now():6.1f}s kill: " + (f"{kill.model} pid {kill.pid}" if kill else "no Ready worker"), flush=True)
     elif action.startswith("edit"):
         edit = soak.hand_edit(atomic=action == "edit-atomic")
@@ -259,6 +263,8 @@ def _soak_and_check(server: ServeProcess, opts: SoakOptions) -> dict:
         server.wait_for(server.converged, 180, "convergence at the end")
     except RuntimeError as error:
         problems.append(str(error))
+    for watcher in soak.watchers:  # each kill's watcher notes when its model was Ready again
+        watcher.join(30)
     api_view = {name: m["spec"] for name, m in server.models().items()}
     exit_code = server.stop(signal.SIGTERM, timeout=60)
     soak.finished.set()
