@@ -75,7 +75,7 @@ class WriterStats:
     acked: int = 0
     conflicts_412: int = 0
     unknown: int = 0  # transport errors: the write may or may not have landed
-    reads_without_spec: int = 0  # GET answered 200 with `spec: null` (read during an in-place edit)
+    reads_without_spec: int = 0  # GET without the model (404 or `spec: null`): read during an in-place edit
     errors: list[str] = field(default_factory=list)
 
 
@@ -140,6 +140,7 @@ class Soak:
         self.edits: list[Edit] = []
         self.writers: list[WriterStats] = []
         self.rss: list[tuple[float, int, int]] = []  # (t, control plane pid, rss bytes)
+        self.events: list[dict] = []  # the control plane's events, as /admin/events gave them
         self.server_pid: int | None = None
         self.max_requests = max_requests
         self.max_admin_writes = max_admin_writes
@@ -224,21 +225,26 @@ class Soak:
         with self._admin() as client:
             try:
                 current = client.get(f"/admin/models/{stats.model}")
-                current.raise_for_status()
-                spec = current.json()["spec"]
-                if spec is None:  # the file as read just now lacks the model (a hand edit mid-write)
-                    with self.lock:
-                        stats.reads_without_spec += 1
-                    return
-                priority = spec.get("priority", 0)
+            except httpx.HTTPError as error:
+                with self.lock:
+                    stats.errors.append(f"{self.now():.1f}s GET {error!r}")
+                return
+            spec = current.json().get("spec") if current.is_success else None
+            if spec is None:  # 404, or 200 with `spec: null`: the file read just now lacks the model
+                with self.lock:
+                    stats.reads_without_spec += 1
+                    if not current.is_success:
+                        stats.errors.append(f"{self.now():.1f}s GET {current.status_code} {current.text[:200]}")
+                return
+            try:
                 response = client.patch(
-                    f"/admin/models/{stats.model}", json={"priority": priority + 1},
+                    f"/admin/models/{stats.model}", json={"priority": spec.get("priority", 0) + 1},
                     headers={"If-Match": current.headers["etag"], "Content-Type": "application/merge-patch+json"},
                 )
             except httpx.HTTPError as error:
                 with self.lock:
-                    stats.unknown += 1
-                    stats.errors.append(f"{self.now():.1f}s {error!r}")
+                    stats.unknown += 1  # the write may or may not have landed
+                    stats.errors.append(f"{self.now():.1f}s PATCH {error!r}")
                 return
         with self.lock:
             if response.is_success:
@@ -246,7 +252,7 @@ class Soak:
             elif response.status_code == 412:
                 stats.conflicts_412 += 1
             else:
-                stats.errors.append(f"{self.now():.1f}s {response.status_code} {response.text[:300]}")
+                stats.errors.append(f"{self.now():.1f}s PATCH {response.status_code} {response.text[:300]}")
 
     # -- hand edits --------------------------------------------------------------------------
 
@@ -332,6 +338,20 @@ class Soak:
             except (httpx.HTTPError, KeyError, ValueError):
                 pass  # the control plane may be restarting
             time.sleep(0.2)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def follow_events(self, interval: float) -> None:
+        """Collect the control plane's events (polling `/admin/events?since=`; a restart starts anew)."""
+        pid, since = None, 0
+        while not self.finished.wait(interval):
+            if self.server_pid != pid:
+                pid, since = self.server_pid, 0
+            with contextlib.suppress(httpx.HTTPError, KeyError, ValueError), self._admin() as client:
+                events = client.get("/admin/events", params={"since": since, "limit": 1000}).json()["events"]
+                with self.lock:
+                    self.events += [{**event, "server_pid": pid} for event in events]
+                since = max([since, *(event["seq"] for event in events)])
 
     # -- memory ------------------------------------------------------------------------------
 

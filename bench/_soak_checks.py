@@ -139,6 +139,16 @@ def _hand_edits_lost(edits, final: dict) -> list[str]:
     return lost
 
 
+def _event_figures(events: list[dict]) -> dict:
+    """How often each event reason came up; `Removed` is listed in full (the soak never removes a model)."""
+    reasons: dict[str, int] = {}
+    for event in events:
+        reasons[event["reason"]] = reasons.get(event["reason"], 0) + 1
+    removed = [{k: e.get(k) for k in ("reason", "object", "message", "server_pid")} for e in events
+               if e["reason"] == "Removed"]
+    return {"reasons": dict(sorted(reasons.items())), "removed": removed}
+
+
 def _violations(figures: dict, opts, kills, failures: list[dict]) -> list[str]:
     found = []
     adm, mem = figures["admin_writes"], figures["memory"]
@@ -152,6 +162,8 @@ def _violations(figures: dict, opts, kills, failures: list[dict]) -> list[str]:
     found += [f"failed, not explained by a kill: {f}" for f in failures if f["cause"] is None]
     found += [f"{k.model} pid {k.pid} killed at {k.at:.1f}s never came back Ready" for k in kills
               if k.recovered_at is None]
+    found += [f"the control plane removed a model the file never dropped (pid {e['server_pid']}): {e['reason']} "
+              f"{e['object']}: {e['message']}" for e in figures["events"]["removed"]]
     if figures["exit_code"] != 0:
         found.append(f"lmx serve exited with {figures['exit_code']} after SIGTERM")
     for restart in figures["restarts"]:
@@ -185,6 +197,7 @@ def summary(soak, opts, restarts: list[dict], final: dict, api_view: dict, exit_
         "memory": {"interval_s": opts.rss_interval, "warmup_s": opts.rss_warmup,
                    "tolerance_mib": opts.rss_tolerance_mib,
                    "segments": memory_segments(soak.rss, opts.rss_warmup) if soak.rss else []},
+        "events": _event_figures(soak.events),
         "exit_code": exit_code,
         "leftovers": leftovers,
     }

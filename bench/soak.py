@@ -51,7 +51,7 @@ class SoakOptions:
     plain: int = 2
     writers: int = 4  # two per model, so each pair races
     max_admin_writes: int = 500  # per writer
-    kills: int | None = None  # default: one per 20 s
+    kills: int | None = None  # default: one per 30 s
     edits: int | None = None  # default: one per 15 s, alternating by rename and in place
     restart: bool = True
     restart_signal: str = "KILL"  # KILL: adoption expected; TERM: a clean stop stops the workers
@@ -123,7 +123,7 @@ def plan_faults(opts: SoakOptions, rng: random.Random) -> list[tuple[float, str]
     """When each fault lands: kills and edits spread over the run with jitter, the restart at a third."""
     length = opts.minutes * 60
     restart_at = length / 3 if opts.restart else None
-    n_kills = opts.kills if opts.kills is not None else max(1, int(length // 20))
+    n_kills = opts.kills if opts.kills is not None else max(1, int(length // 30))
     n_edits = opts.edits if opts.edits is not None else max(1, int(length // 15))
     plan: list[tuple[float, str]] = [(restart_at, "restart")] if restart_at is not None else []
     usable = max(length - 20.0, 4.0)  # leave time at the end to recover from the last kill
@@ -256,7 +256,9 @@ def _soak_and_check(server: ServeProcess, opts: SoakOptions) -> dict:
     soak = Soak(server.base_url, server.config, server.state_dir, opts.seed, opts.max_requests, opts.max_admin_writes)
     soak.server_pid = server.proc.pid
     sampler = threading.Thread(target=soak.sample_rss, args=(opts.rss_interval,), daemon=True)
+    follower = threading.Thread(target=soak.follow_events, args=(1.0,), daemon=True)
     sampler.start()
+    follower.start()
     restarts, problems = drive(server, soak, opts)
     traffic_end = soak.now()
     try:
@@ -265,10 +267,12 @@ def _soak_and_check(server: ServeProcess, opts: SoakOptions) -> dict:
         problems.append(str(error))
     for watcher in soak.watchers:  # each kill's watcher notes when its model was Ready again
         watcher.join(30)
+    time.sleep(1.5)  # the event follower's last poll
     api_view = {name: m["spec"] for name, m in server.models().items()}
     exit_code = server.stop(signal.SIGTERM, timeout=60)
     soak.finished.set()
     sampler.join(10)
+    follower.join(10)
     leftovers = leftover_processes(server.state_dir, wait=15)
     figures = summary(soak, opts, restarts, final_file(server.config), api_view, exit_code,
                       [f"{p.pid} {' '.join(p.cmdline())[:200]}" for p in leftovers], traffic_end)
@@ -284,7 +288,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=defaults.streams, help="streaming chat clients")
     parser.add_argument("--plain", type=int, default=defaults.plain, help="non-streaming chat clients")
     parser.add_argument("--writers", type=int, default=defaults.writers, help="admin writers (two per model)")
-    parser.add_argument("--kills", type=int, help="worker SIGKILLs (default one per 20 s)")
+    parser.add_argument("--kills", type=int, help="worker SIGKILLs (default one per 30 s)")
     parser.add_argument("--edits", type=int, help="hand edits of models.yaml (default one per 15 s)")
     parser.add_argument("--no-restart", dest="restart", action="store_false")
     parser.add_argument("--restart-signal", choices=["KILL", "TERM"], default=defaults.restart_signal)
