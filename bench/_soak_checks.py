@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -11,6 +12,10 @@ import psutil
 
 MIB = 1024 * 1024
 SLACK = 1.0  # seconds around a failure window: the client's and the poller's clocks see an event apart
+# What a request sees when its model's worker dies: the gateway's 502 (connection refused or cut),
+# its mid-stream error event, a truncated answer, or a 503 while the model restarts (crash backoff).
+KILL_ERRORS = re.compile(r"did not answer|failed mid-stream|incomplete|not loaded|did not become ready|"
+                         r"RemoteProtocolError|peer closed|Connection(Error| reset)")
 
 
 def leftover_processes(state_dir: Path, wait: float) -> list[psutil.Process]:
@@ -39,14 +44,16 @@ def attribute_failures(outcomes, kills, restarts: list[dict], end: float) -> lis
 
     The gateway's errors name the model, not the worker pid, so a failure is put on a kill of
     its model when the request's [start, end] overlaps [kill, that model Ready on a new pid]
-    (+-1 s). A pid in the error text, if some version names one, must match the kill exactly.
+    (+-1 s), and its error is one a dead worker causes (KILL_ERRORS: a 404 or a client timeout
+    is never credited to a kill). A pid in the error text, if some version names one, must
+    match the kill exactly.
     """
     failures = []
     for outcome in outcomes:
         if outcome.error is None:
             continue
         cause = None
-        for kill in kills:
+        for kill in kills if KILL_ERRORS.search(outcome.error) else []:
             if outcome.worker_pid is not None:
                 if outcome.worker_pid == kill.pid:
                     cause = f"worker pid {kill.pid} of {kill.model} killed at {kill.at:.1f}s (pid named in the error)"

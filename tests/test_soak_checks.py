@@ -20,18 +20,19 @@ def test_a_failure_is_explained_only_by_a_kill_of_its_model_in_its_window():
         _failed("a", 12.0, 12.1),  # sent before a was Ready again
         _failed("b", 9.0, 10.2),  # another model: not explained
         _failed("a", 30.0, 30.5),  # long after the recovery: not explained
+        _failed("a", 12.0, 12.1, "NotFoundError 404: The model `a` does not exist"),  # not what a kill does
         Outcome("plain", "a", 9.0, 10.2, None),  # not a failure
     ]
     causes = [f["cause"] for f in attribute_failures(outcomes, [kill], [], end=60.0)]
-    assert len(causes) == 4
+    assert len(causes) == 5
     assert "in flight" in causes[0] and "before the model was Ready" in causes[1]
-    assert causes[2] is None and causes[3] is None
+    assert causes[2] is None and causes[3] is None and causes[4] is None
 
 
 def test_a_pid_named_in_the_error_must_be_the_killed_one():
     kill = Kill("a", pid=100, at=10.0, recovered_at=20.0)
-    wrong = Outcome("plain", "a", 9.0, 10.2, "worker pid 555 failed", worker_pid=555)
-    right = Outcome("plain", "a", 9.0, 10.2, "worker pid 100 failed", worker_pid=100)
+    wrong = Outcome("plain", "a", 9.0, 10.2, "the worker pid 555 did not answer", worker_pid=555)
+    right = Outcome("plain", "a", 9.0, 10.2, "the worker pid 100 did not answer", worker_pid=100)
     causes = [f["cause"] for f in attribute_failures([wrong, right], [kill], [], end=60.0)]
     assert causes[0] is None and "pid 100" in causes[1]
 
