@@ -145,6 +145,7 @@ class Soak:
         self.max_requests = max_requests
         self.max_admin_writes = max_admin_writes
         self.random = random.Random(seed)
+        self.edit_pause = 0.03  # seconds an in-place edit leaves the file empty
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -272,7 +273,7 @@ class Soak:
 
     def hand_edit(self, atomic: bool) -> Edit:
         """Atomic: swap b's engine (max_tokens 64 <-> 65) by rename. In place: toggle a's aliases by
-        truncating the file, pausing 30 ms (a zero-byte file is visible), then writing it whole,
+        truncating the file, pausing `edit_pause` (30 ms: a zero-byte file is visible), then writing it whole,
         as `cat >` or an editor saving in place does. A torn prefix is never written: it can be
         a valid smaller file, which no reader can tell from a real edit."""
         with self._directory_lock():
@@ -296,7 +297,7 @@ class Soak:
                 with open(self.config, "r+") as handle:
                     handle.truncate(0)
                     handle.flush()
-                    time.sleep(0.03)
+                    time.sleep(self.edit_pause)
                     handle.write(new_text)
         what = f"b max_tokens -> {value}" if atomic else f"a aliases -> {value}"
         edit = Edit("atomic" if atomic else "in-place", self.now(), what, value)

@@ -53,6 +53,7 @@ class SoakOptions:
     max_admin_writes: int = 500  # per writer
     kills: int | None = None  # default: one per 30 s
     edits: int | None = None  # default: one per 15 s, alternating by rename and in place
+    edit_pause: float = 0.03  # an in-place edit leaves the file empty this long (issue 15, case 4)
     restart: bool = True
     restart_signal: str = "KILL"  # KILL: adoption expected; TERM: a clean stop stops the workers
     port: int = 0
@@ -254,6 +255,7 @@ def run(opts: SoakOptions, model_a: Path | None = None, model_b: Path | None = N
 
 def _soak_and_check(server: ServeProcess, opts: SoakOptions) -> dict:
     soak = Soak(server.base_url, server.config, server.state_dir, opts.seed, opts.max_requests, opts.max_admin_writes)
+    soak.edit_pause = opts.edit_pause
     soak.server_pid = server.proc.pid
     sampler = threading.Thread(target=soak.sample_rss, args=(opts.rss_interval,), daemon=True)
     follower = threading.Thread(target=soak.follow_events, args=(1.0,), daemon=True)
@@ -288,8 +290,12 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=defaults.streams, help="streaming chat clients")
     parser.add_argument("--plain", type=int, default=defaults.plain, help="non-streaming chat clients")
     parser.add_argument("--writers", type=int, default=defaults.writers, help="admin writers (two per model)")
+    parser.add_argument("--max-admin-writes", type=int, default=defaults.max_admin_writes,
+                        help="acknowledged writes per writer before it stops")
     parser.add_argument("--kills", type=int, help="worker SIGKILLs (default one per 30 s)")
     parser.add_argument("--edits", type=int, help="hand edits of models.yaml (default one per 15 s)")
+    parser.add_argument("--edit-pause", type=float, default=defaults.edit_pause,
+                        help="seconds an in-place edit leaves models.yaml empty (default 0.03)")
     parser.add_argument("--no-restart", dest="restart", action="store_false")
     parser.add_argument("--restart-signal", choices=["KILL", "TERM"], default=defaults.restart_signal)
     parser.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
