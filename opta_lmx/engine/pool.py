@@ -54,6 +54,7 @@ class WorkerPool:
         self._workers: dict[str, Worker] = {}
         self._exit_listeners: list[Callable[[Worker], None]] = []
         self._worker_env = worker_env or {}
+        self._stopping: set[asyncio.Future] = set()  # stops of cancelled starts, kept until done
 
     def workers(self) -> list[Worker]:
         return list(self._workers.values())
@@ -76,8 +77,11 @@ class WorkerPool:
             self._drop(worker)
             raise
         except BaseException:  # cancelled while loading: leave nothing behind
-            await asyncio.shield(worker.stop(grace=2.0))
-            self._drop(worker)
+            # The record goes once the worker is stopped, even if a second cancel cuts this wait short.
+            stopping = asyncio.ensure_future(worker.stop(grace=2.0))
+            self._stopping.add(stopping)
+            stopping.add_done_callback(lambda done: (self._stopping.discard(done), self._drop(worker)))
+            await asyncio.shield(stopping)
             raise
         return worker
 

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ROUTE_WAIT_S = 5.0  # how long a load waits for its route to be set before it lets that finish alone
+
 _UNLOAD_EVENT = {
     UnloadReason.REMOVED: "Removed",
     UnloadReason.UNLOADED: "Unloading",
@@ -91,8 +93,8 @@ class Actions:
             rec.demand.pop(name, None)
             rec.statuses.setdefault(name, ModelStatus()).load_seconds = worker.load_seconds
             log.info("model %s ready at %s in %.1fs", name, worker.address, worker.load_seconds or 0)
-            await rec.routes.set(self.route_to(name, worker, entry))
             self._measure_later(entry, worker)
+            await self.route_ready(entry, worker)
         except asyncio.CancelledError:
             self._end_load(entry)
             return
@@ -145,7 +147,7 @@ class Actions:
             return
         if entry.loading:  # still loading (its spec changed, it was removed or evicted): cancel the load
             task = self.tasks.get(f"load:{entry.model}")
-            if task:
+            if task and not task.cancelling():  # one cancel (a second would cut the pool's shielded stop short)
                 rec.events.record(entry.model, "LoadCancelled", action.message or action.reason.value)
                 task.cancel()
             return
@@ -185,6 +187,23 @@ class Actions:
             rec.nudge()
 
     # -- routes ---------------------------------------------------------------------
+    # (soak bug 2: a ready worker must be routed or stopped, never left alive and unrouted)
+    async def route_ready(self, entry: WorkerEntry, worker: Worker) -> None:
+        """Route a worker that just became ready. Setting the route waits for the table's lock
+        (the gateway's waiters contend for it), so it is shielded: a cancel of this task meanwhile
+        does not leave the worker unrouted. If a pass unloaded the worker meanwhile, its route is
+        dropped again once set. Bounded: after ROUTE_WAIT_S the setting finishes in the background."""
+        setting = asyncio.ensure_future(self.rec.routes.set(self.route_to(entry.model, worker, entry)))
+        self._background.add(setting)
+        setting.add_done_callback(self._background.discard)
+        setting.add_done_callback(lambda _done: None if entry.serving else self.drop_route(entry))
+        try:
+            async with asyncio.timeout(ROUTE_WAIT_S):
+                await asyncio.shield(setting)
+        except TimeoutError:
+            log.warning("routing %s to worker %s took over %.0fs; it finishes in the background",
+                        entry.model, worker.id, ROUTE_WAIT_S)
+
     def route_to(self, name: str, worker: Worker, entry: WorkerEntry) -> Route:
         """A route to `worker`, carrying its one in-flight counter (the drain and idle TTL read it)."""
         return Route(name, worker.address, worker.id, entry.traffic)

@@ -45,7 +45,7 @@ async def adopt_recovered(rec: Reconciler, recovered: list[Worker]) -> None:
                                      f"kept worker pid {worker.pid} at {worker.address} from the previous run")
             rec.statuses.setdefault(name, ModelStatus()).load_seconds = worker.load_seconds
             log.info("adopted worker %s of %s (pid %s) at %s", worker.id, name, worker.pid, worker.address)
-            await rec.routes.set(rec.actions.route_to(name, worker, entry))
+            await rec.actions.route_ready(entry, worker)
     for worker, why in to_stop:
         rec.events.record(worker.spec.name, "StoppedLeftover",
                           f"stopping worker pid {worker.pid} from the previous run: {why}")

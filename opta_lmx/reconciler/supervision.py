@@ -1,6 +1,6 @@
 """The supervised loop: run passes on every signal, survive a pass that raises, say when it ended.
 
-A pass that raises is logged with its traceback, recorded as a Warning event (ReconcileError),
+A pass that raises, or overruns its deadline (`pass_timeout`: the watchdog), is logged with its traceback, recorded as a Warning event (ReconcileError),
 counted, and retried after a short exponential backoff (capped, reset by the next good pass):
 one bad pass never ends the loop (controller-runtime's habit). If the task ends anyway,
 `health()` says so and why, and readiness fails.
@@ -70,13 +70,20 @@ class Supervisor:
                 watcher.cancel()
 
     async def guarded_pass(self, one_pass: Callable[[], Awaitable[None]]) -> float:
-        """Run one pass; an exception becomes a log, an event and a count. Seconds to wait after it."""
+        """Run one pass, bounded by the pass deadline (the watchdog: a pass stuck on an await would
+        otherwise freeze the loop for good); an exception or an overrun becomes a log, an event and a
+        count. Seconds to wait after it."""
+        deadline = self.rec.settings.pass_timeout
         try:
-            await one_pass()
+            async with asyncio.timeout(deadline):
+                await one_pass()
         except Exception as error:  # noqa: BLE001 - the loop must outlive any one pass
             self.pass_failures += 1
             self.failures_in_a_row += 1
-            self.last_error = f"{type(error).__name__}: {error}"
+            if isinstance(error, TimeoutError):
+                self.last_error = f"PassTimeout: a reconcile pass did not finish within {deadline:.0f}s; cancelled"
+            else:
+                self.last_error = f"{type(error).__name__}: {error}"
             delay = self.backoff.delay(self.failures_in_a_row)
             log.error("reconcile pass failed; retrying in %.1fs\n%s", delay, traceback.format_exc())
             self.rec.events.record("loop", "ReconcileError", f"{self.last_error}; retrying in {delay:.1f}s",
