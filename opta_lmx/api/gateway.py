@@ -166,12 +166,14 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
     except APIError as error:
         metrics.requests.labels(name, str(error.status)).inc()
         raise
+
+    def target(to: Route) -> tuple[str, URL]:
+        return request.method, URL(to.address + path + ("?" + query if query else ""), encoded=True)
+
     try:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
-        session: aiohttp.ClientSession = app_state.upstream
-        url = URL(route.address + path + ("?" + query if query else ""), encoded=True)
         try:
-            upstream = await session.request(request.method, url, data=body, headers=headers)
+            upstream, route = await _send(app_state.upstream, admission, name, route, target, body, headers)
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             raise APIError(502, f"the worker for `{name}` did not answer: {error!r}", "worker_unavailable") from None
     except BaseException:
@@ -185,6 +187,30 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
         status_code=upstream.status,
         headers=response_headers,
     )
+
+
+async def _send(session: aiohttp.ClientSession, admission: Admission, name: str, route: Route, target,
+                body: bytes, headers: list) -> tuple[aiohttp.ClientResponse, Route]:
+    """Send upstream. A refused connection means nothing reached the worker (it died and the loop
+    has not noticed yet): wait for the model's next route, bounded by the load-wait timeout, and
+    try once more there, moving the request's count to it. Returns the response and its route."""
+    try:
+        return await session.request(*target(route), data=body, headers=headers), route
+    except aiohttp.ClientConnectorError:
+        deadline = time.monotonic() + admission.wait_timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            new = admission.routes.get(name) or await admission.routes.wait(name, remaining)
+            if new is None:
+                break  # no longer expected (removed, failed) or the bound passed
+            if new.worker_id != route.worker_id:
+                route.end(), new.begin()
+                try:
+                    return await session.request(*target(new), data=body, headers=headers), new
+                except BaseException:
+                    new.end(), route.begin()  # the caller releases the route it acquired
+                    raise
+            await asyncio.sleep(0.05)  # the dead worker's route is still up: the loop has not noticed yet
+        raise
 
 
 async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMetrics, arrived: float, admission: Admission,

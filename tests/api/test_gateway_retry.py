@@ -1,0 +1,94 @@
+"""A request sent between a worker's death and the loop noticing it never reached the worker
+(connection refused): the gateway waits for the model's next route and retries once there,
+instead of answering 502 (soak suggestion 4). In process: the route table is driven by hand,
+the "new worker" is a small aiohttp server on a port of this test's range."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import httpx
+from aiohttp import web
+
+from opta_lmx.api.app import GatewaySettings, create_app
+from opta_lmx.reconciler import observing
+from opta_lmx.reconciler.controller import Reconciler
+from opta_lmx.reconciler.ledger import Traffic
+from opta_lmx.reconciler.routes import Route
+from tests.reconciler.fakes import FakePool, MiB
+
+LIVE_PORT, DEAD_PORT = 18250, 18251  # nothing listens on DEAD_PORT: a worker that just died
+CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+async def until(condition, bound=20.0):
+    """Poll until `condition()` holds; a bound, not a measurement: the test fails if it never does."""
+    async with asyncio.timeout(bound):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def live_worker() -> web.AppRunner:
+    async def chat(_request):
+        return web.json_response({"choices": [{"message": {"content": "from the new worker"},
+                                               "finish_reason": "stop"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", LIVE_PORT).start()
+    return runner
+
+
+def gateway(tmp_path, wait_timeout: float):
+    (tmp_path / "models.yaml").write_text("models:\n  - {name: a, source: /tmp, memory: 10MiB}\n")
+    reconciler = Reconciler(tmp_path / "models.yaml", FakePool(), memory_probe=lambda: (16_000 * MiB, 10_000 * MiB))
+    observing.read_desired(reconciler)  # the file is read; no pass runs: the test drives the routes
+    app = create_app(reconciler, GatewaySettings(load_wait_timeout=wait_timeout))
+    return reconciler, app
+
+
+def test_a_refused_connection_waits_for_the_next_route_and_retries_there(tmp_path):
+    reconciler, app = gateway(tmp_path, wait_timeout=30)
+    dead, live = Traffic(), Traffic()
+
+    async def scenario():
+        runner = await live_worker()
+        app.state.upstream = aiohttp.ClientSession()
+        try:
+            await reconciler.routes.set(Route("a", f"http://127.0.0.1:{DEAD_PORT}", "dead", dead))
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lmx") as client:
+                sent = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+                await until(lambda: dead.in_flight == 1 or sent.done())  # it took the dead worker's route
+                reconciler.routes.drop("a", "dead")  # the loop noticed the death...
+                await asyncio.sleep(0.1)
+                await reconciler.routes.set(Route("a", f"http://127.0.0.1:{LIVE_PORT}", "new", live))  # ...a new one
+                reply = await sent
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["message"]["content"] == "from the new worker"
+            assert dead.in_flight == 0 and live.in_flight == 0
+        finally:
+            await app.state.upstream.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_connection_with_no_next_route_is_a_502_within_the_wait_bound(tmp_path):
+    reconciler, app = gateway(tmp_path, wait_timeout=0.5)
+    dead = Traffic()
+
+    async def scenario():
+        app.state.upstream = aiohttp.ClientSession()
+        try:
+            await reconciler.routes.set(Route("a", f"http://127.0.0.1:{DEAD_PORT}", "dead", dead))
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lmx") as client:
+                reply = await client.post("/v1/chat/completions", json=CHAT)
+            assert reply.status_code == 502 and reply.json()["error"]["code"] == "worker_unavailable"
+            assert dead.in_flight == 0
+        finally:
+            await app.state.upstream.close()
+
+    asyncio.run(scenario())
