@@ -228,7 +228,7 @@ def final_file(config: Path) -> dict[str, dict]:
 
 def run(opts: SoakOptions, model_a: Path | None = None, model_b: Path | None = None) -> dict:
     """One soak; the figures, with `violations` listing every broken invariant (empty: all held)."""
-    root = Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="soak-", dir=os.environ.get("LMX_SOAK_TMP", "/tmp")))
     try:
         if model_a is None or model_b is None:
             from opta_lmx.devmodel import make_model
@@ -303,14 +303,15 @@ def main() -> None:
     parser.add_argument("--rss-tolerance-mib", type=float, default=defaults.rss_tolerance_mib)
     parser.add_argument("--keep", action="store_true", help="keep the /tmp/soak-* directory")
     parser.add_argument("--no-save", dest="save", action="store_false")
+    parser.add_argument("--save-as", default="soak", help="name of the bench/results/*.json file (default soak)")
     args = vars(parser.parse_args())
-    do_save = args.pop("save")
+    do_save, save_as = args.pop("save"), args.pop("save_as")
     opts = SoakOptions(**args)
     os.environ["HF_HUB_OFFLINE"] = "1"
     figures = run(opts)
     print_summary(figures)
     if do_save:
-        save("soak", figures)
+        save(save_as, figures)
     sys.exit(1 if figures["violations"] else 0)
 
 
