@@ -73,7 +73,8 @@ class Supervisor:
         """Run one pass, bounded by the pass deadline (the watchdog: a pass stuck on an await would
         otherwise freeze the loop for good); an exception or an overrun becomes a log, an event and a
         count. Seconds to wait after it."""
-        deadline = self.rec.settings.pass_timeout
+        settings = self.rec.settings
+        deadline = max(settings.pass_timeout, 3 * settings.stop_grace)  # an adoption stops leftovers within grace
         try:
             async with asyncio.timeout(deadline):
                 await one_pass()

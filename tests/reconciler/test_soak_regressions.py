@@ -20,7 +20,7 @@ from tests.reconciler.fakes import FakePool, FakeWorker, MiB
 
 MODEL_A = "models:\n  - {name: a, source: /tmp, memory: 10MiB}\n"
 SETTINGS = LoopSettings(backoff_base=1, backoff_max=4, pass_backoff_base=0.05, pass_backoff_max=0.2,
-                        resync_interval=0.2, memory_check_interval=0.1, pass_timeout=0.5)
+                        resync_interval=0.2, memory_check_interval=0.1, pass_timeout=0.5, stop_grace=0.1)
 
 
 def make(tmp_path, pool=None):
