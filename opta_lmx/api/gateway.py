@@ -191,26 +191,31 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
 
 async def _send(session: aiohttp.ClientSession, admission: Admission, name: str, route: Route, target,
                 body: bytes, headers: list) -> tuple[aiohttp.ClientResponse, Route]:
-    """Send upstream. A refused connection means nothing reached the worker (it died and the loop
-    has not noticed yet): wait for the model's next route, bounded by the load-wait timeout, and
-    try once more there, moving the request's count to it. Returns the response and its route."""
-    try:
-        return await session.request(*target(route), data=body, headers=headers), route
-    except aiohttp.ClientConnectorError:
-        deadline = time.monotonic() + admission.wait_timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            new = admission.routes.get(name) or await admission.routes.wait(name, remaining)
-            if new is None:
-                break  # no longer expected (removed, failed) or the bound passed
-            if new.worker_id != route.worker_id:
-                route.end(), new.begin()
-                try:
-                    return await session.request(*target(new), data=body, headers=headers), new
-                except BaseException:
-                    new.end(), route.begin()  # the caller releases the route it acquired
-                    raise
-            await asyncio.sleep(0.05)  # the dead worker's route is still up: the loop has not noticed yet
-        raise
+    """Send upstream. A request that cannot have reached the worker (its process already exited,
+    or it refused the connection: it died and the loop has not dropped its route yet) waits for
+    the model's next route, bounded by the load-wait timeout, and is sent once more there, its
+    count moved to that route. Returns the response and its route."""
+    worker = admission.reconciler.pool.get(route.worker_id)
+    not_reached: Exception = aiohttp.ClientConnectionError(f"worker {route.worker_id} has exited")
+    if worker is None or worker.alive():
+        try:
+            return await session.request(*target(route), data=body, headers=headers), route
+        except aiohttp.ClientConnectorError as error:  # connect failed: nothing was sent
+            not_reached = error
+    deadline = time.monotonic() + admission.wait_timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        new = admission.routes.get(name) or await admission.routes.wait(name, remaining)
+        if new is None:
+            break  # no longer expected (removed, failed) or the bound passed
+        if new.worker_id != route.worker_id:
+            route.end(), new.begin()
+            try:
+                return await session.request(*target(new), data=body, headers=headers), new
+            except BaseException:
+                new.end(), route.begin()  # the caller releases the route it acquired
+                raise
+        await asyncio.sleep(0.05)  # the dead worker's route is still up: the loop has not noticed yet
+    raise not_reached
 
 
 async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMetrics, arrived: float, admission: Admission,

@@ -6,6 +6,7 @@ the "new worker" is a small aiohttp server on a port of this test's range."""
 from __future__ import annotations
 
 import asyncio
+import types
 
 import aiohttp
 import httpx
@@ -16,9 +17,9 @@ from opta_lmx.reconciler import observing
 from opta_lmx.reconciler.controller import Reconciler
 from opta_lmx.reconciler.ledger import Traffic
 from opta_lmx.reconciler.routes import Route
-from tests.reconciler.fakes import FakePool, MiB
+from tests.reconciler.fakes import FakePool, FakeWorker, MiB
 
-LIVE_PORT, DEAD_PORT = 18250, 18251  # nothing listens on DEAD_PORT: a worker that just died
+LIVE_PORT, DEAD_PORT, OLD_PORT = 18250, 18251, 18254  # nothing listens on DEAD_PORT: a worker that just died
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
@@ -29,16 +30,17 @@ async def until(condition, bound=20.0):
             await asyncio.sleep(0.01)
 
 
-async def live_worker() -> web.AppRunner:
+async def live_worker(port: int = LIVE_PORT, said: str = "from the new worker", hits: list | None = None):
     async def chat(_request):
-        return web.json_response({"choices": [{"message": {"content": "from the new worker"},
-                                               "finish_reason": "stop"}]})
+        if hits is not None:
+            hits.append(port)
+        return web.json_response({"choices": [{"message": {"content": said}, "finish_reason": "stop"}]})
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", LIVE_PORT).start()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner
 
 
@@ -90,5 +92,37 @@ def test_a_refused_connection_with_no_next_route_is_a_502_within_the_wait_bound(
             assert dead.in_flight == 0
         finally:
             await app.state.upstream.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_for_a_worker_whose_process_exited_is_not_sent_to_it(tmp_path):
+    """The waiter thread knows at once that the process exited; the loop drops its route a pass
+    later. A request in between goes to the next worker, not to the dead one's address (where a
+    pooled connection would be reset: a 502 in the soak)."""
+    reconciler, app = gateway(tmp_path, wait_timeout=30)
+    exited = FakeWorker(types.SimpleNamespace(name="a"))
+    exited.crash()
+    reconciler.pool._workers[exited.id] = exited
+    old, live, hits = Traffic(), Traffic(), []
+
+    async def scenario():
+        # the exited worker's address still answers here, so a request sent there would show
+        runners = [await live_worker(OLD_PORT, "from the exited worker", hits), await live_worker(hits=hits)]
+        app.state.upstream = aiohttp.ClientSession()
+        try:
+            await reconciler.routes.set(Route("a", f"http://127.0.0.1:{OLD_PORT}", exited.id, old))
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lmx") as client:
+                sent = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+                await until(lambda: old.in_flight == 1 or sent.done())
+                await reconciler.routes.set(Route("a", f"http://127.0.0.1:{LIVE_PORT}", "new", live))
+                reply = await sent
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["message"]["content"] == "from the new worker"
+            assert hits == [LIVE_PORT] and old.in_flight == 0
+        finally:
+            await app.state.upstream.close()
+            for runner in runners:
+                await runner.cleanup()
 
     asyncio.run(scenario())
