@@ -48,6 +48,8 @@ def _read_key(variable: str, environ: dict[str, str]) -> str | None:
     if not path:
         return None
     try:
+        if Path(path).expanduser().stat().st_mode & 0o077:
+            raise KeyConfigError(f"{variable}_FILE={path} is readable by other users; run `chmod 600 {path}`")
         key = Path(path).expanduser().read_text(encoding="utf-8").strip()
     except OSError as error:
         raise KeyConfigError(f"{variable}_FILE={path}: cannot read the key: {error}") from None
@@ -95,6 +97,10 @@ def presented_keys(headers: dict[str, str]) -> list[str]:
     return keys
 
 
+# FastAPI's API pages describe the admin API: with keys set, they are admin pages too.
+_DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
 class KeyAuth:
     """ASGI middleware (not BaseHTTPMiddleware, so streams pass through untouched)."""
 
@@ -106,7 +112,7 @@ class KeyAuth:
         if scope["type"] != "http" or (self.keys.admin is None and self.keys.inference is None):
             return await self.app(scope, receive, send)
         path: str = scope["path"]
-        if path == "/admin" or path.startswith("/admin/"):
+        if path == "/admin" or path.startswith("/admin/") or path in _DOCS_PATHS:
             check, which = self.keys.admin_ok, "admin"
         elif path.startswith("/v1/"):
             check, which = self.keys.inference_ok, "API"

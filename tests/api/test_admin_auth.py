@@ -16,13 +16,26 @@ def test_keys_from_environment_or_files(tmp_path):
     assert load_keys({}) == Keys(None, None)
     key_file = tmp_path / "admin.key"
     key_file.write_text("from-file\n")
+    key_file.chmod(0o600)
     keys = load_keys({"LMX_ADMIN_KEY_FILE": str(key_file), "LMX_API_KEY": "inline"})
     assert keys == Keys(admin="from-file", inference="inline")
     with pytest.raises(KeyConfigError, match="cannot read"):
         load_keys({"LMX_API_KEY_FILE": str(tmp_path / "missing")})
     (tmp_path / "empty").write_text("\n")
+    (tmp_path / "empty").chmod(0o600)
     with pytest.raises(KeyConfigError, match="empty"):
         load_keys({"LMX_API_KEY_FILE": str(tmp_path / "empty")})
+
+
+def test_a_key_file_readable_by_others_is_refused_with_the_fix(tmp_path):
+    key_file = tmp_path / "api.key"
+    key_file.write_text("secret\n")
+    for mode in (0o644, 0o640, 0o604):
+        key_file.chmod(mode)
+        with pytest.raises(KeyConfigError, match=f"chmod 600 {key_file}"):
+            load_keys({"LMX_API_KEY_FILE": str(key_file)})
+    key_file.chmod(0o400)
+    assert load_keys({"LMX_API_KEY_FILE": str(key_file)}).inference == "secret"
 
 
 def test_admin_and_inference_keys_are_separate():
