@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
@@ -58,19 +59,20 @@ def refuse_control_characters(text: str, what: str) -> str:
 
 
 @total
-def _check_size(value: int | str) -> int | str:
-    parse_size(value)
-    return value
+def _check_size(value: Any) -> int | str:
+    """Before the int | str union: one error on the field, not one per branch of the union."""
+    size = parse_size(value)
+    return size if isinstance(value, float) else value
 
 
 @total
-def _check_duration(value: int | float | str) -> int | float | str:
+def _check_duration(value: Any) -> int | float | str:
     parse_duration(value)
     return value
 
 
 @total
-def _check_budget(value: int | str) -> int | str:
+def _check_budget(value: Any) -> int | str:
     if isinstance(value, str) and value.strip().endswith("%"):
         text = value.strip()[:-1]
         if len(text) > 24:
@@ -79,8 +81,7 @@ def _check_budget(value: int | str) -> int | str:
         if not 0 < number <= 100:  # also refuses nan
             raise ValueError("a percentage budget must be between 0% and 100%")
         return value
-    parse_size(value)
-    return value
+    return _check_size(value)
 
 
 @total
@@ -101,8 +102,8 @@ def _check_engine_string(value: str | None) -> str | None:
     return refuse_control_characters(value, "an engine option")
 
 
-Size = Annotated[int | str, AfterValidator(_check_size)]
-Duration = Annotated[int | float | str, AfterValidator(_check_duration)]
+Size = Annotated[int | str, BeforeValidator(_check_size)]
+Duration = Annotated[int | float | str, BeforeValidator(_check_duration)]
 Count = Annotated[int, Field(gt=0, le=MAX_INT)]
 Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
 EngineString = Annotated[str | None, AfterValidator(_check_engine_string)]
@@ -164,7 +165,7 @@ class EngineOptions(_Strict):
 
 
 class MemorySpec(_Strict):
-    budget: Annotated[int | str, AfterValidator(_check_budget)] = "75%"
+    budget: Annotated[int | str, BeforeValidator(_check_budget)] = "75%"
     reserve: Size = "4GiB"
 
     def budget_bytes(self, physical_bytes: int) -> int:
