@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,10 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.composer import Composer
+from ruamel.yaml.constructor import DuplicateKeyError, RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.events import AliasEvent
+from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from opta_lmx.state.serve_flags import OWNED_FLAGS
 from opta_lmx.state.spec import DesiredState
@@ -54,6 +57,47 @@ class _BoundedComposer(Composer):
         finally:
             self._lmx_depth -= 1
 
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _check_nodes(node)
+        return node
+
+
+# Tags a models.yaml may resolve to; others (!!set, !!omap, !!binary, !custom...) are refused.
+_PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in
+                        ("str", "int", "float", "bool", "null", "seq", "map", "timestamp", "merge"))
+
+
+def _check_nodes(root: Any) -> None:
+    """Refuse complex keys and unusual tags: hashing or printing an aliased key is exponential."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        tag = getattr(node.tag, "value", node.tag) if hasattr(node, "tag") else None
+        if tag is not None and tag not in _PLAIN_TAGS:
+            raise _limit_error(f"the tag {str(tag)[:60]!r} is not used in models.yaml", node.start_mark)
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                if not isinstance(key, ScalarNode):
+                    raise _limit_error("a mapping key must be a plain value", key.start_mark)
+                stack.append(value)
+        elif isinstance(node, SequenceNode):
+            stack.extend(node.value)
+
+
+class _QuietConstructor(RoundTripConstructor):
+    """ruamel's round-trip constructor, minus the values in its duplicate-key message (one may be a bomb)."""
+
+    def check_mapping_key(self, node: Any, key_node: Any, mapping: Any, key: Any, value: Any) -> bool:
+        if key in mapping:
+            raise DuplicateKeyError("while constructing a mapping", node.start_mark,
+                                    f"found duplicate key {str(key)[:100]!r}", key_node.start_mark)
+        return True
+
 
 def _limit_error(message: str, mark: Any) -> MarkedYAMLError:
     return MarkedYAMLError(problem=f"refused: {message}", problem_mark=mark)
@@ -63,6 +107,7 @@ def new_yaml() -> YAML:
     """The one round-trip YAML configuration every reader and writer uses."""
     yaml = YAML(typ="rt")
     yaml.Composer = _BoundedComposer
+    yaml.Constructor = _QuietConstructor
     yaml.preserve_quotes = True
     yaml.width = 4096
     yaml.indent(mapping=2, sequence=4, offset=2)
@@ -159,17 +204,21 @@ def _position(tree: Any, loc: tuple[Any, ...]) -> tuple[int | None, int | None]:
     node = tree
     best: tuple[int | None, int | None] = (None, None)
     for part in loc:
-        if isinstance(node, CommentedMap) and isinstance(part, str) and part in node:
-            line, col = node.lc.key(part)
-            best = (line + 1, col + 1)
-            node = node[part]
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
-            line, col = node.lc.item(part)
-            best = (line + 1, col + 1)
-            node = node[part]
-        else:
+        try:  # merged (`<<:`) keys and aliased nodes may have no position of their own
+            if isinstance(node, CommentedMap) and isinstance(part, str) and part in node:
+                line, col = node.lc.key(part)
+                node = node[part]
+            elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+                line, col = node.lc.item(part)
+                node = node[part]
+            else:
+                break
+        except (KeyError, IndexError, TypeError, AttributeError):
             break
-    if best == (None, None) and hasattr(tree, "lc"):
+        if line is None or col is None:
+            break
+        best = (line + 1, col + 1)
+    if best == (None, None) and getattr(tree, "lc", None) is not None and tree.lc.line is not None:
         best = (tree.lc.line + 1, tree.lc.col + 1)
     return best
 
@@ -281,6 +330,7 @@ def parse_document(text: str, source: str = "models.yaml") -> Document:
     if marks > MAX_SYNTAX_MARKS:
         raise ConfigError(source, [FieldProblem(
             "", f"refused: more than {MAX_SYNTAX_MARKS} lines and flow items", 1, 1)])
+    _check_flow_depth(text, source)
     try:
         tree = new_yaml().load(text)
     except MarkedYAMLError as error:
@@ -291,6 +341,33 @@ def parse_document(text: str, source: str = "models.yaml") -> Document:
         raise ConfigError(source, [FieldProblem("", f"YAML: {type(error).__name__}: {error}", 1, 1)]) from None
     state = validate_tree(tree, source)
     return Document(text=text, tree=tree, state=state, etag=content_etag(text))
+
+
+# Quoted scalars and comments (skipped), or a flow bracket (counted).
+_FLOW_TOKEN = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|(?:^|(?<=\s))#[^\n]*|[\[\]{}]""", re.MULTILINE)
+
+
+def _check_flow_depth(text: str, source: str) -> None:
+    """Refuse deeply nested flow collections before ruamel sees them.
+
+    ruamel's scanner keeps a possible simple key per open flow level and rechecks them all at
+    every token, so a few thousand unclosed `[` cost it seconds before the composer's depth limit
+    is ever reached.
+    """
+    if "[" not in text and "{" not in text:
+        return
+    depth = 0
+    for match in _FLOW_TOKEN.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = text.count("\n", 0, match.start()) + 1
+                column = match.start() - (text.rfind("\n", 0, match.start()) + 1) + 1
+                raise ConfigError(source, [FieldProblem(
+                    "", f"refused: flow collections nested deeper than {MAX_DEPTH} levels", line, column)])
+        elif token in ("]", "}"):
+            depth = max(0, depth - 1)
 
 
 def read_document(path: str | os.PathLike[str]) -> Document:
