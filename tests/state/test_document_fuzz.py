@@ -36,7 +36,7 @@ models:
     priority: 5
 """
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIELDS = ["memory", "budget", "reserve", "defaults", "engine", "models", "name", "source", "aliases", "state",
           "priority", "pinned", "idle_ttl", "max_num_seqs", "max_kv_size", "timeout", "extra_args", "tool_call_parser"]
 WEIRD_VALUES = ["9" * 400, "-1", ".inf", ".nan", "null", "[]", "{}", "''", "'\\0'", '"a\\nb"', "1e400", "true",

@@ -162,3 +162,21 @@ def test_read_document_is_safe_from_many_threads(tmp_path):
     for thread in threads:
         thread.join(60)
     assert results == ["b"] * 80
+
+
+@pytest.mark.parametrize("tail", [
+    "models: *a12\nmodels: []\n",  # a duplicate key whose value is a bomb (ruamel printed it)
+    "? *a12\n: 1\nmodels: []\n",  # a bomb as a key (hashing it is exponential)
+    "x: !!set {a: *a12}\nmodels: []\n",
+    "x: !custom 1\nmodels: []\n",
+    "models: !!omap [a: 1]\n",
+])
+def test_keys_duplicates_and_tags_cannot_smuggle_a_bomb(tail):
+    lines = ["a0: &a0 [lol]"] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 12) + "]" for i in range(1, 13)]
+    refused("\n".join(lines) + "\n" + tail)
+
+
+def test_merge_keys_still_work_and_errors_in_them_have_a_position():
+    state = parse_document("defaults: &d {engine: {max_num_seqs: 2}}\nmodels: [{<<: *d, name: a, source: x}]\n").state
+    assert state.models[0].engine.max_num_seqs == 2
+    refused("models: []\nx: &m {a: 1}\n<<: *m\n")
