@@ -27,7 +27,7 @@ CASES = {
     "alias bomb, 12 levels of 9": _bomb(12),
     "unclosed [ x 4,000": "models: " + "[" * 4000,
     "nested {a: x 4,000": "models: " + "{a: " * 4000,
-    "4,990 lines of keys (just under the line limit)": "".join(f"k{i}: 1\n" for i in range(4990)),
+    "2,990 lines of keys (just under the line limit)": "".join(f"k{i}: 1\n" for i in range(2990)),
     "200 commented models (accepted)": "models:\n" + "".join(
         f"  # model {i}\n  - name: m{i}\n    source: org/model-{i}\n    aliases: [x{i}]\n"
         f"    engine: {{max_num_seqs: 4, extra_args: ['--max-num-seqs', '4']}}\n    memory: 1GiB\n" for i in range(200)),

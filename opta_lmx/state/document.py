@@ -33,7 +33,7 @@ from opta_lmx.state.spec import DesiredState
 # the worst file it may be given well under a second; a models.yaml of 200 commented models
 # is about 1,400 lines.
 MAX_DOCUMENT_BYTES = 256 * 1024
-MAX_SYNTAX_MARKS = 5_000  # lines plus flow punctuation: a cheap bound on the parser's work
+MAX_SYNTAX_MARKS = 3_000  # lines plus flow punctuation: a cheap bound on the parser's work
 MAX_DEPTH = 32  # the schema itself is 5 levels deep
 MAX_ALIASES = 1000  # alias uses (*name) in one document
 MAX_NODES = 50_000  # values after expanding aliases: refuses "billion laughs"
