@@ -29,6 +29,7 @@ import psutil
 from opta_lmx.engine.options import serve_args
 from opta_lmx.engine.records import WorkerRecord, process_create_time
 from opta_lmx.engine.worker_main import SERVING
+from opta_lmx.engine.worker_auth import KEY_VARIABLE, LAUNCHER, read_secret, worker_key
 from opta_lmx.state.spec import EngineOptions
 
 if TYPE_CHECKING:
@@ -182,15 +183,26 @@ class Worker:
         return self.ready_at - self.started_at
 
     def command(self) -> list[str]:
+        # LAUNCHER appends `--api-key` from the environment: a key on the command line is public.
         return [
-            self._python, "-m", "vllm_mlx.cli", "serve", self.spec.source,
+            self._python, "-c", LAUNCHER, "vllm_mlx.cli", "serve", self.spec.source,
             "--host", self.host, "--port", str(self.port),
             "--served-model-name", self.spec.name,
             *serve_args(self.spec.engine),
         ]
 
+    def api_key(self) -> str | None:
+        """This worker's key (engine/worker_auth.py), or None if the control plane made no secret."""
+        secret = read_secret(self.run_dir.parent)
+        return worker_key(secret, self.address) if secret else None
+
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # No LMX_* variable (the gateway's keys among them) reaches a worker or the model code it runs.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("LMX_")}
+        env.pop(KEY_VARIABLE, None)
+        key = self.api_key()
+        if key:
+            env[KEY_VARIABLE] = key
         home = env.get("HOME", str(Path.home()))
         # vllm-mlx keeps its prefix cache under ~/.cache/vllm-mlx/<model>: give each worker
         # its own HOME so two workers of one model (a swap) never share it, while the
