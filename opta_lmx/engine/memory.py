@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from opta_lmx.engine.files import UnreadableFile, read_regular_file
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import EngineOptions
 
@@ -99,33 +99,11 @@ def model_directory(source: str) -> Path | None:
 
 
 def read_small_file(path: Path, limit: int) -> bytes | None:
-    """A regular file's bytes (None if it does not exist), never blocking: a FIFO, a device or a
-    link to one is refused before any read (opened with O_NONBLOCK), and so is a file over `limit`."""
+    """A regular file of the model's (None if missing), never blocking (engine/files.py)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise ModelDirectoryError(f"{path.name} is a dangling link") from None
-        return None
-    except OSError as error:
-        raise ModelDirectoryError(f"cannot open {path.name}: {error.strerror or error}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ModelDirectoryError(f"{path.name} is not a regular file")
-        if info.st_size > limit:
-            raise ModelDirectoryError(f"{path.name} is {format_size(info.st_size)}, over {format_size(limit)}")
-        chunks, size = [], 0
-        while chunk := os.read(fd, 1024 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise ModelDirectoryError(f"{path.name} is over {format_size(limit)}")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError as error:
-        raise ModelDirectoryError(f"cannot read {path.name}: {error.strerror or error}") from None
-    finally:
-        os.close(fd)
+        return read_regular_file(path, limit)
+    except UnreadableFile as error:
+        raise ModelDirectoryError(str(error)) from None
 
 
 def read_json_file(path: Path, limit: int) -> object | None:

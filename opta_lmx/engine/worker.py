@@ -110,14 +110,20 @@ class Worker:
         self._stopping = False
         self.started_at: float | None = None
         self.ready_at: float | None = None
+        self.unadoptable: str | None = None  # why a previous run's worker must be stopped, not adopted
 
     # -- identity -----------------------------------------------------------------
     @classmethod
     def from_record(
         cls, record: WorkerRecord, process: psutil.Process, on_exit: Callable[["Worker"], None] | None = None
     ) -> "Worker":
-        """A worker that a previous control plane started: watched through psutil, not Popen."""
-        spec = WorkerSpec(record.name, record.source, EngineOptions.model_validate(record.engine))
+        """A worker that a previous control plane started: watched through psutil, not Popen.
+
+        A record that could not be read (`record.problem`) still gives a worker to stop: it is
+        marked `unadoptable` with the reason, so the loop stops it instead of adopting it.
+        """
+        engine = EngineOptions() if record.problem else EngineOptions.model_validate(record.engine)
+        spec = WorkerSpec(record.name, record.source, engine)
         worker = cls(spec, run_dir=Path(record.run_dir).parent, host=record.host, port=record.port,
                      on_exit=on_exit, log_path=Path(record.log_path))
         worker.id = record.worker_id
@@ -126,6 +132,7 @@ class Worker:
         worker.create_time = record.create_time
         worker.started_at = record.started_at
         worker.ready_at = record.ready_at
+        worker.unadoptable = record.problem
         threading.Thread(target=worker._wait_for_exit, name=f"wait-{worker.id}", daemon=True).start()
         return worker
 
