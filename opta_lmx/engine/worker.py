@@ -93,6 +93,7 @@ class Worker:
         env: dict[str, str] | None = None,
         on_exit: Callable[["Worker"], None] | None = None,
         log_path: Path | None = None,
+        log_dir: Path | None = None,
     ):
         self.spec = spec
         self.id = f"{spec.name}-{spec.fingerprint[:8]}-{os.urandom(3).hex()}"
@@ -100,7 +101,16 @@ class Worker:
         self.host = host
         self.port = port or free_tcp_port(host)
         self.address = f"http://{host}:{self.port}"
-        self.log_path = Path(log_path) if log_path else self.run_dir / "worker.log"
+        # One log per worker process (<log_dir>/<model>/<worker id>.log): failure classification
+        # reads only this worker's output, never an older worker's (whose clients' prompts may say
+        # "Error: ..."); `lmx logs` follows the model's newest file across swaps.
+        self._per_model_dir = log_path is None and log_dir is not None
+        if log_path:
+            self.log_path = Path(log_path)
+        elif log_dir:
+            self.log_path = Path(log_dir) / spec.name / f"{self.id}.log"
+        else:
+            self.log_path = self.run_dir / "worker.log"
         self._python = python
         self._extra_env = env or {}
         self._on_exit = on_exit
@@ -204,7 +214,10 @@ class Worker:
     def spawn(self) -> None:
         (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        rotate_log(self.log_path)
+        if self._per_model_dir:
+            prune_worker_logs(self.log_path.parent, WORKER_LOGS_KEPT)
+        else:
+            rotate_log(self.log_path)
         log_file = open(self.log_path, "ab", buffering=0)
         self.started_at = time.time()
         log.info("starting worker %s: %s", self.id, " ".join(self.command()))
@@ -326,6 +339,19 @@ class Worker:
 
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_KEEP = 3
+
+
+WORKER_LOGS_KEPT = 5  # per model: the newest workers' logs (the one starting is the 6th)
+
+
+def prune_worker_logs(directory: Path, keep: int = WORKER_LOGS_KEPT) -> None:
+    """Before a model's new worker starts: delete all but its `keep` newest worker logs."""
+    try:
+        logs = sorted(directory.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for old in logs[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> None:
