@@ -111,6 +111,10 @@ class WorkerRecords:
     def __init__(self, directory: str | os.PathLike[str]):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Temp files of writes cut short by a kill (write_atomic removes its own on an error):
+        # only this instance writes here (it holds the state directory's lock).
+        for stale in self.directory.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def _path(self, worker_id: str) -> Path:
         return self.directory / f"{worker_id}.json"

@@ -99,3 +99,52 @@ def test_a_record_that_is_a_fifo_is_refused_without_blocking(tmp_path):
 
     os.mkfifo(tmp_path / "x.json")
     assert WorkerRecords(tmp_path).load_all() == []
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_a_full_disk_leaves_no_temp_files(tmp_path, monkeypatch, where):
+    """ENOSPC (or EMFILE) while writing a record raises to the caller (the load backs off) and
+    leaves no `*.tmp` behind; temp files a kill left are swept when the records are opened."""
+    import errno
+    import os
+
+    from opta_lmx.engine.records import WorkerRecord
+    from opta_lmx.state import atomic
+
+    records = WorkerRecords(tmp_path)
+    record = WorkerRecord(**{**GOOD, "pid": os.getpid(), "create_time": psutil.Process().create_time()})
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "write":
+        monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: _FullFile(fd))
+    else:
+        monkeypatch.setattr(atomic.os, where, full)
+    for _ in range(20):
+        with pytest.raises(OSError):
+            records.write(record)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / ".a-1.json.killed.tmp").write_text("{")
+    WorkerRecords(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+_REAL_FDOPEN = __import__("os").fdopen
+
+
+class _FullFile:
+    def __init__(self, fd):
+        self._file = _REAL_FDOPEN(fd, "wb")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+    def write(self, _data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
