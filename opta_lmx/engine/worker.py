@@ -27,6 +27,14 @@ import psutil
 
 from opta_lmx.engine.options import serve_args
 from opta_lmx.engine.records import WorkerRecord, process_create_time
+from opta_lmx.engine.worker_log import (  # noqa: F401 (rotate_log, LOG_* re-exported)
+    LOG_KEEP,
+    LOG_MAX_BYTES,
+    WORKER_LOGS_KEPT,
+    last_error_line,
+    prune_worker_logs,
+    rotate_log,
+)
 from opta_lmx.state.spec import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -335,49 +343,6 @@ class Worker:
                 return handle.read().decode("utf-8", "replace")
         except OSError:
             return ""
-
-
-LOG_MAX_BYTES = 10 * 1024 * 1024
-LOG_KEEP = 3
-
-
-WORKER_LOGS_KEPT = 5  # per model: the newest workers' logs (the one starting is the 6th)
-
-
-def prune_worker_logs(directory: Path, keep: int = WORKER_LOGS_KEPT) -> None:
-    """Before a model's new worker starts: delete all but its `keep` newest worker logs."""
-    try:
-        logs = sorted(directory.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
-    except OSError:
-        return
-    for old in logs[keep:]:
-        old.unlink(missing_ok=True)
-
-
-def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> None:
-    """At a worker's start: if its log has grown past `max_bytes`, shift it to .1 (keeping `keep`)."""
-    try:
-        if path.stat().st_size <= max_bytes:
-            return
-    except FileNotFoundError:
-        return
-    for index in range(keep - 1, 0, -1):
-        older = path.with_name(f"{path.name}.{index}")
-        if older.exists():
-            os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
-    if keep > 0:
-        os.replace(path, path.with_name(f"{path.name}.1"))
-    else:
-        path.unlink()
-
-
-def last_error_line(text: str) -> str:
-    """The most telling line of a worker's log: its last error, else its last line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error" in line or "error" in line:
-            return line[:500]
-    return lines[-1][:500] if lines else "no output"
 
 
 def _children(pid: int) -> list[psutil.Process]:
