@@ -181,7 +181,8 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
             raise APIError(502, f"the worker for `{name}` did not answer: {error!r}", "worker_unavailable") from None
     except BaseException as error:
         await admission.release(name, route)
-        metrics.requests.labels(name, "499" if isinstance(error, APIError) and error.status == 499 else "502").inc()
+        client_left = isinstance(error, APIError) and error.status == 499
+        metrics.requests.labels(name, "499" if client_left else "502").inc()
         raise
     metrics.requests.labels(name, str(upstream.status)).inc()
     response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}

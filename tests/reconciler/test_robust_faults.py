@@ -114,6 +114,18 @@ def test_an_unknown_user_in_a_source_fails_that_model_only(tmp_path):
     _run(tmp_path, yaml, scenario)
 
 
+def test_an_unknown_user_with_a_memory_override_fails_at_load(tmp_path):
+    """With `memory:` set the directory is never estimated; the load itself refuses the source."""
+    yaml = ("models:\n  - {name: good, source: /tmp, memory: 10MiB}\n"
+            "  - {name: bad, source: ~nosuchuser-lmx/x, memory: 10MiB}\n")
+
+    async def scenario(reconciler, pool):
+        await until(lambda: ready(reconciler, "good") and _phase(reconciler, "bad") == Phase.FAILED)
+        assert "nosuchuser-lmx" in reconciler.statuses["bad"].message and pool.started == ["good"]
+
+    _run(tmp_path, yaml, scenario)
+
+
 def test_a_fifo_config_is_refused_without_reading_it(tmp_path):
     """Opened with O_NONBLOCK and refused by its type: no writer ever appears, yet this returns."""
     _fifo_config(tmp_path / "m")
