@@ -26,7 +26,7 @@ LMX = [sys.executable, "-m", "opta_lmx.cli"]
 @pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_example_models_yaml_is_valid(path):
     assert read_document(path).state.models
-    check = subprocess.run([*LMX, "check", str(path)], capture_output=True, text=True, env=lmx_env(), cwd=REPO,
+    check = subprocess.run([*LMX, "check", "-f", str(path)], capture_output=True, text=True, env=lmx_env(), cwd=REPO,
                            timeout=60)
     assert check.returncode == 0, check.stderr
 
@@ -100,7 +100,7 @@ def test_04_memory_budget_priorities(serve, tiny_model):
     text = adapted("04-memory-budget-priorities", [tiny_model], {
         "budget: 48GiB": "budget: 2000MiB", "reserve: 4GiB": "reserve: 0", "memory: 20GiB": "memory: 900MiB"})
     server = serve(text)
-    plan = lmx(server, "plan", "--config", str(server.config), "--from-nothing").stdout
+    plan = lmx(server, "plan", "-f", str(server.config), "--from-nothing").stdout
     assert "summarizer" in plan
     server.wait_ready("coder", "chat")
     server.wait_for(lambda s: s.phases().get("summarizer") == "Unschedulable", 30, "summarizer refused")

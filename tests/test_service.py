@@ -60,7 +60,7 @@ def test_plist_keys_types_and_absolute_paths(settings):
     args = plist["ProgramArguments"]
     assert all(isinstance(a, str) for a in args)
     assert args[:3] == ["/opt/lmx/venv/bin/python", "-m", "opta_lmx.cli"]
-    assert args[args.index("serve") + 1:] == ["--config", str(settings.config), "--host", "127.0.0.1",
+    assert args[args.index("serve") + 1:] == ["--file", str(settings.config), "--host", "127.0.0.1",
                                                "--port", "4321", "--grace", "12.5"]
     assert plist["RunAtLoad"] is True
     assert plist["KeepAlive"] == {"SuccessfulExit": False}  # restart after a crash, not after a clean stop
@@ -176,7 +176,7 @@ def test_cli_install_dry_run(settings, commands, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(service.sys, "platform", "linux")
-    code = main(["--log-format", "json", "service", "install", "--config", str(settings.config),
+    code = main(["--log-format", "json", "service", "install", "-f", str(settings.config),
                  "--port", "9999", "--env", "FOO=bar baz", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0 and commands == []
@@ -189,7 +189,7 @@ def test_cli_install_dry_run(settings, commands, tmp_path, monkeypatch, capsys):
 def test_cli_install_refuses_a_missing_config(tmp_path, commands, monkeypatch, capsys):
     monkeypatch.setattr(service.sys, "platform", "linux")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    code = main(["service", "install", "--config", str(tmp_path / "nope.yaml")])
+    code = main(["service", "install", "-f", str(tmp_path / "nope.yaml")])
     assert code == 1 and commands == []
     assert "no models.yaml at" in capsys.readouterr().err
 
@@ -199,5 +199,5 @@ def test_cli_install_warns_about_an_invalid_config(tmp_path, commands, monkeypat
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     bad = tmp_path / "models.yaml"
     bad.write_text("models:\n  - name: a\n    source: x\n    state: sometimes\n")
-    assert main(["service", "install", "--config", str(bad), "--dry-run"]) == 0
+    assert main(["service", "install", "-f", str(bad), "--dry-run"]) == 0
     assert "models[0].state" in capsys.readouterr().err

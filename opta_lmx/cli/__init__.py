@@ -13,6 +13,12 @@ from opta_lmx.cli.commands import cmd_check, cmd_logs, cmd_make_model, cmd_plan,
 from opta_lmx.cli.serve import cmd_serve
 
 
+def add_file_argument(parser: argparse.ArgumentParser, text: str) -> None:
+    """`-f FILE` as kubectl has it; `--config` (the older spelling) stays accepted, unlisted."""
+    parser.add_argument("-f", "--file", dest="config", metavar="FILE", help=text)
+    parser.add_argument("--config", dest="config", help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     config = settings.current()
     parser = argparse.ArgumentParser(prog="lmx", description="Opta-LMX: models.yaml in, OpenAI answers out.")
@@ -22,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway and the control loop")
-    serve.add_argument("--config", help="models.yaml (default: the embedded demo in the user config dir)")
+    add_file_argument(serve, "models.yaml to serve (default: the embedded demo in the user config dir)")
     serve.add_argument("--host", default=config.host)
     serve.add_argument("--port", type=int, default=config.port)
     serve.add_argument("--state-dir", help="where workers' logs and runtime state go")
@@ -44,11 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_commands(sub)
 
     check = sub.add_parser("check", help="validate a models.yaml")
-    check.add_argument("config", nargs="?")
+    add_file_argument(check, "models.yaml to validate (default: the user config dir's)")
+    check.add_argument("legacy_config", nargs="?", metavar="FILE", help=argparse.SUPPRESS)  # before -f existed
     check.set_defaults(func=cmd_check)
 
     plan = sub.add_parser("plan", help="print what the loop would do (memory before/after), without doing it")
-    plan.add_argument("--config", help="models.yaml to plan (default: the server's, else the default file)")
+    add_file_argument(plan, "models.yaml to plan (default: the server's, else the user config dir's)")
     plan.add_argument("--server", help=f"a running lmx server to plan against (default $LMX_SERVER or {config.server_url})")
     plan.add_argument("--from-nothing", action="store_true", help="plan as if nothing were running")
     plan.set_defaults(func=cmd_plan)
@@ -63,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--state-dir", help="the state dir of the lmx serve to look at")
     logs.set_defaults(func=cmd_logs)
 
-    from opta_lmx.cli import doctor, service
+    from opta_lmx.cli import doctor, pull, service
 
+    pull.add_parser(sub)
     service.add_parser(sub)
     doctor.add_parser(sub)
 
@@ -80,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "check" and args.legacy_config:
+        if args.config:
+            build_parser().error("lmx check: give the file once, as -f FILE")
+        args.config = args.legacy_config
     if args.command == "plan":
         args.server_given = args.server is not None
         args.server = args.server or settings.current().server_url

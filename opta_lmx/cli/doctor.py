@@ -78,12 +78,12 @@ def check_config(config: Path) -> Finding:
 
     if not config.exists():
         return Finding("config", WARN, f"no models.yaml at {config}",
-                       "run `lmx serve` once to create a default one, or pass --config PATH")
+                       "run `lmx serve` once to create a default one, or pass -f FILE")
     try:
         document = read_document(config)
     except ConfigError as error:
         return Finding("config", FAIL, f"{config} is invalid:\n{error.describe()}",
-                       f"fix the lines named above, then `lmx check {config}`")
+                       f"fix the lines named above, then `lmx check -f {config}`")
     return Finding("config", OK, f"{config}: {len(document.state.models)} model(s)")
 
 
@@ -134,7 +134,7 @@ def check_service(state_dir: Path) -> Finding:
         return Finding("service", WARN, f"{error}; {running_text}")
     if not manager.file.exists():
         return Finding("service", OK, f"not installed as a {manager.name} service; {running_text}",
-                       "optional: `lmx service install --config PATH` to start it at login")
+                       "optional: `lmx service install -f FILE` to start it at login")
     try:
         running, _detail = manager.status()
     except ServiceError as error:
@@ -152,7 +152,9 @@ def run_checks(config: Path, host: str, port: int, state_dir: Path) -> list[Find
 
 def add_parser(sub) -> None:
     doctor = sub.add_parser("doctor", help="check the platform, MLX, memory, config, port and service")
-    doctor.add_argument("--config", help="models.yaml to check (default: the user config dir's)")
+    from opta_lmx.cli import add_file_argument
+
+    add_file_argument(doctor, "models.yaml to check (default: the user config dir's)")
     doctor.add_argument("--host", default=settings.DEFAULT_HOST)
     doctor.add_argument("--port", type=int, default=settings.DEFAULT_PORT)
     doctor.add_argument("--state-dir")

@@ -17,7 +17,7 @@ log = logging.getLogger("opta_lmx")
 
 DEFAULT_MODELS_YAML = """\
 # Opta-LMX desired state. Edit and save: the server converges to it within a second or so.
-# Reference: https://github.com/opta/opta-lmx/blob/main/docs/models-yaml.md
+# Reference: `lmx schema` prints every field as JSON Schema; `lmx check -f FILE` validates a file.
 memory:
   budget: 75%        # of physical memory, or a size such as 48GiB
   reserve: 2GiB      # memory that must stay free for the system

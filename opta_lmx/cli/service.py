@@ -1,6 +1,7 @@
 """`lmx service`: run Opta-LMX as a LaunchAgent (macOS) or a systemd user unit (Linux).
 
-The files are rendered from the templates in `launchd/` with absolute paths (launchd and
+The files are rendered from the package's templates (`opta_lmx/cli/templates/`, package data read
+through importlib.resources, so an installed wheel has them) with absolute paths (launchd and
 systemd have no PATH or cwd worth relying on). Every launchctl/systemctl call goes through
 `run_command`, the single subprocess boundary, so tests check the exact command lines and
 `--dry-run` prints them instead.
@@ -16,14 +17,19 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opta_lmx import paths, settings
 from opta_lmx.state.atomic import write_atomic
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python >= 3.11; only for annotations
+
 LABEL = "com.opta.lmx"
 UNIT_NAME = "opta-lmx.service"
-TEMPLATES = Path(__file__).resolve().parents[2] / "launchd"
+TEMPLATES = resources.files("opta_lmx.cli").joinpath("templates")
 PLIST_TEMPLATE = TEMPLATES / f"{LABEL}.plist"
 UNIT_TEMPLATE = TEMPLATES / UNIT_NAME
 THROTTLE_INTERVAL = 10  # seconds between restarts after a crash
@@ -58,7 +64,7 @@ class ServiceSettings:
         return int(2 * self.grace + 10)
 
     def serve_args(self) -> list[str]:
-        return ["--config", str(self.config), "--host", self.host, "--port", str(self.port),
+        return ["--file", str(self.config), "--host", self.host, "--port", str(self.port),
                 "--grace", f"{self.grace:g}"]
 
     def environment(self) -> dict[str, str]:
@@ -85,14 +91,15 @@ class ServiceSettings:
 
 # -- rendering (pure) -----------------------------------------------------------------------
 
-def _read_template(template: Path) -> bytes:
+def _read_template(template: Path | Traversable) -> bytes:
     try:
         return template.read_bytes()
     except FileNotFoundError:
-        raise ServiceError(f"service template {template} not found: install Opta-LMX from its source "
-                           "checkout (pip install -e .), which carries launchd/") from None
+        raise ServiceError(f"service template {template} not found: this install of Opta-LMX lacks its "
+                           "package data; reinstall it (pip install --force-reinstall opta-lmx)") from None
 
-def render_plist(settings: ServiceSettings, template: Path = PLIST_TEMPLATE) -> bytes:
+
+def render_plist(settings: ServiceSettings, template: Path | Traversable = PLIST_TEMPLATE) -> bytes:
     """The LaunchAgent plist: the template with its placeholders filled, re-serialized by plistlib."""
     settings.check_absolute()
     plist = plistlib.loads(_read_template(template))
@@ -128,7 +135,7 @@ def _systemd_quote(word: str) -> str:
     return f'"{escaped}"'
 
 
-def render_unit(settings: ServiceSettings, template: Path = UNIT_TEMPLATE) -> str:
+def render_unit(settings: ServiceSettings, template: Path | Traversable = UNIT_TEMPLATE) -> str:
     """The systemd user unit text."""
     settings.check_absolute()
     command = [str(settings.python), "-m", "opta_lmx.cli", "--log-format", settings.log_format,
@@ -309,7 +316,9 @@ def add_parser(sub) -> None:
     service = sub.add_parser("service", help="run Opta-LMX as a login service (launchd or systemd --user)")
     actions = service.add_subparsers(dest="service_command", required=True)
     install = actions.add_parser("install", help="write the service file and start it (again at every login)")
-    install.add_argument("--config", help="models.yaml the service serves (default: the user config dir's)")
+    from opta_lmx.cli import add_file_argument
+
+    add_file_argument(install, "models.yaml the service serves (default: the user config dir's)")
     install.add_argument("--host", default=settings.DEFAULT_HOST)
     install.add_argument("--port", type=int, default=settings.DEFAULT_PORT)
     install.add_argument("--grace", type=float, default=10.0,
@@ -350,7 +359,7 @@ def cmd_service(args) -> int:
         if action == "install":
             settings = settings_from_args(args)
             if not settings.config.exists():
-                message = (f"no models.yaml at {settings.config}: pass --config PATH, or run "
+                message = (f"no models.yaml at {settings.config}: pass -f FILE, or run "
                            f"`lmx serve` once to create the default")
                 if not args.dry_run:
                     raise ServiceError(message)
