@@ -91,6 +91,10 @@ class Admission:
         route.begin()  # per worker: the loop drains a worker until this reaches 0
         return route
 
+    def free_now(self, name: str, limit: int | None) -> bool:
+        """Whether acquire() would return at once (the model is routed and a slot is free)."""
+        return self.routes.get(name) is not None and (limit is None or self.gate(name).in_flight < limit)
+
     def _not_loaded(self, name: str) -> APIError:
         status = self.reconciler.statuses.get(name)
         why = f" ({status.phase.value}: {status.message or status.last_error})" if status else ""
@@ -165,8 +169,10 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
     reconciler.note_request(name)
     admission: Admission = app_state.admission
     try:
-        route = await _unless_client_leaves(request, admission.acquire(name, spec.max_concurrency),
-                                            lambda r: admission.release(name, r))
+        acquiring = admission.acquire(name, spec.max_concurrency)
+        if not admission.free_now(name, spec.max_concurrency):  # it will wait: not past its client
+            acquiring = _unless_client_leaves(request, acquiring, lambda r: admission.release(name, r))
+        route = await acquiring
     except APIError as error:
         metrics.requests.labels(name, str(error.status)).inc()
         raise
