@@ -8,6 +8,7 @@ spec was measured at (no re-admission on a guess), and a `memory:` override wins
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from opta_lmx.engine.memory import MemoryEstimate
 from opta_lmx.engine.worker import WorkerSpec
 from opta_lmx.reconciler.plan import MemoryFigures
 from opta_lmx.state.spec import DesiredState, ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 def resolve_source(config_path: Path, source: str) -> str:
@@ -72,14 +75,23 @@ class MemoryAccounts:
         self.measured_max: dict[str, int] = {}  # fingerprint -> most measured for a worker of it
 
     def estimate(self, spec: WorkerSpec, override: int | None) -> MemoryEstimate:
-        """The footprint planned before a worker of `spec` runs (cached per fingerprint)."""
+        """The footprint planned before a worker of `spec` runs (cached per fingerprint).
+
+        The loop fills the cache off the event loop first (`estimate_off_loop`); this reads the
+        directory itself only for `lmx plan`, where a directory that cannot be read gives an
+        unknown estimate (not cached) instead of a traceback.
+        """
         key = self._key(spec, override)
-        if key not in self._estimates:
-            self._estimates[key] = self._estimator(spec.source, spec.engine, override)
         if override is not None:
             self._override[spec.fingerprint] = override
         else:
             self._override.pop(spec.fingerprint, None)
+        if key not in self._estimates:
+            try:
+                self._estimates[key] = self._estimator(spec.source, spec.engine, override)
+            except Exception as error:  # noqa: BLE001 - the loop reports it (observing.estimate_models)
+                log.warning("cannot estimate %s: %s: %s", spec.source, type(error).__name__, error)
+                return MemoryEstimate(known=False)
         return self._estimates[key]
 
     def known(self, spec: WorkerSpec, override: int | None) -> bool:

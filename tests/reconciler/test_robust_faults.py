@@ -231,3 +231,17 @@ def test_act_fault_backs_off_that_model_only(tmp_path, error):
 
     (tmp_path / "bad-src").mkdir()
     _run(tmp_path, YAML.replace("/tmp/bad-src", str(tmp_path / "bad-src")), scenario, StartFails(error))
+
+
+def test_lmx_plan_previews_a_model_whose_directory_cannot_be_read(tmp_path):
+    """`lmx plan` reads directories itself: a FIFO config gives an unknown estimate, not a traceback."""
+    from opta_lmx.reconciler.preview import describe, preview
+    from opta_lmx.state.spec import DesiredState
+
+    _fifo_config(tmp_path / "bad")
+    good = _model_dir(tmp_path / "good")
+    desired = DesiredState.model_validate({"models": [{"name": "good", "source": str(good)},
+                                                      {"name": "bad", "source": str(tmp_path / "bad")}]})
+    result = preview(tmp_path / "models.yaml", desired)
+    assert not result.estimates["bad"].known and result.estimates["good"].known
+    assert "bad" in describe(result, "models.yaml")
