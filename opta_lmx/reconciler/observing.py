@@ -40,8 +40,12 @@ async def read_desired(rec: Reconciler) -> None:
                 "", f"reading the file took longer than {READ_TIMEOUT:.0f}s", None, None)]) from None
     except ConfigError as error:
         if rec.config_status.valid or rec.config_status.error != error.to_dict():
-            log.error("models.yaml rejected; the last good state stays live:\n%s", error.describe())
-            rec.events.record("config", "InvalidConfig", error.describe(), kind="Warning")
+            if error.kind == "incomplete":  # a file being written (truncated, then filled): not "no models"
+                log.info("models.yaml is empty for now; the last good state stays live")
+                rec.events.record("config", "ConfigIncomplete", error.describe())
+            else:
+                log.error("models.yaml rejected; the last good state stays live:\n%s", error.describe())
+                rec.events.record("config", "InvalidConfig", error.describe(), kind="Warning")
         rec.config_status = ConfigStatus(
             path=str(rec.config_path), valid=False, error=error.to_dict(),
             last_good_etag=rec.document.etag if rec.document else None, checked_at=rec.clock(),

@@ -245,3 +245,30 @@ def test_lmx_plan_previews_a_model_whose_directory_cannot_be_read(tmp_path):
     result = preview(tmp_path / "models.yaml", desired)
     assert not result.estimates["bad"].known and result.estimates["good"].known
     assert "bad" in describe(result, "models.yaml")
+
+
+def test_an_empty_file_is_being_written_not_no_models(tmp_path):
+    """Issue 15 case 4: a zero-byte models.yaml (a `cat >` or a non-atomic editor mid-write) keeps
+    every model; only an explicit `models: []` removes them."""
+    good = _model_dir(tmp_path / "good")
+    yaml = f"models:\n  - {{name: good, source: {good}}}\n"
+    config = tmp_path / "models.yaml"
+
+    async def scenario(reconciler, pool):
+        await until(lambda: ready(reconciler, "good"))
+        generation = reconciler.generation
+        for blank in ("", "   \n\n", "# only a comment\n"):
+            config.write_text(blank)
+            passes = reconciler.passes
+            reconciler.nudge()
+            await until(lambda: reconciler.passes > passes + 1)
+            assert ready(reconciler, "good") and pool.stopped == []
+            assert reconciler.generation == generation and not reconciler.config_status.valid
+        reasons = [e.reason for e in reconciler.events.since() if e.object == "config"]
+        assert "ConfigIncomplete" in reasons and "InvalidConfig" not in reasons
+        config.write_text("models: []\n")
+        reconciler.nudge()
+        await until(lambda: "good" not in reconciler.statuses)
+        assert pool.stopped == ["good"]
+
+    _run(tmp_path, yaml, scenario)
