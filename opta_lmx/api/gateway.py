@@ -29,6 +29,7 @@ from opta_lmx.api.errors import APIError
 from opta_lmx.api.metrics import GatewayMetrics
 from opta_lmx.api.passthrough import EXTRA_GET_PATHS, EXTRA_POST_PATHS, renamed, requested_model
 from opta_lmx.api.passthrough import router as passthrough_router
+from opta_lmx.engine.worker_auth import upstream_headers, worker_key
 from opta_lmx.reconciler.controller import Reconciler
 from opta_lmx.reconciler.routes import Route
 from opta_lmx.state.status import Phase
@@ -52,6 +53,13 @@ _DROP_REQUEST = frozenset({"host", "content-length", "connection", "keep-alive",
 _DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                             "server", "date"})
 _USAGE_CHUNKS = 8  # last chunks of a response kept to read its token usage at the end
+
+
+def worker_headers(app_state, address: str, client_headers) -> list[tuple[str, str]]:
+    """What a relayed request carries upstream: never the client's keys or cookies; the worker's own key."""
+    secret = getattr(app_state, "worker_secret", None)
+    kept = [(k, v) for k, v in client_headers if k.lower() not in _DROP_REQUEST]
+    return upstream_headers(kept, worker_key(secret, address) if secret else None)
 
 
 @dataclass
@@ -177,7 +185,7 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
         metrics.requests.labels(name, str(error.status)).inc()
         raise
     try:
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
+        headers = worker_headers(app_state, route.address, request.headers.items())
         session: aiohttp.ClientSession = app_state.upstream
         url = URL(route.address + path + ("?" + query if query else ""), encoded=True)
         try:

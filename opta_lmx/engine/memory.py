@@ -233,14 +233,15 @@ def process_tree_rss(pid: int) -> int | None:
     return total
 
 
-async def mlx_memory_bytes(address: str, client: httpx.AsyncClient | None = None) -> int:
+async def mlx_memory_bytes(address: str, client: httpx.AsyncClient | None = None, key: str | None = None) -> int:
     """MLX active + cache memory a worker reports in /v1/status (0 on the CPU backend)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else None
     try:
         if client is None:
             async with httpx.AsyncClient(timeout=2.0) as own:
-                response = await own.get(f"{address}/v1/status")
+                response = await own.get(f"{address}/v1/status", headers=headers)
         else:
-            response = await client.get(f"{address}/v1/status", timeout=2.0)
+            response = await client.get(f"{address}/v1/status", timeout=2.0, headers=headers)
         metal = response.json().get("metal") or {}
     except (httpx.HTTPError, ValueError, AttributeError):
         return 0

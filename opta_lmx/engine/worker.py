@@ -269,11 +269,16 @@ class Worker:
 
     def _spawn_from(self, prepared: "PreparedStart") -> None:
         command = self.command()
-        if command[1:3] != ["-m", "vllm_mlx.cli"]:
+        if "vllm_mlx.cli" not in command:
             raise ValueError(f"a prepared start runs vllm_mlx.cli arguments, not {command[:3]}")
+        arguments = command[command.index("vllm_mlx.cli") + 1:]
+        environment = self.environment()
+        key = environment.pop(KEY_VARIABLE, None)  # what LAUNCHER does for a cold worker
         self.started_at = time.time()
-        log.info("starting worker %s through %s: %s", self.id, prepared.id, " ".join(command))
-        launched = prepared.launch(command[3:], self.environment(), self.log_path, self._announced)
+        log.info("starting worker %s through %s: %s", self.id, prepared.id, " ".join(arguments))
+        # The key goes over the spare's pipe or the template's socket, never onto a command line.
+        launched = prepared.launch([*arguments, *(["--api-key", key] if key else [])], environment,
+                                   self.log_path, self._announced)
         if launched.popen is not None:
             self._proc = launched.popen
         else:  # forked by a template: not our child, watched like an adopted worker

@@ -129,7 +129,7 @@ class Actions:
     def _measure_later(self, entry: WorkerEntry, worker: Worker) -> None:
         async def measure() -> None:
             """MLX's own figure (Metal active + cache) for a new worker; 0 on the CPU backend."""
-            entry.mlx_bytes = await engine_memory.mlx_memory_bytes(worker.address)
+            entry.mlx_bytes = await engine_memory.mlx_memory_bytes(worker.address, key=worker.api_key())
 
         task = asyncio.create_task(measure())
         self._background.add(task)
