@@ -20,6 +20,7 @@ from opta_lmx.api.errors import error_body
 
 MAX_ADMIN_BODY_BYTES = 1024 * 1024  # models.yaml itself is at most 256 KiB
 _JSON = frozenset({"application/json"})
+_UPLOAD = frozenset({"multipart/form-data", "application/json"})
 _MERGE_PATCH = frozenset({"application/merge-patch+json", "application/json"})
 _YAML = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -103,9 +104,16 @@ def _expected_types(method: str, path: str) -> frozenset[str] | None:
         return _YAML
     if path == "/admin" or path.startswith("/admin/"):
         return _MERGE_PATCH if method == "PATCH" else _JSON
+    if path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+        return _UPLOAD  # OpenAI documents a form upload here; the Origin check still refuses other sites
     if path.startswith("/v1/"):
         return _JSON
     return None
+
+
+def _has_body(headers: dict[str, str]) -> bool:
+    """Whether a request carries a body at all (a body-less POST, e.g. a cancel, has no content type)."""
+    return "transfer-encoding" in headers or headers.get("content-length", "0").strip() not in ("", "0")
 
 
 class _BodyTooLarge(Exception):
@@ -148,7 +156,7 @@ class RequestGuard:
                 return 403, (f"cross-origin requests from {origin[:100]!r} are refused; allow the origin with "
                              "LMX_CORS_ORIGINS (see docs/security.md)"), "origin_not_allowed"
         expected = _expected_types(scope["method"], scope["path"])
-        if expected is not None:
+        if expected is not None and _has_body(headers):
             media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if media not in expected:
                 return 415, (f"{scope['method']} {scope['path']} takes a body of type "

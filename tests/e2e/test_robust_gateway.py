@@ -80,7 +80,7 @@ def test_clients_that_leave_stop_their_non_streaming_generations(server):
         client.join(30)
 
     def idle(s):
-        running = httpx.get(address + "/v1/status", timeout=5).json().get("num_running", 0)
+        running = server.worker_get(address, "/v1/status", timeout=5).json().get("num_running", 0)
         return running == 0 and _gauge(s, "lmx_requests_in_flight", "a") == 0
 
     server.wait_for(idle, 30, "the worker to stop generating for clients that left")
