@@ -25,6 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from yarl import URL
 
+from opta_lmx.api.bodies import read_bounded
 from opta_lmx.api.errors import APIError
 from opta_lmx.api.metrics import GatewayMetrics
 from opta_lmx.api.passthrough import EXTRA_GET_PATHS, EXTRA_POST_PATHS, renamed, requested_model
@@ -146,17 +147,8 @@ class Admission:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it (or its declared length) passes `limit`."""
-    too_large = APIError(413, f"the request body is larger than {limit} bytes", "body_too_large")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_bounded(request, limit, message=f"the request body is larger than {limit} bytes",
+                              code="body_too_large")
 
 
 async def proxy(request: Request, path: str) -> StreamingResponse:
