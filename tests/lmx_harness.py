@@ -79,6 +79,16 @@ class Server:
     def admin_models(self) -> dict:
         return self.get("/admin/models").json()
 
+    def worker_headers(self, address: str) -> dict[str, str]:
+        """What a direct call to a worker needs: the key the control plane gave it (no client key works)."""
+        from opta_lmx.engine.worker_auth import read_secret, worker_key
+
+        secret = read_secret(self.state_dir / "workers")
+        return {"Authorization": f"Bearer {worker_key(secret, address)}"} if secret else {}
+
+    def worker_get(self, address: str, path: str, **kwargs) -> httpx.Response:
+        return httpx.get(address + path, headers=self.worker_headers(address), **kwargs)
+
     def phases(self) -> dict[str, str]:
         return {m["name"]: (m["status"] or {}).get("phase") for m in self.admin_models()["models"]}
 

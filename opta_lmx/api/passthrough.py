@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlencode
 import aiohttp
 from fastapi import APIRouter, Request
 
+from opta_lmx.engine.worker_auth import worker_key
 from opta_lmx.api.errors import APIError
 
 router = APIRouter()
@@ -118,7 +119,10 @@ async def _cancel(request: Request, request_id: str) -> dict:
 
     async def ask(route) -> dict | None:
         try:
-            async with session.post(f"{route.address}/v1/requests/{request_id}/cancel", timeout=timeout) as reply:
+            secret = getattr(request.app.state, "worker_secret", None)
+            headers = {"Authorization": f"Bearer {worker_key(secret, route.address)}"} if secret else None
+            async with session.post(f"{route.address}/v1/requests/{request_id}/cancel", timeout=timeout,
+                                    headers=headers) as reply:
                 return await reply.json() if reply.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None

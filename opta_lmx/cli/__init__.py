@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--queue-limit", type=int, default=256,
                        help="requests that may wait per model (loading, or at its concurrency limit) before 429")
     serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest request body (413 above)")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="another Host name the server answers to (repeatable; loopback names and the "
+                            "bind address always are; also LMX_ALLOWED_HOSTS): see docs/security.md")
     serve.add_argument("--git-commit", action="store_true",
                        default=config.git_commit,
                        help="git-commit models.yaml in its repository after every admin API write")

@@ -108,7 +108,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from opta_lmx.api.app import GatewaySettings, create_app
     from opta_lmx.api.auth import KeyConfigError, check_bind, load_keys
+    from opta_lmx.api.server_limits import bounded_server_options
     from opta_lmx.engine.pool import WorkerPool
+    from opta_lmx.engine.worker_auth import ensure_secret, read_secret
     from opta_lmx.cli.logs import uvicorn_log_config, worker_log_dir
     from opta_lmx.reconciler.controller import LoopSettings, Reconciler
     from opta_lmx.state.instance import AlreadyRunning, InstanceLock
@@ -140,18 +142,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"  state dir:     {state_dir}", flush=True)
     print(f"  worker logs:   {log_dir}  (lmx logs MODEL)", flush=True)
 
+    ensure_secret(state_dir / "workers")  # each worker's key derives from it; the gateway sends that key
     pool = WorkerPool(state_dir / "workers", log_dir=log_dir)
     reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
 
     store = ModelsStore(config, git_commit=args.git_commit)
     app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout,
-                                                 queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes),
+                                                 queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes,
+                                                 bind_host=args.host, allowed_hosts=tuple(args.allowed_host)),
                      store=store, keys=keys)
     app.state.worker_logs = (state_dir, log_dir)  # the dashboard's log tail reads them
+    app.state.worker_secret = read_secret(state_dir / "workers")
     server = _server_class()(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                        timeout_graceful_shutdown=args.grace, access_log=False,
-                       log_config=uvicorn_log_config(args.log_format) or uvicorn.config.LOGGING_CONFIG)
+                       log_config=uvicorn_log_config(args.log_format) or uvicorn.config.LOGGING_CONFIG,
+                       **bounded_server_options())
     )
     # Long-lived streams (lmx events -f) end instead of holding the shutdown.
     server.on_stop = lambda: setattr(app.state, "stopping", True)

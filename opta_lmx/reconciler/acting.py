@@ -71,6 +71,9 @@ class Actions:
         if spec.source.startswith("/") and not Path(spec.source).exists():
             self.fail(action.name, action.fingerprint, f"source path does not exist: {spec.source}", permanent=True)
             return
+        if spec.source.startswith("~"):  # resolve_source could not expand it: `~nosuchuser/x`
+            self.fail(action.name, action.fingerprint, f"cannot resolve {spec.source}: no such user", permanent=True)
+            return
         if action.after:
             why = (f"waiting for {len(action.after)} worker(s) to drain and unload to free memory "
                    f"({format_size(action.bytes)} needed)")
@@ -128,7 +131,7 @@ class Actions:
     def _measure_later(self, entry: WorkerEntry, worker: Worker) -> None:
         async def measure() -> None:
             """MLX's own figure (Metal active + cache) for a new worker; 0 on the CPU backend."""
-            entry.mlx_bytes = await engine_memory.mlx_memory_bytes(worker.address)
+            entry.mlx_bytes = await engine_memory.mlx_memory_bytes(worker.address, key=worker.api_key())
 
         task = asyncio.create_task(measure())
         self._background.add(task)

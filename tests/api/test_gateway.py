@@ -87,15 +87,15 @@ def test_concurrency_limit_queues_instead_of_failing(server):
 
 def test_client_disconnect_cancels_upstream(server):
     address = next(m for m in server.admin_models()["models"] if m["name"] == "a")["status"]["address"]
-    before = httpx.get(address + "/v1/status").json()["total_completion_tokens"]
+    before = server.worker_get(address, "/v1/status").json()["total_completion_tokens"]
     with httpx.Client(timeout=30) as client:
         with client.stream("POST", server.base_url + "/v1/chat/completions",
                            json=_chat("a", 20000, stream=True, temperature=0.0)) as response:
             assert response.status_code == 200
             next(response.iter_raw())  # generation has started; now walk away
-    server.wait_for(lambda s: httpx.get(address + "/v1/status").json()["num_running"] == 0, 20,
+    server.wait_for(lambda s: server.worker_get(address, "/v1/status").json()["num_running"] == 0, 20,
                     "worker to stop generating for the departed client")
-    generated = httpx.get(address + "/v1/status").json()["total_completion_tokens"] - before
+    generated = server.worker_get(address, "/v1/status").json()["total_completion_tokens"] - before
     assert generated < 20000
 
 

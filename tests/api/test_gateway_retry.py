@@ -47,7 +47,6 @@ async def live_worker(port: int = LIVE_PORT, said: str = "from the new worker", 
 def gateway(tmp_path, wait_timeout: float):
     (tmp_path / "models.yaml").write_text("models:\n  - {name: a, source: /tmp, memory: 10MiB}\n")
     reconciler = Reconciler(tmp_path / "models.yaml", FakePool(), memory_probe=lambda: (16_000 * MiB, 10_000 * MiB))
-    observing.read_desired(reconciler)  # the file is read; no pass runs: the test drives the routes
     app = create_app(reconciler, GatewaySettings(load_wait_timeout=wait_timeout))
     return reconciler, app
 
@@ -57,11 +56,12 @@ def test_a_refused_connection_waits_for_the_next_route_and_retries_there(tmp_pat
     dead, live = Traffic(), Traffic()
 
     async def scenario():
+        await observing.read_desired(reconciler)  # the file is read; no pass runs: the test drives the routes
         runner = await live_worker()
         app.state.upstream = aiohttp.ClientSession()
         try:
             await reconciler.routes.set(Route("a", f"http://127.0.0.1:{DEAD_PORT}", "dead", dead))
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lmx") as client:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
                 sent = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
                 await until(lambda: dead.in_flight == 1 or sent.done())  # it took the dead worker's route
                 reconciler.routes.drop("a", "dead")  # the loop noticed the death...
@@ -83,10 +83,11 @@ def test_a_refused_connection_with_no_next_route_is_a_502_within_the_wait_bound(
     dead = Traffic()
 
     async def scenario():
+        await observing.read_desired(reconciler)  # the file is read; no pass runs: the test drives the routes
         app.state.upstream = aiohttp.ClientSession()
         try:
             await reconciler.routes.set(Route("a", f"http://127.0.0.1:{DEAD_PORT}", "dead", dead))
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lmx") as client:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
                 reply = await client.post("/v1/chat/completions", json=CHAT)
             assert reply.status_code == 502 and reply.json()["error"]["code"] == "worker_unavailable"
             assert dead.in_flight == 0
@@ -107,12 +108,13 @@ def test_a_request_for_a_worker_whose_process_exited_is_not_sent_to_it(tmp_path)
     old, live, hits = Traffic(), Traffic(), []
 
     async def scenario():
+        await observing.read_desired(reconciler)  # the file is read; no pass runs: the test drives the routes
         # the exited worker's address still answers here, so a request sent there would show
         runners = [await live_worker(OLD_PORT, "from the exited worker", hits), await live_worker(hits=hits)]
         app.state.upstream = aiohttp.ClientSession()
         try:
             await reconciler.routes.set(Route("a", f"http://127.0.0.1:{OLD_PORT}", exited.id, old))
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lmx") as client:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
                 sent = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
                 await until(lambda: old.in_flight == 1 or sent.done())
                 await reconciler.routes.set(Route("a", f"http://127.0.0.1:{LIVE_PORT}", "new", live))

@@ -138,7 +138,7 @@ class SlowToStopWorker:
 
     stop_gate: asyncio.Event
 
-    def __init__(self, spec, *, run_dir, env, on_exit, log_path):
+    def __init__(self, spec, *, run_dir, **_options):
         self.spec, self.id, self.run_dir = spec, f"{spec.name}-slow", run_dir
         self.stopped = False
 

@@ -14,6 +14,7 @@ from fastapi import Request
 
 from pydantic import BaseModel, ConfigDict
 
+from opta_lmx.api.bodies import read_bounded
 from opta_lmx.api.errors import APIError
 from opta_lmx.state.document import ConfigError
 from opta_lmx.state.store import Precondition
@@ -77,18 +78,8 @@ def invalid_state(error: ConfigError) -> APIError:
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The request body, refused with 413 past `limit` bytes (read no further than that)."""
-    declared = request.headers.get("content-length", "")
-    too_large = APIError(413, f"the request body is larger than the admin API's limit of {limit} bytes",
-                         "request_too_large")
-    if declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_bounded(request, limit, code="request_too_large",
+                              message=f"the request body is larger than the admin API's limit of {limit} bytes")
 
 
 def json_depth(value: Any) -> int:
