@@ -54,7 +54,7 @@ class LoopSettings:
     memory_check_interval: float = 2.0  # how often free memory is compared with the reserve
     pass_backoff_base: float = 0.1  # a pass that raised is retried after this, doubling per failure...
     pass_backoff_max: float = 5.0  # ...up to this
-    pass_timeout: float = 60.0  # the watchdog: a pass still running after this is cancelled and retried
+    pass_timeout: float = 120.0  # the watchdog: a pass still running after this is cancelled and retried
 
 
 class Reconciler:
