@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.memory import MemoryEstimate
@@ -58,11 +59,21 @@ def held_bytes(current: MemoryEstimate | None, old_override: int | None, measure
     return measured or measured_max
 
 
+class HubSizes(Protocol):
+    """Hub models' estimates from the hub's file listing, read off the loop (reconciler/downloads.py)."""
+
+    def covers(self, source: str) -> bool: ...
+
+    def estimate(self, key: str, spec: WorkerSpec, override: int | None) -> MemoryEstimate | None: ...
+
+
 class MemoryAccounts:
     """The loop's memory book: estimates per fingerprint, the most measured per fingerprint."""
 
-    def __init__(self, estimator: Callable[..., MemoryEstimate] = engine_memory.estimate):
+    def __init__(self, estimator: Callable[..., MemoryEstimate] = engine_memory.estimate,
+                 hub: HubSizes | None = None):
         self._estimator = estimator
+        self._hub = hub  # hub ids are sized by it; None: by `estimator`, from the local cache only (lmx plan)
         self._estimates: dict[str, MemoryEstimate] = {}  # fingerprint[:override] -> estimate
         self._override: dict[str, int] = {}  # fingerprint -> the `memory:` override it was planned with
         self.measured_max: dict[str, int] = {}  # fingerprint -> most measured for a worker of it
@@ -71,7 +82,13 @@ class MemoryAccounts:
         """The footprint planned before a worker of `spec` runs (cached per fingerprint)."""
         key = spec.fingerprint + (f":{override}" if override is not None else "")
         if key not in self._estimates:
-            self._estimates[key] = self._estimator(spec.source, spec.engine, override)
+            if self._hub is not None and self._hub.covers(spec.source):
+                found = self._hub.estimate(key, spec, override)
+                if found is None:  # still being read from the hub: the model is held back meanwhile
+                    return MemoryEstimate(override_bytes=override, known=False)
+                self._estimates[key] = found
+            else:
+                self._estimates[key] = self._estimator(spec.source, spec.engine, override)
         if override is not None:
             self._override[spec.fingerprint] = override
         else:

@@ -33,6 +33,7 @@ def update_statuses(rec: Reconciler, fingerprints: dict[str, str], blocked: froz
         status.estimated_bytes = rec.estimate(model).total_bytes
         entry = rec.ledger.get(route.worker_id) if route else None
         status.measured_bytes = entry.measured_bytes if entry else None
+        status.download = rec.downloads.status_of(model.name)
         status.observed_generation = rec.generation
         status.set_condition("Ready", phase == Phase.READY, reason, message, rec.generation, now)
         verdict = rec.verdicts.get(model.name)
@@ -71,6 +72,8 @@ def phase_of(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked: froze
         return Phase.FAILED, "LoadFailed", failure.message + serving_note
     load = rec.ledger.load_of(name)
     if load is not None:
+        if load.phase == WorkerPhase.DOWNLOADING:
+            return Phase.DOWNLOADING, "Downloading", rec.downloads.message(name)
         if load.phase == WorkerPhase.WAITING:
             return Phase.PENDING, "WaitingForMemory", load.why
         return Phase.LOADING, "Loading", "starting a worker"
@@ -85,6 +88,8 @@ def phase_of(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked: froze
     if failure and name in blocked:
         return Phase.PENDING, "CrashLoopBackOff" if "crash-looping" in failure.message else "BackOff", (
             failure.message + serving_note)
+    if name in rec.downloads.sizing():
+        return Phase.PENDING, "ReadingSize", f"reading the size of {model.source} from the hub"
     verdict = rec.verdicts.get(name)
     if verdict is not None:
         return Phase.UNSCHEDULABLE, "InsufficientMemory", verdict.message
