@@ -83,7 +83,7 @@ class Reconciler:
         self.ledger = Ledger(self.events, lambda: self.clock(), Backoff(settings.backoff_base, settings.backoff_max))
         self.routes = RouteTable(self.expects_ready)
         self.downloads = Downloads(self.events, self.nudge, self._download_failed, lambda: self.clock(),
-                                   hub or HubClient())
+                                   hub or HubClient(), lambda name: statuses.show_download(self, name))
         self.accounts = MemoryAccounts(hub=self.downloads)
         self.actions = Actions(self)
         self.supervisor = Supervisor(self, Backoff(settings.pass_backoff_base, settings.pass_backoff_max))

@@ -112,6 +112,7 @@ class Downloads:
     fail: Callable[[str, str, str, bool], float]  # (model, fingerprint, message, permanent) -> retry_at
     clock: Callable[[], float] = time.time
     client: HubClient = field(default_factory=HubClient)
+    on_progress: Callable[[str], None] = lambda _model: None  # the status shows progress between passes
     sizes: dict[str, Sizing] = field(default_factory=dict)  # by accounting key (fingerprint[:override])
     active: dict[str, Download] = field(default_factory=dict)  # by model
     _needs: dict[str, bool] = field(default_factory=dict)  # by source: sizing's (or a download's) finding
@@ -192,11 +193,13 @@ class Downloads:
         finally:
             if self.active.get(d.model) is d:
                 del self.active[d.model]
+                self.on_progress(d.model)
 
     def _progress(self, d: Download, progress: DownloadProgress) -> None:
         """Keep the latest figures; record the start, and every 10% (at most every 5 s)."""
         now = self.clock()
         d.progress = progress
+        self.on_progress(d.model)
         if not d.announced:
             d.announced, d.last_event_at = True, now
             cached = f" ({format_size(progress.done_bytes)} already in the cache)" if progress.done_bytes else ""

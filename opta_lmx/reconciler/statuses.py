@@ -53,6 +53,16 @@ def update_statuses(rec: Reconciler, fingerprints: dict[str, str], blocked: froz
                 del rec.statuses[name]
 
 
+def show_download(rec: Reconciler, name: str) -> None:
+    """Between passes, keep a downloading model's `download` block and message as fresh as its progress."""
+    status = rec.statuses.get(name)
+    if status is None:
+        return
+    status.download = rec.downloads.status_of(name)
+    if status.phase == Phase.DOWNLOADING:
+        status.message = rec.downloads.message(name)
+
+
 def _planned_bytes(rec: Reconciler, model: ModelSpec) -> int:
     route = rec.routes.get(model.name)
     entry = rec.ledger.get(route.worker_id) if route else None
