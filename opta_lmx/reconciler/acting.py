@@ -125,6 +125,7 @@ class Actions:
         else:
             rec.statuses.setdefault(entry.model, ModelStatus()).phase = Phase.LOADING
             rec.ledger.move(entry, WorkerPhase.LOADING, ("Loading", f"loading {spec.source} (downloaded)"))
+        rec.nudge()  # a pass rewrites the status (no download block, the new phase's message)
 
     async def _wait_for_memory(self, entry: WorkerEntry, spec: WorkerSpec, after: tuple[str, ...]) -> None:
         rec = self.rec

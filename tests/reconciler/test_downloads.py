@@ -224,6 +224,18 @@ def test_removing_the_model_cancels_its_download(tmp_path):
     asyncio.run(scenario())
 
 
+def test_stopping_the_server_cancels_its_downloads(tmp_path):
+    hub = StandInHub({REPO: 50 * MiB})
+    reconciler, pool = make(tmp_path, ONE, hub)
+
+    async def scenario():
+        await until(reconciler, lambda: hub.halfway.is_set())
+        await reconciler.shutdown()
+        assert hub.cancelled == [REPO] and not reconciler.downloads.busy() and pool.started == []
+
+    asyncio.run(scenario())
+
+
 def test_new_engine_options_keep_the_download_but_a_new_source_cancels_it(tmp_path):
     other = "org/other"
     hub = StandInHub({REPO: 50 * MiB, other: 20 * MiB})
