@@ -132,8 +132,12 @@ class Downloads:
         if sizing.result is not None:
             return sizing.result.estimate
         if sizing.task is None and self.clock() >= sizing.retry_at:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # asked from a thread (not the loop's): the next pass starts it
+                return None
             sizing.error = None
-            sizing.task = asyncio.get_running_loop().create_task(self._size(sizing, spec, override))
+            sizing.task = loop.create_task(self._size(sizing, spec, override))
         return None
 
     async def _size(self, sizing: Sizing, spec: WorkerSpec, override: int | None) -> None:
