@@ -225,9 +225,9 @@ class Downloads:
                               total_bytes=p.total_bytes if p else None,
                               rate_bytes_per_s=p.rate_bytes_per_s if p else 0.0, started_at=d.started_at)
 
-    def message(self, model: str) -> str:
+    def message(self, model: str, source: str) -> str:
         d = self.active.get(model)
-        return f"downloading {d.source}: {describe(d.progress)}" if d else "downloading"
+        return f"downloading {source}: {describe(d.progress if d else None)}"
 
     def keep(self, wanted: Mapping[str, str]) -> None:
         """Cancel the downloads of models no longer wanted (`wanted`: model -> source)."""

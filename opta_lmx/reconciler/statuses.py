@@ -59,8 +59,8 @@ def show_download(rec: Reconciler, name: str) -> None:
     if status is None:
         return
     status.download = rec.downloads.status_of(name)
-    if status.phase == Phase.DOWNLOADING:
-        status.message = rec.downloads.message(name)
+    if status.phase == Phase.DOWNLOADING and status.download is not None:
+        status.message = rec.downloads.message(name, status.download.repo_id)
 
 
 def _planned_bytes(rec: Reconciler, model: ModelSpec) -> int:
@@ -83,7 +83,7 @@ def phase_of(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked: froze
     load = rec.ledger.load_of(name)
     if load is not None:
         if load.phase == WorkerPhase.DOWNLOADING:
-            return Phase.DOWNLOADING, "Downloading", rec.downloads.message(name)
+            return Phase.DOWNLOADING, "Downloading", rec.downloads.message(name, rec.worker_spec(model).source)
         if load.phase == WorkerPhase.WAITING:
             return Phase.PENDING, "WaitingForMemory", load.why
         return Phase.LOADING, "Loading", "starting a worker"
