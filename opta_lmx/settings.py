@@ -82,6 +82,8 @@ def read_secret(variable: str, value: str | None, path: str | None) -> str | Non
     if not path:
         return None
     try:
+        if Path(path).expanduser().stat().st_mode & 0o077:
+            raise SecretFileError(f"{variable}_FILE={path} is readable by other users; run `chmod 600 {path}`")
         key = Path(path).expanduser().read_text(encoding="utf-8").strip()
     except OSError as error:
         raise SecretFileError(f"{variable}_FILE={path}: cannot read the key: {error}") from None

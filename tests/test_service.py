@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import plistlib
+import stat
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ import pytest
 from opta_lmx.cli import service
 from opta_lmx.cli import main
 from opta_lmx.cli.service import LABEL, ServiceError, ServiceSettings, render_plist, render_unit
+
+
+@pytest.fixture(autouse=True)
+def no_keys_here(monkeypatch):
+    """The keys of whoever runs the tests must not leak into (or be refused by) these installs."""
+    for variable in ("LMX_ADMIN_KEY", "LMX_API_KEY", "LMX_ADMIN_KEY_FILE", "LMX_API_KEY_FILE"):
+        monkeypatch.delenv(variable, raising=False)
 
 
 @pytest.fixture
@@ -201,3 +209,71 @@ def test_cli_install_warns_about_an_invalid_config(tmp_path, commands, monkeypat
     bad.write_text("models:\n  - name: a\n    source: x\n    state: sometimes\n")
     assert main(["service", "install", "-f", str(bad), "--dry-run"]) == 0
     assert "models[0].state" in capsys.readouterr().err
+
+
+def _key_file(path: Path, key: str, mode: int = 0o600) -> Path:
+    path.write_text(key + "\n")
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("system", ["linux", "darwin"])
+def test_install_carries_key_files_never_key_values(settings, commands, tmp_path, monkeypatch, capsys, system):
+    """Issue 12 item 3: the service gets the key files' paths; the keys stay in their files."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(service.sys, "platform", system)
+    monkeypatch.chdir(tmp_path)
+    admin = _key_file(tmp_path / "admin.key", "admin-secret-value")
+    _key_file(tmp_path / "api.key", "api-secret-value")
+    monkeypatch.setenv("LMX_ADMIN_KEY_FILE", str(admin))
+    code = main(["service", "install", "--config", str(settings.config), "--env", "LMX_API_KEY_FILE=api.key",
+                 "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "admin-secret-value" not in out and "api-secret-value" not in out
+    assert str(admin) in out and str(tmp_path / "api.key") in out  # relative --env paths made absolute
+    if system == "linux":
+        assert f"Environment=LMX_ADMIN_KEY_FILE={admin}" in out
+    else:
+        assert "<key>LMX_API_KEY_FILE</key>" in out
+
+
+@pytest.mark.parametrize("how", ["--env", "environment"])
+def test_a_key_value_is_refused_with_a_pointer_to_key_files(settings, commands, tmp_path, monkeypatch, capsys,
+                                                             how):
+    monkeypatch.setattr(service.sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    argv = ["service", "install", "--config", str(settings.config), "--dry-run"]
+    if how == "--env":
+        argv += ["--env", "LMX_ADMIN_KEY=admin-secret-value"]
+    else:
+        monkeypatch.setenv("LMX_API_KEY", "api-secret-value")
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "secret-value" not in captured.out + captured.err and commands == []
+    assert "_KEY_FILE=" in captured.err and "chmod 600" in captured.err
+    with pytest.raises(ServiceError, match="LMX_ADMIN_KEY_FILE"):
+        render_unit(ServiceSettings(config=settings.config, state_dir=settings.state_dir,
+                                    log_dir=settings.log_dir, env={"LMX_ADMIN_KEY": "x"}))
+
+
+def test_a_key_file_others_can_read_or_that_is_missing_is_refused(settings, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(service.sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    shared = _key_file(tmp_path / "admin.key", "k", mode=0o644)
+    for given, message in ((shared, "chmod 600"), (tmp_path / "nope.key", "cannot read")):
+        assert main(["service", "install", "--config", str(settings.config), "--env",
+                     f"LMX_ADMIN_KEY_FILE={given}", "--dry-run"]) == 1
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["systemd", "launchd"])
+def test_the_service_file_is_readable_by_the_user_only(settings, commands, tmp_path, monkeypatch, kind):
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    platform = service.Systemd(home=tmp_path) if kind == "systemd" else service.Launchd(home=tmp_path)
+    platform.file.parent.mkdir(parents=True)
+    platform.file.write_text("an older, world-readable install")
+    platform.file.chmod(0o644)
+    platform.install(settings)
+    assert stat.S_IMODE(platform.file.stat().st_mode) == 0o600

@@ -21,6 +21,10 @@ def test_defaults_and_the_environment():
 def test_key_files(tmp_path):
     key = tmp_path / "admin.key"
     key.write_text("from-file\n")
+    key.chmod(0o644)
+    with pytest.raises(settings.SecretFileError, match="chmod 600"):
+        settings.Settings.from_env({"LMX_ADMIN_KEY_FILE": str(key)}).admin_secret()
+    key.chmod(0o600)
     assert settings.Settings.from_env({"LMX_ADMIN_KEY_FILE": str(key)}).admin_secret() == "from-file"
     with pytest.raises(settings.SecretFileError, match="cannot read"):
         settings.Settings.from_env({"LMX_API_KEY_FILE": str(tmp_path / "none")}).api_secret()

@@ -19,6 +19,7 @@ from opta_lmx.api.errors import install_error_handlers
 from opta_lmx.api.gateway import Admission
 from opta_lmx.api.metrics import GatewayMetrics
 from opta_lmx.engine.memory import machine_memory as probe_machine_memory
+from opta_lmx.api.security import MAX_ADMIN_BODY_BYTES, install_request_guard
 from opta_lmx.reconciler.controller import Reconciler
 from opta_lmx.state.store import ModelsStore
 
@@ -31,6 +32,11 @@ class GatewaySettings:
     upstream_timeout: float = 600.0  # longest silence from a worker mid-response
     queue_limit: int = 256  # requests waiting per model before 429
     max_body_bytes: int = 32 * 1024 * 1024
+    # The browser-facing edge (api/security.py, docs/security.md).
+    bind_host: str = "127.0.0.1"  # its name is a Host the server answers to
+    allowed_hosts: tuple[str, ...] = ()  # more Host names (also LMX_ALLOWED_HOSTS)
+    cors_origins: tuple[str, ...] = ()  # CORS stays off unless origins are named (also LMX_CORS_ORIGINS)
+    max_admin_body_bytes: int = MAX_ADMIN_BODY_BYTES
 
 
 def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettings(), *,
@@ -63,6 +69,8 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
                                     wait_timeout=settings.load_wait_timeout)
     app.state.store = store or ModelsStore(reconciler.config_path)
     app.add_middleware(KeyAuth, keys=keys if keys is not None else load_keys())
+    install_request_guard(app, bind_host=settings.bind_host, allowed_hosts=settings.allowed_hosts,
+                          cors_origins=settings.cors_origins, max_admin_body=settings.max_admin_body_bytes)
     install_error_handlers(app)
     app.include_router(gateway.router)
     admin.mount(app, AdminService(reconciler, app.state.store, machine_memory))

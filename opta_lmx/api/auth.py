@@ -83,6 +83,10 @@ def presented_keys(headers: dict[str, str]) -> list[str]:
     return keys
 
 
+# FastAPI's API pages describe the admin API: with keys set, they are admin pages too.
+_DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
 class KeyAuth:
     """ASGI middleware (not BaseHTTPMiddleware, so streams pass through untouched)."""
 
@@ -94,7 +98,7 @@ class KeyAuth:
         if scope["type"] != "http" or (self.keys.admin is None and self.keys.inference is None):
             return await self.app(scope, receive, send)
         path: str = scope["path"]
-        if path == "/admin" or path.startswith("/admin/"):
+        if path == "/admin" or path.startswith("/admin/") or path in _DOCS_PATHS:
             check, which = self.keys.admin_ok, "admin"
         elif path.startswith("/v1/"):
             check, which = self.keys.inference_ok, "API"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from opta_lmx.api.errors import APIError
 from opta_lmx.state.document import ConfigError, parse_document
 from opta_lmx.state.spec import DesiredModelState
-from opta_lmx.api.admin.protocol import edit_error_status, etag_matches
+from opta_lmx.api.admin.protocol import edit_error_status, etag_matches, json_object, read_body
 from opta_lmx.state import worker_logs
 from opta_lmx.state.render import render_edit
 from opta_lmx.state.yamledit import EditError, describe_patch, merge_patch, models_of, require_model
@@ -110,12 +109,7 @@ async def preview(request: Request) -> JSONResponse:
     Send the write with `If-Match: <etag>`: if the file changes meanwhile the write is refused
     (412), so what is written is exactly what was shown.
     """
-    try:
-        body = json.loads(await request.body() or b"null")
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    body = json_object(await read_body(request))  # bounded, and nested at most so deep (400/413)
     mutate = _preview_edit(body)
     snap = request.app.state.store.snapshot()
     if_match = request.headers.get("if-match")
@@ -123,7 +117,8 @@ async def preview(request: Request) -> JSONResponse:
         raise APIError(412, "models.yaml changed since you read it; preview again on the fresh file",
                        "etag_mismatch", headers={"ETag": snap.etag}, extra={"current_etag": snap.etag})
     try:
-        text, summary = await asyncio.to_thread(render_edit, snap.text, mutate)
+        current = request.app.state.store.editable_text(snap)  # a missing or blank file is refused, as the write is
+        text, summary = await asyncio.to_thread(render_edit, current, mutate)
         await asyncio.to_thread(parse_document, text, str(request.app.state.store.path))
     except ConfigError as error:
         raise APIError(422, "the edit would make models.yaml invalid: " + "; ".join(map(str, error.problems)),

@@ -15,7 +15,9 @@ import collections
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiohttp
 import anyio
@@ -32,6 +34,7 @@ from opta_lmx.reconciler.routes import Route
 from opta_lmx.state.status import Phase
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 router = APIRouter()
 
@@ -87,6 +90,10 @@ class Admission:
         self.metrics.in_flight.labels(name).inc()
         route.begin()  # per worker: the loop drains a worker until this reaches 0
         return route
+
+    def free_now(self, name: str, limit: int | None) -> bool:
+        """Whether acquire() would return at once (the model is routed and a slot is free)."""
+        return self.routes.get(name) is not None and (limit is None or self.gate(name).in_flight < limit)
 
     def _not_loaded(self, name: str) -> APIError:
         status = self.reconciler.statuses.get(name)
@@ -162,7 +169,10 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
     reconciler.note_request(name)
     admission: Admission = app_state.admission
     try:
-        route = await admission.acquire(name, spec.max_concurrency)
+        acquiring = admission.acquire(name, spec.max_concurrency)
+        if not admission.free_now(name, spec.max_concurrency):  # it will wait: not past its client
+            acquiring = _unless_client_leaves(request, acquiring, lambda r: admission.release(name, r))
+        route = await acquiring
     except APIError as error:
         metrics.requests.labels(name, str(error.status)).inc()
         raise
@@ -171,12 +181,14 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
         session: aiohttp.ClientSession = app_state.upstream
         url = URL(route.address + path + ("?" + query if query else ""), encoded=True)
         try:
-            upstream = await session.request(request.method, url, data=body, headers=headers)
+            upstream = await _unless_client_leaves(  # a non-streaming answer's head comes only at its end
+                request, session.request(request.method, url, data=body, headers=headers), _close_response)
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             raise APIError(502, f"the worker for `{name}` did not answer: {error!r}", "worker_unavailable") from None
-    except BaseException:
+    except BaseException as error:
         await admission.release(name, route)
-        metrics.requests.labels(name, "502").inc()
+        client_left = isinstance(error, APIError) and error.status == 499
+        metrics.requests.labels(name, "499" if client_left else "502").inc()
         raise
     metrics.requests.labels(name, str(upstream.status)).inc()
     response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
@@ -226,21 +238,71 @@ async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMe
 
 
 def _count_tokens(tail: bytes, is_sse: bool, name: str, metrics: GatewayMetrics) -> None:
-    """Add the usage a worker reported (last JSON object or SSE event carrying `usage`)."""
+    """Add the usage a worker reported (last JSON object or SSE event carrying `usage`).
+
+    Runs after the body was sent: whatever `usage` holds (a string, a negative or huge number,
+    a list), it is counted or skipped, never raised, so a response is never cut off by it.
+    """
     candidates = tail.split(b"\n\n") if is_sse else [tail]
     for piece in reversed(candidates):
         text = piece.strip().removeprefix(b"data:").strip()
         if b'"usage"' not in text:
             continue
         try:
-            usage = json.loads(text).get("usage") or {}
-        except ValueError:
+            payload = json.loads(text)
+        except (ValueError, RecursionError):
             continue
-        prompt = usage.get("prompt_tokens", usage.get("input_tokens")) or 0
-        completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        if not isinstance(usage, dict):
+            return
+        prompt = _token_count(usage.get("prompt_tokens", usage.get("input_tokens")))
+        completion = _token_count(usage.get("completion_tokens", usage.get("output_tokens")))
         metrics.prompt_tokens.labels(name).inc(prompt)
         metrics.completion_tokens.labels(name).inc(completion)
         return
+
+
+def _token_count(value: object) -> int:
+    """A token count as reported, if it is a plausible one (a non-negative int below 2**53), else 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+        return 0
+    return value
+
+
+async def _close_response(response: aiohttp.ClientResponse) -> None:
+    response.close()
+
+
+async def _client_disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is already read, so the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T], undo: Callable[[T], Awaitable[None]]) -> T:
+    """Await `work`, unless the client disconnects first: then cancel it and answer 499.
+
+    Starlette does not cancel a handler whose client left, so a request queued for a loading
+    model would keep its place and a non-streaming one (whose head arrives with its end) would
+    keep the worker generating. Cancelling `work` leaves the queue or closes the upstream
+    connection (vllm-mlx aborts a request whose connection closed); `undo` gives back a result
+    that arrived anyway.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        gone = watcher.done() and not watcher.cancelled() and watcher.exception() is None
+        if not gone:
+            return await task  # done, or the watcher failed (no disconnect to learn of): just wait
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    outcome = (await asyncio.gather(task, return_exceptions=True))[0]
+    if not isinstance(outcome, BaseException):
+        await undo(outcome)
+    raise APIError(499, "the client closed the request", "client_closed")
 
 
 def _make_route(path: str):

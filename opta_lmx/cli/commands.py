@@ -22,7 +22,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     try:
         offset = logs.tail(path, args.lines)
         if args.follow:
-            logs.follow(path, offset)
+            logs.follow(path, offset, current=lambda: logs.model_log_path(args.model, state_dir, log_dir))
     except KeyboardInterrupt:
         pass
     return 0

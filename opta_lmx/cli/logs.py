@@ -1,8 +1,8 @@
 """Log output: the control plane's own format (human or JSON), and reading a model's worker log.
 
 Human lines for a terminal; one JSON object per line for log shippers (`--log-format json`).
-Each worker writes to its own file; `lmx logs MODEL` finds the current one through the
-worker records in the state directory.
+Each worker process writes its own file (<log dir>/<model>/<worker id>.log); `lmx logs MODEL`
+finds the current one through the worker records and follows the model across workers.
 """
 
 from __future__ import annotations
@@ -83,13 +83,27 @@ def worker_log_dir(state_dir: Path, state_dir_given: bool) -> Path:
     return paths.log_dir() / "workers"
 
 
-def follow(path: Path, offset: int, out=None, poll: float = 0.5, until=None) -> None:
+def follow(path: Path, offset: int, out=None, poll: float = 0.5, until=None, current=None) -> None:
     """Print what is appended to `path` from `offset`, like `tail -F`: when the file is rotated,
-    finish the old one (it stays open) and go on with the new one from its start."""
+    finish the old one (it stays open) and go on with the new one from its start.
+
+    `current()`, if given, names the file to follow now (a model's newest worker's log): when it
+    names another file, the old one is finished and the new one followed from its start, so a
+    model's log reads as one stream across swaps and restarts."""
     out = out or sys.stdout
     handle = None
     try:
         while until is None or not until():
+            newer = current() if current is not None else None
+            if newer is not None and newer != path:
+                if handle is not None:
+                    rest = handle.read()
+                    if rest:
+                        out.write(rest.decode("utf-8", "replace"))
+                        out.flush()
+                    handle.close()
+                out.write(f"==> {newer} <==\n")
+                handle, path, offset = None, newer, 0
             if handle is None:
                 try:
                     handle = open(path, "rb")
@@ -102,9 +116,9 @@ def follow(path: Path, offset: int, out=None, poll: float = 0.5, until=None) -> 
                 out.write(data.decode("utf-8", "replace"))
                 out.flush()
             try:
-                current = path.stat()
-                replaced = current.st_ino != os.fstat(handle.fileno()).st_ino
-                truncated = current.st_size < handle.tell()
+                info = path.stat()
+                replaced = info.st_ino != os.fstat(handle.fileno()).st_ino
+                truncated = info.st_size < handle.tell()
             except FileNotFoundError:
                 replaced, truncated = False, False
             if replaced or truncated:

@@ -112,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from opta_lmx.cli.logs import uvicorn_log_config, worker_log_dir
     from opta_lmx.reconciler.controller import LoopSettings, Reconciler
     from opta_lmx.state.instance import AlreadyRunning, InstanceLock
+    from opta_lmx.state.statedir import StateDirError, prepare_state_dir
     from opta_lmx.state.store import ModelsStore
 
     try:
@@ -121,7 +122,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lmx serve: {error}", file=sys.stderr)
         return 2
     state_dir = paths.state_dir(args.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_state_dir(state_dir)
+    except StateDirError as error:
+        print(f"lmx serve: {error}", file=sys.stderr)
+        return 2
     lock = InstanceLock(state_dir)
     try:
         lock.acquire()  # held until this process exits; a SIGKILL releases it too

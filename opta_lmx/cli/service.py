@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opta_lmx import paths, settings
+from opta_lmx.cli.service_keys import KEY_FILE_OF, ServiceError, key_file_env, key_value_refusal
 from opta_lmx.state.atomic import write_atomic
 
 if TYPE_CHECKING:
@@ -34,10 +35,7 @@ PLIST_TEMPLATE = TEMPLATES / f"{LABEL}.plist"
 UNIT_TEMPLATE = TEMPLATES / UNIT_NAME
 THROTTLE_INTERVAL = 10  # seconds between restarts after a crash
 PASSED_THROUGH_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")  # and LMX_CACHE_DIR, LMX_CONFIG_DIR from settings
-
-
-class ServiceError(Exception):
-    """A service command that cannot go on; the message says what to do."""
+SERVICE_FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,9 @@ class ServiceSettings:
         config = settings.current()
         env.update({k: v for k, v in (("LMX_CACHE_DIR", config.cache_dir), ("LMX_CONFIG_DIR", config.config_dir)) if v})
         env.update(self.env)
+        held = [key for key in KEY_FILE_OF if env.get(key)]
+        if held:
+            raise ServiceError(key_value_refusal(held[0]))
         return env
 
     def check_absolute(self) -> None:
@@ -192,7 +193,7 @@ class Platform:
             print(content.decode(), file=self.out)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, content)
+        write_atomic(path, content, mode=SERVICE_FILE_MODE)  # it names the key files: the user's alone
         print(f"wrote {path}", file=self.out)
 
     def remove(self, path: Path) -> None:
@@ -345,6 +346,7 @@ def settings_from_args(args) -> ServiceSettings:
         if not sep or not key:
             raise ServiceError(f"--env wants KEY=VALUE, got {item!r}")
         env[key] = value
+    env.update(key_file_env(env, os.environ))
     return ServiceSettings(
         config=config, host=args.host, port=args.port, grace=args.grace,
         state_dir=paths.state_dir().absolute(), log_dir=paths.log_dir().absolute(),

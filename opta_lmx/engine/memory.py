@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from opta_lmx.engine.files import UnreadableFile, read_regular_file
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import EngineOptions
 
@@ -61,10 +63,30 @@ class MemoryEstimate:
         return text if self.known else text + ", weights unknown: not in the local cache"
 
 
+class ModelDirectoryError(ValueError):
+    """A model directory that cannot be read as a model (a FIFO or device for a file, a dangling
+    weights link, a non-numeric config value, an unknown user in `~user/`): its model fails for
+    good until its entry changes; nothing else is affected."""
+
+
+# Caps on what the estimator reads: config.json of the largest hub models is a few KiB and an
+# index a few MiB; a larger file is not a model's.
+CONFIG_MAX_BYTES = 4 * 1024**2
+INDEX_MAX_BYTES = 64 * 1024**2
+# Numbers in config.json above this (layers, heads, context) are not a real model's.
+_CONFIG_INT_MAX = 2**40
+
+
 def model_directory(source: str) -> Path | None:
     """The local directory holding `source`: a path, or a hub id already in the hub cache."""
-    path = Path(source).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(source).expanduser()
+        is_dir = path.is_dir()
+    except RuntimeError as error:  # `~nosuchuser/x`
+        raise ModelDirectoryError(f"cannot resolve {source}: {error}") from None
+    except (OSError, ValueError) as error:
+        raise ModelDirectoryError(f"cannot read {source}: {error}") from None
+    if is_dir:
         return path
     if source.startswith(("/", ".", "~")) or source.count("/") != 1:
         return None
@@ -76,29 +98,75 @@ def model_directory(source: str) -> Path | None:
         return None
 
 
+def read_small_file(path: Path, limit: int) -> bytes | None:
+    """A regular file of the model's (None if missing), never blocking (engine/files.py)."""
+    try:
+        return read_regular_file(path, limit)
+    except UnreadableFile as error:
+        raise ModelDirectoryError(str(error)) from None
+
+
+def read_json_file(path: Path, limit: int) -> object | None:
+    """A small JSON file, parsed; None if it does not exist. Not JSON: ModelDirectoryError."""
+    data = read_small_file(path, limit)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise ModelDirectoryError(f"{path.name} is not valid JSON: {error}") from None
+
+
 def weights_bytes(directory: Path) -> int | None:
     """Bytes of weights: the safetensors files' sizes, else the index's `total_size`."""
     files = sorted(directory.glob("*.safetensors"))
     if files:
-        return sum(f.stat().st_size for f in files)
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            return int(json.loads(index.read_text())["metadata"]["total_size"])
-        except (ValueError, KeyError, TypeError):
-            return None
-    return None
+        total = 0
+        for file in files:
+            try:
+                info = file.stat()
+            except FileNotFoundError:
+                raise ModelDirectoryError(f"weights file {file.name} is a dangling link "
+                                          "(a pruned hub cache? download the model again)") from None
+            except OSError as error:
+                raise ModelDirectoryError(f"cannot read weights file {file.name}: {error.strerror}") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise ModelDirectoryError(f"weights file {file.name} is not a regular file")
+            total += info.st_size
+        return total
+    index = read_json_file(directory / "model.safetensors.index.json", INDEX_MAX_BYTES)
+    if index is None:
+        return None
+    try:
+        total = index["metadata"]["total_size"]  # type: ignore[index]
+    except (KeyError, TypeError, IndexError):
+        return None
+    return total if isinstance(total, int) and not isinstance(total, bool) and 0 <= total < 2**63 else None
+
+
+def _config_int(cfg: dict, *keys: str) -> int:
+    """The first of `keys` set in config.json, as a count; a value that is not one is an error."""
+    for key in keys:
+        value = cfg.get(key)
+        if value is None or value == 0:
+            continue
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _CONFIG_INT_MAX:
+            raise ModelDirectoryError(f"config.json: {key} is not a count: {str(value)[:80]!r}")
+        return value
+    return 0
 
 
 def kv_cache_bytes(config: dict, engine: EngineOptions) -> int:
     """KV allowance: 2 (K, V) x layers x KV heads x head dim x dtype bytes x context x sequences."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
     cfg = {**config, **(text or {})}
-    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
-    heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 0)
-    kv_heads = int(cfg.get("num_key_value_heads") or heads or 0)
-    hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
-    head_dim = int(cfg.get("head_dim") or (hidden // heads if heads else 0))
+    layers = _config_int(cfg, "num_hidden_layers", "n_layer")
+    heads = _config_int(cfg, "num_attention_heads", "n_head")
+    kv_heads = _config_int(cfg, "num_key_value_heads") or heads
+    hidden = _config_int(cfg, "hidden_size", "n_embd")
+    head_dim = _config_int(cfg, "head_dim") or (hidden // heads if heads else 0)
     if not (layers and kv_heads and head_dim):
         return 0
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16").replace("torch.", "")
@@ -111,7 +179,7 @@ def context_tokens(config: dict, engine: EngineOptions) -> int:
     """Tokens one sequence may hold: max_kv_size if set, else the model's context capped."""
     if engine.max_kv_size:
         return engine.max_kv_size
-    limit = int(config.get("max_position_embeddings") or CONTEXT_CAP_TOKENS)
+    limit = _config_int(config, "max_position_embeddings") or CONTEXT_CAP_TOKENS
     return min(limit, CONTEXT_CAP_TOKENS)
 
 
@@ -123,18 +191,19 @@ def kv_sequences(engine: EngineOptions) -> int:
 
 
 def estimate(source: str, engine: EngineOptions, override_bytes: int | None = None) -> MemoryEstimate:
-    """The footprint to plan with before a model is loaded. Reads only small files."""
+    """The footprint to plan with before a model is loaded. Reads only small regular files, and
+    raises ModelDirectoryError for a directory that is not a readable model (see its docstring).
+    Blocking file I/O: the loop calls it in a thread (reconciler/observing.py)."""
     if override_bytes is not None:
         return MemoryEstimate(override_bytes=override_bytes)
     directory = model_directory(source)
     if directory is None:
         return MemoryEstimate(known=False)
     weights = weights_bytes(directory)
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
+    config = read_json_file(directory / "config.json", CONFIG_MAX_BYTES)
     kv = kv_cache_bytes(config, engine) if isinstance(config, dict) else 0
+    if kv >= 2**63:
+        raise ModelDirectoryError(f"config.json gives a KV cache of {kv} bytes: not a real model's")
     return MemoryEstimate(weights_bytes=weights or 0, kv_cache_bytes=kv, known=weights is not None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from opta_lmx.state.serve_flags import OWNED_FLAGS
 from opta_lmx.state.spec import EngineOptions
 
 # Options whose vllm-mlx flag is not simply `--name-with-dashes VALUE`.
@@ -31,5 +32,8 @@ def serve_args(options: EngineOptions) -> list[str]:
         args += ["--tool-call-parser", options.tool_call_parser]
         if options.enable_auto_tool_choice is not False:
             args.append("--enable-auto-tool-choice")
+    for arg in options.extra_args:  # validation refuses these; a record from elsewhere may not have been
+        if arg.split("=", 1)[0] in OWNED_FLAGS:
+            raise ValueError(f"{arg.split('=', 1)[0]} is set by the control plane, not by engine options")
     args += list(options.extra_args)
     return args

@@ -63,8 +63,7 @@ class WorkerPool:
 
     async def start(self, spec: WorkerSpec, ready_timeout: float) -> Worker:
         """Start a worker and wait until it serves; on failure nothing is left running."""
-        log_path = self.log_dir / f"{spec.name}.log" if self.log_dir else None
-        worker = Worker(spec, run_dir=self.run_dir, env=self._worker_env, on_exit=self._exited, log_path=log_path)
+        worker = Worker(spec, run_dir=self.run_dir, env=self._worker_env, on_exit=self._exited, log_dir=self.log_dir)
         self._workers[worker.id] = worker
         try:
             worker.spawn()
@@ -114,7 +113,7 @@ class WorkerPool:
         self.records.remove(worker.id)
         if self.log_dir is not None and not worker.alive():
             # Its HOME (vllm-mlx's prefix cache) is never reused by another worker id: over
-            # weeks of a service these directories would pile up. Its log lives in log_dir.
+            # weeks of a service these directories would pile up. Its log lives in log_dir/<model>/.
             shutil.rmtree(worker.run_dir, ignore_errors=True)
 
     async def stop_all(self, grace: float) -> None:

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from pydantic import TypeAdapter, ValidationError
 
+from opta_lmx.engine.files import UnreadableFile, read_regular_file
 from opta_lmx.state.atomic import write_atomic
+from opta_lmx.state.spec import EngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,9 @@ class WorkerRecord:
     run_dir: str
     started_at: float | None = None
     ready_at: float | None = None
+    # Set when the file could not be read as a record of this version (never written): the
+    # worker it names is not adopted but stopped, if its pid is still the recorded process.
+    problem: str | None = None
 
     def process(self) -> psutil.Process | None:
         """The recorded process if it is still the same one (not a reused pid) and not a zombie."""
@@ -56,7 +62,40 @@ class WorkerRecord:
             return None
 
 
-_FIELDS = {f.name for f in fields(WorkerRecord)}
+_FIELDS = {f.name for f in fields(WorkerRecord)} - {"problem"}
+_ENGINE_FIELDS = set(EngineOptions.model_fields)
+_VALIDATOR = TypeAdapter(WorkerRecord)
+RECORD_MAX_BYTES = 1024 * 1024
+
+
+def parse_record(data: object, worker_id: str, run_root: Path) -> WorkerRecord | None:
+    """A record from another version's JSON: unknown fields (also in `engine`) are dropped with a
+    warning. One that cannot be read but still names a pid and create time comes back with
+    `problem` set (its worker is stopped, not adopted); one that names no process is None."""
+    if not isinstance(data, dict):
+        return None
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        log.warning("worker record %s: ignoring fields this version does not know: %s", worker_id, unknown)
+    known = {k: v for k, v in data.items() if k in _FIELDS}
+    engine = known.get("engine")
+    if isinstance(engine, dict) and set(engine) - _ENGINE_FIELDS:
+        log.warning("worker record %s: ignoring engine options this version does not know: %s",
+                    worker_id, sorted(set(engine) - _ENGINE_FIELDS))
+        known["engine"] = {k: v for k, v in engine.items() if k in _ENGINE_FIELDS}
+    try:
+        record = _VALIDATOR.validate_python(known)
+        EngineOptions.model_validate(record.engine)
+        return record
+    except (ValidationError, ValueError, TypeError) as error:
+        problem = f"unreadable worker record: {str(error).splitlines()[0][:200]}"
+    pid, create_time = data.get("pid"), data.get("create_time")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not isinstance(create_time, (int, float)) or pid <= 1:
+        return None
+    name = data.get("name") if isinstance(data.get("name"), str) else "unknown"
+    return WorkerRecord(worker_id=worker_id, name=name, fingerprint="", source="", engine={}, pid=pid,
+                        create_time=float(create_time), host="127.0.0.1", port=0, address="", log_path="",
+                        run_dir=str(run_root / f"unreadable-{worker_id}"), problem=problem)
 
 
 def process_create_time(pid: int) -> float | None:
@@ -72,12 +111,17 @@ class WorkerRecords:
     def __init__(self, directory: str | os.PathLike[str]):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Temp files of writes cut short by a kill (write_atomic removes its own on an error):
+        # only this instance writes here (it holds the state directory's lock).
+        for stale in self.directory.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def _path(self, worker_id: str) -> Path:
         return self.directory / f"{worker_id}.json"
 
     def write(self, record: WorkerRecord) -> None:
-        write_atomic(self._path(record.worker_id), json.dumps(asdict(record), indent=1))
+        data = {k: v for k, v in asdict(record).items() if k != "problem"}
+        write_atomic(self._path(record.worker_id), json.dumps(data, indent=1))
 
     def remove(self, worker_id: str) -> None:
         try:
@@ -86,14 +130,19 @@ class WorkerRecords:
             pass
 
     def load_all(self) -> list[WorkerRecord]:
-        """Every readable record; unreadable ones are logged and deleted (they name nothing usable)."""
+        """Every record; one that cannot be read is deleted and, if it still names a live process,
+        returned with `problem` set so its worker is stopped (never a dead loop, never an orphan)."""
         records = []
         for path in sorted(self.directory.glob("*.json")):
             try:
-                data = json.loads(path.read_text())
-                # Keys this version does not know (an older `extra`) are dropped, not fatal.
-                records.append(WorkerRecord(**{k: v for k, v in data.items() if k in _FIELDS}))
-            except (OSError, ValueError, TypeError, AttributeError) as error:
-                log.warning("ignoring unreadable worker record %s: %s", path, error)
+                data: object = json.loads(read_regular_file(path, RECORD_MAX_BYTES) or b"null")
+            except (UnreadableFile, ValueError, RecursionError) as error:
+                log.warning("worker record %s cannot be read: %s", path, error)
+                data = None
+            record = parse_record(data, path.stem, self.directory.parent)
+            if record is None or record.problem:
+                log.warning("deleting worker record %s: %s", path, record.problem if record else "names no process")
                 path.unlink(missing_ok=True)
+            if record is not None:
+                records.append(record)
         return records

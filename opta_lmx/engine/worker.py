@@ -21,13 +21,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
 
 from opta_lmx.engine.options import serve_args
 from opta_lmx.engine.records import WorkerRecord, process_create_time
+from opta_lmx.engine.worker_main import SERVING
+from opta_lmx.engine.worker_auth import KEY_VARIABLE, LAUNCHER, read_secret, worker_key
+from opta_lmx.engine.worker_log import (  # noqa: F401 (rotate_log, LOG_* re-exported)
+    LOG_KEEP,
+    LOG_MAX_BYTES,
+    WORKER_LOGS_KEPT,
+    last_error_line,
+    prune_worker_logs,
+    rotate_log,
+)
 from opta_lmx.state.spec import EngineOptions
+
+if TYPE_CHECKING:
+    from opta_lmx.engine.announce import PreparedStart
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +107,7 @@ class Worker:
         env: dict[str, str] | None = None,
         on_exit: Callable[["Worker"], None] | None = None,
         log_path: Path | None = None,
+        log_dir: Path | None = None,
     ):
         self.spec = spec
         self.id = f"{spec.name}-{spec.fingerprint[:8]}-{os.urandom(3).hex()}"
@@ -100,7 +115,16 @@ class Worker:
         self.host = host
         self.port = port or free_tcp_port(host)
         self.address = f"http://{host}:{self.port}"
-        self.log_path = Path(log_path) if log_path else self.run_dir / "worker.log"
+        # One log per worker process (<log_dir>/<model>/<worker id>.log): failure classification
+        # reads only this worker's output, never an older worker's (whose clients' prompts may say
+        # "Error: ..."); `lmx logs` follows the model's newest file across swaps.
+        self._per_model_dir = log_path is None and log_dir is not None
+        if log_path:
+            self.log_path = Path(log_path)
+        elif log_dir:
+            self.log_path = Path(log_dir) / spec.name / f"{self.id}.log"
+        else:
+            self.log_path = self.run_dir / "worker.log"
         self._python = python
         self._extra_env = env or {}
         self._on_exit = on_exit
@@ -110,14 +134,24 @@ class Worker:
         self._stopping = False
         self.started_at: float | None = None
         self.ready_at: float | None = None
+        self.spare_id: str | None = None  # the spare or template this worker was started through
+        self._wake: Callable[[], None] | None = None  # wakes wait_ready when the worker announces
+        self._served_announced = False
+        self._announces = False  # started through a spare or template: ready only once it says so
+        self.unadoptable: str | None = None  # why a previous run's worker must be stopped, not adopted
 
     # -- identity -----------------------------------------------------------------
     @classmethod
     def from_record(
         cls, record: WorkerRecord, process: psutil.Process, on_exit: Callable[["Worker"], None] | None = None
     ) -> "Worker":
-        """A worker that a previous control plane started: watched through psutil, not Popen."""
-        spec = WorkerSpec(record.name, record.source, EngineOptions.model_validate(record.engine))
+        """A worker that a previous control plane started: watched through psutil, not Popen.
+
+        A record that could not be read (`record.problem`) still gives a worker to stop: it is
+        marked `unadoptable` with the reason, so the loop stops it instead of adopting it.
+        """
+        engine = EngineOptions() if record.problem else EngineOptions.model_validate(record.engine)
+        spec = WorkerSpec(record.name, record.source, engine)
         worker = cls(spec, run_dir=Path(record.run_dir).parent, host=record.host, port=record.port,
                      on_exit=on_exit, log_path=Path(record.log_path))
         worker.id = record.worker_id
@@ -126,6 +160,7 @@ class Worker:
         worker.create_time = record.create_time
         worker.started_at = record.started_at
         worker.ready_at = record.ready_at
+        worker.unadoptable = record.problem
         threading.Thread(target=worker._wait_for_exit, name=f"wait-{worker.id}", daemon=True).start()
         return worker
 
@@ -173,15 +208,26 @@ class Worker:
         return self.ready_at - self.started_at
 
     def command(self) -> list[str]:
+        # LAUNCHER appends `--api-key` from the environment: a key on the command line is public.
         return [
-            self._python, "-m", "vllm_mlx.cli", "serve", self.spec.source,
+            self._python, "-c", LAUNCHER, "vllm_mlx.cli", "serve", self.spec.source,
             "--host", self.host, "--port", str(self.port),
             "--served-model-name", self.spec.name,
             *serve_args(self.spec.engine),
         ]
 
+    def api_key(self) -> str | None:
+        """This worker's key (engine/worker_auth.py), or None if the control plane made no secret."""
+        secret = read_secret(self.run_dir.parent)
+        return worker_key(secret, self.address) if secret else None
+
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # No LMX_* variable (the gateway's keys among them) reaches a worker or the model code it runs.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("LMX_")}
+        env.pop(KEY_VARIABLE, None)
+        key = self.api_key()
+        if key:
+            env[KEY_VARIABLE] = key
         home = env.get("HOME", str(Path.home()))
         # vllm-mlx keeps its prefix cache under ~/.cache/vllm-mlx/<model>: give each worker
         # its own HOME so two workers of one model (a swap) never share it, while the
@@ -194,10 +240,17 @@ class Worker:
         return env
 
     # -- lifecycle ----------------------------------------------------------------
-    def spawn(self) -> None:
+    def spawn(self, prepared: "PreparedStart | None" = None) -> None:
+        """Start the worker: cold, or through a waiting spare or a template (engine/announce.py)."""
         (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        rotate_log(self.log_path)
+        if self._per_model_dir:
+            prune_worker_logs(self.log_path.parent, WORKER_LOGS_KEPT)
+        else:
+            rotate_log(self.log_path)
+        if prepared is not None:
+            self._spawn_from(prepared)
+            return
         log_file = open(self.log_path, "ab", buffering=0)
         self.started_at = time.time()
         log.info("starting worker %s: %s", self.id, " ".join(self.command()))
@@ -213,6 +266,28 @@ class Worker:
         log_file.close()
         self.create_time = process_create_time(self._proc.pid) or self.started_at
         threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
+
+    def _spawn_from(self, prepared: "PreparedStart") -> None:
+        command = self.command()
+        if command[1:3] != ["-m", "vllm_mlx.cli"]:
+            raise ValueError(f"a prepared start runs vllm_mlx.cli arguments, not {command[:3]}")
+        self.started_at = time.time()
+        log.info("starting worker %s through %s: %s", self.id, prepared.id, " ".join(command))
+        launched = prepared.launch(command[3:], self.environment(), self.log_path, self._announced)
+        if launched.popen is not None:
+            self._proc = launched.popen
+        else:  # forked by a template: not our child, watched like an adopted worker
+            self._adopted = psutil.Process(launched.pid)
+        self.create_time = launched.create_time
+        self.spare_id = launched.source_id
+        self._announces = True
+        threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
+
+    def _announced(self, word: str) -> None:
+        if word == SERVING:
+            self._served_announced = True
+            if self._wake is not None:
+                self._wake()
 
     def _wait_for_exit(self) -> None:
         if self._proc is not None:
@@ -232,6 +307,11 @@ class Worker:
     async def wait_ready(self, timeout: float) -> None:
         """Return once the worker answers /health; raise WorkerStartError otherwise."""
         deadline = time.monotonic() + timeout
+        announced = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._wake = lambda: loop.call_soon_threadsafe(announced.set)
+        if self._served_announced:
+            announced.set()
         async with httpx.AsyncClient(timeout=2.0) as client:
             while True:
                 if not self.alive():
@@ -241,7 +321,8 @@ class Worker:
                         permanent=any(marker in tail for marker in _PERMANENT_MARKERS),
                         log_tail=tail,
                     )
-                if await self._serves(client):
+                # An announcing worker must have said so: another process may answer on its port.
+                if (announced.is_set() or not self._announces) and await self._serves(client):
                     self.ready_at = time.time()
                     return
                 if time.monotonic() > deadline:
@@ -250,7 +331,13 @@ class Worker:
                     raise WorkerStartError(
                         f"worker not ready after {timeout:.0f}s", permanent=False, log_tail=tail
                     )
-                await asyncio.sleep(0.1)
+                if announced.is_set():  # announced but /health not yet right: poll, do not spin
+                    await asyncio.sleep(0.05)
+                    continue
+                try:  # a prepared start announces when it serves: no polling delay
+                    await asyncio.wait_for(announced.wait(), 0.1)
+                except asyncio.TimeoutError:
+                    pass
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         """Whether the worker answers /health with its model loaded (used to adopt it)."""
@@ -315,36 +402,6 @@ class Worker:
                 return handle.read().decode("utf-8", "replace")
         except OSError:
             return ""
-
-
-LOG_MAX_BYTES = 10 * 1024 * 1024
-LOG_KEEP = 3
-
-
-def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> None:
-    """At a worker's start: if its log has grown past `max_bytes`, shift it to .1 (keeping `keep`)."""
-    try:
-        if path.stat().st_size <= max_bytes:
-            return
-    except FileNotFoundError:
-        return
-    for index in range(keep - 1, 0, -1):
-        older = path.with_name(f"{path.name}.{index}")
-        if older.exists():
-            os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
-    if keep > 0:
-        os.replace(path, path.with_name(f"{path.name}.1"))
-    else:
-        path.unlink()
-
-
-def last_error_line(text: str) -> str:
-    """The most telling line of a worker's log: its last error, else its last line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error" in line or "error" in line:
-            return line[:500]
-    return lines[-1][:500] if lines else "no output"
 
 
 def _children(pid: int) -> list[psutil.Process]:

@@ -7,6 +7,8 @@ spec was measured at (no re-admission on a guess), and a `memory:` override wins
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -17,13 +19,18 @@ from opta_lmx.engine.worker import WorkerSpec
 from opta_lmx.reconciler.plan import MemoryFigures
 from opta_lmx.state.spec import DesiredState, ModelSpec
 
+log = logging.getLogger(__name__)
+
 
 def resolve_source(config_path: Path, source: str) -> str:
     """Local paths are taken relative to models.yaml; anything else is a hub id."""
     if source.startswith(("/", "./", "../", "~")):
-        path = Path(source).expanduser()
-        if not path.is_absolute():
-            path = (Path(config_path).parent / path).resolve()
+        try:
+            path = Path(source).expanduser()
+            if not path.is_absolute():
+                path = (Path(config_path).parent / path).resolve()
+        except (RuntimeError, OSError, ValueError):  # `~nosuchuser/x`: the estimate fails the model
+            return source
         return str(path)
     return source
 
@@ -70,7 +77,7 @@ class HubSizes(Protocol):
 class MemoryAccounts:
     """The loop's memory book: estimates per fingerprint, the most measured per fingerprint."""
 
-    def __init__(self, estimator: Callable[..., MemoryEstimate] = engine_memory.estimate,
+    def __init__(self, estimator: Callable[..., MemoryEstimate] = engine_memory.estimate, *,
                  hub: HubSizes | None = None):
         self._estimator = estimator
         self._hub = hub  # hub ids are sized by it; None: by `estimator`, from the local cache only (lmx plan)
@@ -79,21 +86,62 @@ class MemoryAccounts:
         self.measured_max: dict[str, int] = {}  # fingerprint -> most measured for a worker of it
 
     def estimate(self, spec: WorkerSpec, override: int | None) -> MemoryEstimate:
-        """The footprint planned before a worker of `spec` runs (cached per fingerprint)."""
-        key = spec.fingerprint + (f":{override}" if override is not None else "")
-        if key not in self._estimates:
-            if self._hub is not None and self._hub.covers(spec.source):
-                found = self._hub.estimate(key, spec, override)
-                if found is None:  # still being read from the hub: the model is held back meanwhile
-                    return MemoryEstimate(override_bytes=override, known=False)
-                self._estimates[key] = found
-            else:
-                self._estimates[key] = self._estimator(spec.source, spec.engine, override)
+        """The footprint planned before a worker of `spec` runs (cached per fingerprint).
+
+        The loop fills the cache off the event loop first (`estimate_off_loop`, or the hub's
+        sizing for a hub id); this reads the directory itself only for `lmx plan`, where a
+        directory that cannot be read gives an unknown estimate (not cached) instead of a traceback.
+        """
+        key = self._key(spec, override)
         if override is not None:
             self._override[spec.fingerprint] = override
         else:
             self._override.pop(spec.fingerprint, None)
+        if key not in self._estimates and self._hub is not None and self._hub.covers(spec.source):
+            found = self._hub.estimate(key, spec, override)
+            if found is None:  # still being read from the hub: the model is held back meanwhile
+                return MemoryEstimate(override_bytes=override, known=False)
+            self._estimates[key] = found
+        if key not in self._estimates:
+            try:
+                self._estimates[key] = self._estimator(spec.source, spec.engine, override)
+            except Exception as error:  # noqa: BLE001 - the loop reports it (observing.estimate_models)
+                log.warning("cannot estimate %s: %s: %s", spec.source, type(error).__name__, error)
+                return MemoryEstimate(known=False)
         return self._estimates[key]
+
+    def known(self, spec: WorkerSpec, override: int | None) -> bool:
+        """Whether the loop need not estimate `spec` in a thread now (a hub id is sized by the hub's)."""
+        return self._key(spec, override) in self._estimates or (self._hub is not None and self._hub.covers(spec.source))
+
+    @staticmethod
+    def _key(spec: WorkerSpec, override: int | None) -> str:
+        return spec.fingerprint + (f":{override}" if override is not None else "")
+
+    async def estimate_off_loop(self, spec: WorkerSpec, override: int | None, timeout: float) -> MemoryEstimate:
+        """Estimate in a thread (the estimator reads the model's directory), at most `timeout` s.
+
+        On an error or a timeout an unknown estimate is cached (planning never reads the
+        directory on the loop) and the error raised for the caller to fail the model; a read
+        that finishes after its timeout still replaces the placeholder with its result.
+        """
+        key = self._key(spec, override)
+        reading = asyncio.ensure_future(asyncio.to_thread(self._estimator, spec.source, spec.engine, override))
+        try:
+            result = await asyncio.wait_for(asyncio.shield(reading), timeout)
+        except BaseException:
+            self._estimates[key] = MemoryEstimate(known=False)
+            if not reading.done():  # timed out (or cancelled): its result may still come
+                reading.add_done_callback(lambda done: self._late(key, done))
+            raise
+        self._estimates[key] = result
+        return self.estimate(spec, override)
+
+    def _late(self, key: str, done: asyncio.Future) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._estimates[key] = done.result()
+        else:  # read again (in a thread) once the failure's backoff ends, to say why
+            self._estimates.pop(key, None)
 
     def measured(self, fingerprint: str, measured: int) -> None:
         self.measured_max[fingerprint] = max(self.measured_max.get(fingerprint, 0), measured)

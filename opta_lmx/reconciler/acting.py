@@ -70,6 +70,9 @@ class Actions:
         if spec.source.startswith("/") and not Path(spec.source).exists():
             self.fail(action.name, action.fingerprint, f"source path does not exist: {spec.source}", permanent=True)
             return
+        if spec.source.startswith("~"):  # resolve_source could not expand it: `~nosuchuser/x`
+            self.fail(action.name, action.fingerprint, f"cannot resolve {spec.source}: no such user", permanent=True)
+            return
         why = (f"waiting for {len(action.after)} worker(s) to drain and unload to free memory "
                f"({format_size(action.bytes)} needed)") if action.after else ""
         if rec.downloads.will_download(spec.source):  # a hub model not in the cache: fetched first

@@ -24,14 +24,16 @@ async def adopt_recovered(rec: Reconciler, recovered: list[Worker]) -> None:
     mid-swap) only the newer one is kept, so a restart never leaves a duplicate.
     """
     assert rec.desired is not None
-    health = await asyncio.gather(*(w.healthy() for w in recovered))
-    healthy = {w.id for w, ok in zip(recovered, health) if ok}
+    health = await asyncio.gather(*(w.healthy() for w in recovered), return_exceptions=True)
+    healthy = {w.id for w, ok in zip(recovered, health) if ok is True}
     adopted_names: set[str] = set()
     to_stop: list[tuple[Worker, str]] = []
     for worker in sorted(recovered, key=lambda w: w.started_at or 0.0, reverse=True):
         name = worker.spec.name
         model = rec.desired.model(name)
-        if model is None or model.state == DesiredModelState.UNLOADED:  # on-demand ones are kept (idle TTL)
+        if getattr(worker, "unadoptable", None):
+            to_stop.append((worker, worker.unadoptable))
+        elif model is None or model.state == DesiredModelState.UNLOADED:  # on-demand ones are kept (idle TTL)
             to_stop.append((worker, "no longer desired"))
         elif rec.worker_spec(model).fingerprint != worker.spec.fingerprint:
             to_stop.append((worker, "its spec changed"))
@@ -50,7 +52,11 @@ async def adopt_recovered(rec: Reconciler, recovered: list[Worker]) -> None:
         rec.events.record(worker.spec.name, "StoppedLeftover",
                           f"stopping worker pid {worker.pid} from the previous run: {why}")
         log.info("stopping worker %s (pid %s) from the previous run: %s", worker.id, worker.pid, why)
-    await asyncio.gather(*(rec.pool.stop(w, rec.settings.stop_grace) for w, _ in to_stop))
+    stopped = await asyncio.gather(*(rec.pool.stop(w, rec.settings.stop_grace) for w, _ in to_stop),
+                                   return_exceptions=True)
+    for (worker, _), outcome in zip(to_stop, stopped):
+        if isinstance(outcome, BaseException):
+            log.error("stopping worker %s (pid %s) from the previous run raised: %r", worker.id, worker.pid, outcome)
 
 
 def reap_exited(rec: Reconciler) -> None:

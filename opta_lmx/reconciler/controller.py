@@ -141,7 +141,7 @@ class Reconciler:
                 listener(time.perf_counter() - started)
 
     async def _reconcile_once(self) -> None:
-        observing.read_desired(self)
+        await observing.read_desired(self)
         if self._recovered is None:
             self._recovered = self.pool.recover()
         if self._recovered and self.desired is not None:
@@ -150,6 +150,7 @@ class Reconciler:
         adoption.reap_exited(self)
         if self.desired is None:
             return
+        await observing.estimate_models(self)
         fingerprints = self.fingerprints()
         now = self.clock()
         observed = observing.observe(self, fingerprints)

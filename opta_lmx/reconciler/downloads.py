@@ -23,7 +23,7 @@ from pathlib import Path
 from opta_lmx.engine import download as hub
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.download import DownloadError, DownloadProgress, PermanentDownloadError
-from opta_lmx.engine.memory import MemoryEstimate
+from opta_lmx.engine.memory import MemoryEstimate, ModelDirectoryError
 from opta_lmx.engine.worker import WorkerSpec
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import EngineOptions
@@ -146,6 +146,8 @@ class Downloads:
             self._needs[spec.source] = sizing.result.needs_download
         except DownloadError as error:
             sizing.error = error
+        except ModelDirectoryError as error:  # the cached snapshot cannot be read as a model
+            sizing.error = PermanentDownloadError(spec.source, f"cannot use the cached {spec.source}: {error}")
         except Exception as error:  # noqa: BLE001 - an unexpected failure backs off like a temporary one
             log.exception("sizing %s raised", spec.source)
             sizing.error = hub.TemporaryDownloadError(spec.source, f"{type(error).__name__}: {error}")

@@ -3,11 +3,13 @@ measure the workers the ledger knows into what the planner reads."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from opta_lmx.engine.memory import ModelDirectoryError
 from opta_lmx.reconciler.plan import ObservedWorker
-from opta_lmx.state.document import ConfigError, read_document
+from opta_lmx.state.document import ConfigError, FieldProblem, read_document
 from opta_lmx.state.spec import DesiredModelState
 from opta_lmx.state.status import ConfigStatus
 
@@ -17,14 +19,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def read_desired(rec: Reconciler) -> None:
-    """Accept models.yaml as a new generation if it changed; a bad file leaves the last good state live."""
+# Reading and validating models.yaml runs in a thread, so a huge or hostile file never stalls
+# the gateway; past this the pass goes on with the last good state (the read is not abandoned:
+# a thread cannot be killed, and the file's own limits bound it).
+READ_TIMEOUT = 30.0
+# Estimating a model reads its directory (config.json, weights sizes) in a thread, this long at most.
+ESTIMATE_TIMEOUT = 10.0
+
+
+async def read_desired(rec: Reconciler) -> None:
+    """Accept models.yaml as a new generation if it changed; a bad file leaves the last good state live.
+
+    Read off the event loop (issue 12): parsing a large or slow file never blocks serving.
+    """
     try:
-        document = read_document(rec.config_path)
+        try:
+            document = await asyncio.wait_for(asyncio.to_thread(read_document, rec.config_path), READ_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ConfigError(str(rec.config_path), [FieldProblem(
+                "", f"reading the file took longer than {READ_TIMEOUT:.0f}s", None, None)]) from None
     except ConfigError as error:
         if rec.config_status.valid or rec.config_status.error != error.to_dict():
-            log.error("models.yaml rejected; the last good state stays live:\n%s", error.describe())
-            rec.events.record("config", "InvalidConfig", error.describe(), kind="Warning")
+            if error.kind == "incomplete":  # a file being written (truncated, then filled): not "no models"
+                log.info("models.yaml is empty for now; the last good state stays live")
+                rec.events.record("config", "ConfigIncomplete", error.describe())
+            else:
+                log.error("models.yaml rejected; the last good state stays live:\n%s", error.describe())
+                rec.events.record("config", "InvalidConfig", error.describe(), kind="Warning")
         rec.config_status = ConfigStatus(
             path=str(rec.config_path), valid=False, error=error.to_dict(),
             last_good_etag=rec.document.etag if rec.document else None, checked_at=rec.clock(),
@@ -48,13 +69,45 @@ def read_desired(rec: Reconciler) -> None:
     )
 
 
+async def estimate_models(rec: Reconciler) -> None:
+    """Estimate each model not yet estimated, in a thread with a deadline (it reads the model's
+    directory). A directory that cannot be read fails its model for good (until the entry
+    changes), a timeout or another error with backoff; the other models go on."""
+    if rec.desired is None:
+        return
+    for model in rec.desired.models:
+        try:
+            spec, override = rec.worker_spec(model), model.memory_bytes()
+        except Exception as error:  # noqa: BLE001 - a value validation let through: this model alone fails
+            log.exception("model %s: its entry cannot be turned into a worker spec", model.name)
+            rec.events.record(model.name, "InvalidEntry", f"{type(error).__name__}: {error}", kind="Warning")
+            continue
+        if rec.accounts.known(spec, override):
+            continue
+        try:
+            await rec.accounts.estimate_off_loop(spec, override, ESTIMATE_TIMEOUT)
+        except asyncio.TimeoutError:
+            rec.actions.fail(model.name, spec.fingerprint, f"reading the model directory {spec.source} took longer "
+                             f"than {ESTIMATE_TIMEOUT:.0f}s", permanent=False)
+        except ModelDirectoryError as error:
+            rec.actions.fail(model.name, spec.fingerprint, f"cannot use {spec.source}: {error}", permanent=True)
+        except Exception as error:  # noqa: BLE001 - OSError, OverflowError...: this model alone backs off
+            log.exception("estimating %s raised", model.name)
+            rec.actions.fail(model.name, spec.fingerprint, f"estimating its memory failed: "
+                             f"{type(error).__name__}: {error}", permanent=False)
+
+
 def observe(rec: Reconciler, fingerprints: dict[str, str]) -> list[ObservedWorker]:
     """The ledger's workers (serving, draining, loading) with what each holds, measured now."""
     assert rec.desired is not None
     observed = []
     for entry in rec.ledger.processes():
         worker = rec.pool.get(entry.worker_id or "")
-        rss = worker.memory_bytes() if worker else None
+        try:
+            rss = worker.memory_bytes() if worker else None
+        except Exception:  # noqa: BLE001 - a process that cannot be measured now counts as before
+            log.warning("measuring worker %s raised", entry.worker_id, exc_info=True)
+            rss = None
         if rss is not None:
             entry.measured_bytes = rss + entry.mlx_bytes
             rec.accounts.measured(entry.fingerprint, entry.measured_bytes)

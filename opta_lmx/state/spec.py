@@ -1,52 +1,112 @@
 """The desired state: what models.yaml says should be running.
 
 Pure data. The same schema validates the file loader and every admin write, and is
-published as JSON Schema (`lmx schema`).
+published as JSON Schema (`lmx schema`). Validation is total: every number is bounded,
+every string is free of control characters, and any exception inside a validator is
+reported as a validation error on its field, never raised past it.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import re
+import unicodedata
 from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
 
-from opta_lmx.state.quantities import parse_duration, parse_size
+from opta_lmx.state.quantities import MAX_SECONDS, parse_duration, parse_size
+from opta_lmx.state.serve_flags import check_extra_args
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
-_NAME_RE = re.compile(NAME_PATTERN)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # used with fullmatch: no "ok\n"
+MAX_INT = 2**31 - 1  # counts of tokens, sequences, megabytes: vllm-mlx reads them as ints
+MAX_SOURCE_CHARS = 4096
+MAX_ENGINE_STRING = 1024
+MAX_EXTRA_ARGS = 256
 
 
-def _check_size(value: int | str) -> int | str:
-    parse_size(value)
-    return value
+def total(check):
+    """A validator whose every failure is a ValueError, so pydantic reports it on the field."""
+
+    @functools.wraps(check)
+    def wrapper(value):
+        try:
+            return check(value)
+        except ValueError:
+            raise
+        except Exception as error:  # OverflowError, TypeError, RecursionError...: still a field error
+            raise ValueError(f"invalid value ({type(error).__name__}: {error})") from None
+
+    return wrapper
 
 
-def _check_duration(value: int | float | str) -> int | float | str:
+def refuse_control_characters(text: str, what: str) -> str:
+    """Control characters (NUL, newlines, escapes) have no business in names, paths or flags."""
+    for char in text:
+        if unicodedata.category(char) == "Cc":
+            raise ValueError(f"{what} must not contain control characters (found {char!r})")
+    return text
+
+
+@total
+def _check_size(value: Any) -> int | str:
+    """Before the int | str union: one error on the field, not one per branch of the union."""
+    size = parse_size(value)
+    return size if isinstance(value, float) else value
+
+
+@total
+def _check_duration(value: Any) -> int | float | str:
     parse_duration(value)
     return value
 
 
-def _check_budget(value: int | str) -> int | str:
+@total
+def _check_budget(value: Any) -> int | str:
     if isinstance(value, str) and value.strip().endswith("%"):
-        number = float(value.strip()[:-1])
-        if not 0 < number <= 100:
+        text = value.strip()[:-1]
+        if len(text) > 24:
+            raise ValueError("a percentage budget must be between 0% and 100%")
+        number = float(text)
+        if not 0 < number <= 100:  # also refuses nan
             raise ValueError("a percentage budget must be between 0% and 100%")
         return value
-    parse_size(value)
-    return value
+    return _check_size(value)
 
 
-Size = Annotated[int | str, AfterValidator(_check_size)]
-Duration = Annotated[int | float | str, AfterValidator(_check_duration)]
+@total
+def _check_source(value: str) -> str:
+    if len(value) > MAX_SOURCE_CHARS:
+        raise ValueError(f"a source is at most {MAX_SOURCE_CHARS} characters")
+    if not value.strip():
+        raise ValueError("a source must name a local path or a model hub id")
+    return refuse_control_characters(value, "a source")
+
+
+@total
+def _check_engine_string(value: str | None) -> str | None:
+    if value is None:
+        return value
+    if len(value) > MAX_ENGINE_STRING:
+        raise ValueError(f"at most {MAX_ENGINE_STRING} characters")
+    return refuse_control_characters(value, "an engine option")
+
+
+Size = Annotated[int | str, BeforeValidator(_check_size)]
+Duration = Annotated[int | float | str, BeforeValidator(_check_duration)]
+Count = Annotated[int, Field(gt=0, le=MAX_INT)]
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
+EngineString = Annotated[str | None, AfterValidator(_check_engine_string)]
 
 
 class DesiredModelState(str, enum.Enum):
@@ -63,29 +123,38 @@ class EngineOptions(_Strict):
     """vllm-mlx `serve` options under their own names, in snake_case.
 
     Unset fields are left to vllm-mlx's own defaults; `extra_args` passes anything
-    else through verbatim for options this schema does not name yet.
+    else through verbatim for options this schema does not name yet, once vllm-mlx's
+    own parser accepts them. Flags the control plane owns (OWNED_FLAGS) are never options.
     """
 
     continuous_batching: bool | None = None
-    max_num_seqs: int | None = Field(default=None, gt=0)
-    prefill_batch_size: int | None = Field(default=None, gt=0)
-    completion_batch_size: int | None = Field(default=None, gt=0)
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_request_tokens: int | None = Field(default=None, gt=0)
-    max_kv_size: int | None = Field(default=None, gt=0)
-    stream_interval: int | None = Field(default=None, gt=0)
-    chunked_prefill_tokens: int | None = Field(default=None, ge=0)
+    max_num_seqs: Count | None = None
+    prefill_batch_size: Count | None = None
+    completion_batch_size: Count | None = None
+    max_tokens: Count | None = None
+    max_request_tokens: Count | None = None
+    max_kv_size: Count | None = None
+    stream_interval: Count | None = None
+    chunked_prefill_tokens: int | None = Field(default=None, ge=0, le=MAX_INT)
     enable_prefix_cache: bool | None = None
-    cache_memory_mb: int | None = Field(default=None, gt=0)
+    cache_memory_mb: Count | None = None
     kv_cache_quantization: bool | None = None
-    tool_call_parser: str | None = None
+    tool_call_parser: EngineString = None
     enable_auto_tool_choice: bool | None = None
-    reasoning_parser: str | None = None
+    reasoning_parser: EngineString = None
     trust_remote_code: bool | None = None
-    timeout: float | None = Field(default=None, gt=0)
-    default_temperature: float | None = Field(default=None, ge=0)
-    default_top_p: float | None = Field(default=None, gt=0, le=1)
-    extra_args: list[str] = Field(default_factory=list)
+    timeout: Seconds | None = None
+    default_temperature: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    default_top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    extra_args: list[str] = Field(default_factory=list, max_length=MAX_EXTRA_ARGS)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args_are_serve_flags(cls, extra_args: list[str]) -> list[str]:
+        for arg in extra_args:
+            _check_engine_string(arg)
+        total(check_extra_args)(extra_args)
+        return extra_args
 
     def merged_over(self, base: "EngineOptions") -> "EngineOptions":
         """These options with every unset field taken from `base` (the defaults)."""
@@ -96,7 +165,7 @@ class EngineOptions(_Strict):
 
 
 class MemorySpec(_Strict):
-    budget: Annotated[int | str, AfterValidator(_check_budget)] = "75%"
+    budget: Annotated[int | str, BeforeValidator(_check_budget)] = "75%"
     reserve: Size = "4GiB"
 
     def budget_bytes(self, physical_bytes: int) -> int:
@@ -115,21 +184,29 @@ class Defaults(_Strict):
 
 class ModelSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="The OpenAI `model` id")
-    source: str = Field(min_length=1, description="A local path or a model hub id")
-    aliases: list[str] = Field(default_factory=list)
+    source: Annotated[str, AfterValidator(_check_source)] = Field(
+        min_length=1, description="A local path or a model hub id")
+    aliases: list[str] = Field(default_factory=list, max_length=64)
     state: DesiredModelState = DesiredModelState.LOADED
-    priority: int = 0
+    priority: int = Field(default=0, ge=-MAX_INT, le=MAX_INT)
     pinned: bool = False
     idle_ttl: Duration | None = None
     engine: EngineOptions = Field(default_factory=EngineOptions)
     memory: Size | None = Field(default=None, description="Overrides the memory estimate")
-    max_concurrency: int | None = Field(default=None, gt=0)
+    max_concurrency: Count | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_whole(cls, name: str) -> str:
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"name {name!r} must match {NAME_PATTERN}")
+        return name
 
     @field_validator("aliases")
     @classmethod
     def _aliases_are_names(cls, aliases: list[str]) -> list[str]:
         for alias in aliases:
-            if not _NAME_RE.match(alias):
+            if not _NAME_RE.fullmatch(alias):
                 raise ValueError(f"alias {alias!r} must match {NAME_PATTERN}")
         if len(set(aliases)) != len(aliases):
             raise ValueError("aliases must not repeat")
@@ -147,7 +224,7 @@ class DesiredState(_Strict):
 
     memory: MemorySpec = Field(default_factory=MemorySpec)
     defaults: Defaults = Field(default_factory=Defaults)
-    models: list[ModelSpec] = Field(default_factory=list)
+    models: list[ModelSpec] = Field(default_factory=list, max_length=512)
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> "DesiredState":

@@ -13,20 +13,29 @@ from pathlib import Path
 
 
 def model_log_path(name: str, state_dir: Path, log_dir: Path) -> Path | None:
-    """The current worker's log of `name` (from its record), else the last one written, else None."""
+    """The current worker's log of `name`: the newest record's, else the newest file in
+    `log_dir/<name>/` (one log per worker process), else an older version's `log_dir/<name>.log`."""
     records = state_dir / "workers" / "records"
     newest: tuple[float, Path] | None = None
     for path in records.glob("*.json"):
         try:
             record = json.loads(path.read_text())
-        except (OSError, ValueError):
+            started, log_path = float(record.get("started_at") or 0.0), record["log_path"]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             continue
-        if record.get("name") == name:
-            started = record.get("started_at") or 0.0
+        if record.get("name") == name and isinstance(log_path, str) and log_path:
             if newest is None or started > newest[0]:
-                newest = (started, Path(record["log_path"]))
+                newest = (started, Path(log_path))
     if newest is not None:
         return newest[1]
+    worker_logs = []
+    for path in (log_dir / name).glob("*.log"):
+        try:
+            worker_logs.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    if worker_logs:
+        return max(worker_logs)[1]
     fallback = log_dir / f"{name}.log"
     return fallback if fallback.exists() else None
 

@@ -319,13 +319,14 @@ def test_desired_document_and_readyz(server):
     assert got.headers["content-type"].startswith("application/yaml")
     assert got.content == server.target.read_bytes()
     new_text = got.text.replace("# Desired state", "# Applied desired state")
-    dry = call(server, "PUT", "/admin/desired", params={"dry_run": "true"}, content=new_text.encode())
+    yaml_type = {"Content-Type": "application/yaml"}
+    dry = call(server, "PUT", "/admin/desired", params={"dry_run": "true"}, content=new_text.encode(), headers=yaml_type)
     assert dry.status_code == 200 and dry.json()["changed"]
     assert "+# Applied desired state" in dry.json()["diff"]
     assert server.target.read_bytes() == got.content
-    bad = call(server, "PUT", "/admin/desired", content=b"models: [{name: x}]\n")
+    bad = call(server, "PUT", "/admin/desired", content=b"models: [{name: x}]\n", headers=yaml_type)
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "models[0].source"
-    applied = call(server, "PUT", "/admin/desired", content=new_text.encode(), headers={"If-Match": got.headers["etag"]},
+    applied = call(server, "PUT", "/admin/desired", content=new_text.encode(), headers={"If-Match": got.headers["etag"], **yaml_type},
                    params={"wait": "ready", "timeout": 60})
     assert applied.status_code == 200, applied.text
     assert server.target.read_text() == new_text

@@ -17,13 +17,26 @@ def test_keys_from_environment_or_files(tmp_path):
     assert load_keys({}) == Keys(None, None)
     key_file = tmp_path / "admin.key"
     key_file.write_text("from-file\n")
+    key_file.chmod(0o600)
     keys = load_keys({"LMX_ADMIN_KEY_FILE": str(key_file), "LMX_API_KEY": "inline"})
     assert keys == Keys(admin="from-file", inference="inline")
     with pytest.raises(KeyConfigError, match="cannot read"):
         load_keys({"LMX_API_KEY_FILE": str(tmp_path / "missing")})
     (tmp_path / "empty").write_text("\n")
+    (tmp_path / "empty").chmod(0o600)
     with pytest.raises(KeyConfigError, match="empty"):
         load_keys({"LMX_API_KEY_FILE": str(tmp_path / "empty")})
+
+
+def test_a_key_file_readable_by_others_is_refused_with_the_fix(tmp_path):
+    key_file = tmp_path / "api.key"
+    key_file.write_text("secret\n")
+    for mode in (0o644, 0o640, 0o604):
+        key_file.chmod(mode)
+        with pytest.raises(KeyConfigError, match=f"chmod 600 {key_file}"):
+            load_keys({"LMX_API_KEY_FILE": str(key_file)})
+    key_file.chmod(0o400)
+    assert load_keys({"LMX_API_KEY_FILE": str(key_file)}).inference == "secret"
 
 
 def test_admin_and_inference_keys_are_separate():
@@ -89,6 +102,7 @@ def test_the_lmx_client_reads_the_admin_key_file_as_the_server_does(tmp_path, mo
     config.write_text("models:\n  - name: alpha\n    source: org/alpha\n")
     key_file = tmp_path / "admin.key"
     key_file.write_text("key-in-a-file\n")
+    key_file.chmod(0o600)
     app = admin_app(FakeLoop(config), ModelsStore(config))
     app.add_middleware(KeyAuth, keys=Keys(admin="key-in-a-file", inference="api"))
     _serve_in_process(monkeypatch, app)
@@ -115,6 +129,7 @@ def test_lmx_plan_uses_the_same_client_and_key_file(tmp_path, monkeypatch, capsy
     config.write_text("models:\n  - name: alpha\n    source: org/alpha\n    state: unloaded\n")
     key_file = tmp_path / "admin.key"
     key_file.write_text("plan-key")
+    key_file.chmod(0o600)
     app = admin_app(FakeLoop(config), ModelsStore(config))
     app.add_middleware(KeyAuth, keys=Keys(admin="plan-key", inference="api"))
     _serve_in_process(monkeypatch, app)

@@ -169,4 +169,5 @@ def test_restart_after_sigkill_adopts_desired_workers_and_stops_the_rest(serve, 
     assert _wait_gone([pid_a]) == []
     assert list((second.state_dir / "workers" / "records").glob("*.json")) == []
     assert [p.name for p in (second.state_dir / "workers").iterdir()] == ["records"], "worker dirs left behind"
-    assert (second.state_dir / "logs" / "a.log").exists() and (second.state_dir / "logs" / "b.log").exists()
+    logs_dir = second.state_dir / "logs"  # one log per worker process, under the model's name
+    assert list((logs_dir / "a").glob("*.log")) and list((logs_dir / "b").glob("*.log"))

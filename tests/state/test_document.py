@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from opta_lmx.state.document import ConfigError, parse_document, read_document
+from opta_lmx.state.document import ConfigError, DocumentIncomplete, DocumentMissing, parse_document, read_document
 from opta_lmx.state.quantities import format_size, parse_duration, parse_size
 
 GOOD = """\
@@ -72,11 +72,17 @@ def test_yaml_syntax_error_has_position():
     assert problem.line == 3 and "YAML syntax" in problem.message
 
 
-def test_missing_file_and_empty_file(tmp_path):
-    with pytest.raises(ConfigError, match="file not found"):
+def test_missing_file_and_empty_file_are_not_an_empty_desired_state(tmp_path):
+    with pytest.raises(DocumentMissing, match="file not found") as caught:
         read_document(tmp_path / "absent.yaml")
+    assert caught.value.kind == "missing"
     empty = tmp_path / "empty.yaml"
-    empty.write_text("# nothing yet\n")
+    for text in ["", "  \n\t\n", "# nothing yet\n"]:
+        empty.write_text(text)
+        with pytest.raises(DocumentIncomplete, match="being written") as caught:
+            read_document(empty)
+        assert caught.value.kind == "incomplete" and caught.value.to_dict()["kind"] == "incomplete"
+    empty.write_text("models: []\n")
     assert read_document(empty).state.models == []
 
 

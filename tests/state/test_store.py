@@ -271,10 +271,72 @@ def test_splice_refuses_what_does_not_map():
     assert splice("x: 1\n", "y: 1\n", "y: 2\n") is None
 
 
-def test_empty_or_missing_file_can_be_edited(tmp_path):
+def _add_a(tree):
+    append_item(models_of(tree), to_node({"name": "a", "source": "/a"}))
+    return "add a"
+
+
+@pytest.mark.parametrize("content", [None, b"", b"  \n\n"])
+def test_a_missing_or_blank_file_is_not_an_empty_desired_state(tmp_path, content):
+    """Issue 15 item 4: an edit of a missing or blank file must not create one holding only itself."""
     store = ModelsStore(tmp_path / "models.yaml")
-    store.edit(lambda tree: append_item(models_of(tree), to_node({"name": "a", "source": "/a"})) or "add")
-    assert read_document(store.path).state.model("a") is not None
+    if content is not None:
+        store.path.write_bytes(content)
+    with pytest.raises(EditError) as refused:
+        store.edit(_add_a)
+    assert refused.value.code == "document_missing" and edit_error_status(refused.value) == 409
+    assert "PUT /admin/desired" in refused.value.message and "create=true" in refused.value.message
+    if content is None:
+        assert not store.path.exists()
+    else:
+        assert store.path.read_bytes() == content
+    store.edit(_add_a, create=True)  # asked for explicitly
+    assert [m.name for m in read_document(store.path).state.models] == ["a"]
+
+
+def test_replace_creates_a_missing_file_but_refuses_a_blank_document(tmp_path):
+    store = ModelsStore(tmp_path / "models.yaml")
+    with pytest.raises(EditError) as blank:
+        store.replace("\n")
+    assert "models: []" in blank.value.message and not store.path.exists()
+    assert store.replace("models: []\n").changed and store.path.read_text() == "models: []\n"
+
+
+@pytest.mark.parametrize("broken", [b"models: [\xff]\n", b"models: [unclosed\n", b"\tnot: yaml: at: all\n"])
+def test_a_broken_file_can_still_be_replaced_whole_under_its_raw_etag(tmp_path, broken):
+    """Issue 15 item 9: non-UTF-8 or unparsable, the whole-file replace always works."""
+    store = ModelsStore(tmp_path / "models.yaml")
+    store.path.write_bytes(broken)
+    with pytest.raises(PreconditionFailed):
+        store.replace("models: []\n", precondition=if_match_precondition(content_etag(b"other")))
+    assert store.path.read_bytes() == broken
+    result = store.replace("models: []\n", precondition=if_match_precondition(content_etag(broken)))
+    assert result.changed and store.path.read_text() == "models: []\n"
+
+
+def test_a_directory_in_place_of_the_file_is_refused_clearly(tmp_path):
+    store = ModelsStore(tmp_path / "models.yaml")
+    store.path.mkdir()
+    (store.path / "keep").write_text("mine")
+    snap = store.snapshot()
+    assert snap.problem and "is a directory" in snap.problem
+    for write in (lambda: store.replace("models: []\n"), lambda: store.edit(_add_a, create=True)):
+        with pytest.raises(EditError) as refused:
+            write()
+        assert refused.value.code == "document_unreadable" and edit_error_status(refused.value) == 409
+    assert (store.path / "keep").read_text() == "mine"
+
+
+def test_a_looping_symlink_is_replaced_by_a_whole_file_but_not_edited(tmp_path):
+    store = ModelsStore(tmp_path / "models.yaml")
+    os.symlink("loop.yaml", store.path)
+    os.symlink("models.yaml", tmp_path / "loop.yaml")
+    assert store.snapshot().loops and "loops" in store.snapshot().problem
+    with pytest.raises(EditError) as refused:
+        store.edit(_add_a, create=True)
+    assert refused.value.code == "document_unreadable"
+    store.replace("models: []\n")
+    assert not store.path.is_symlink() and store.path.read_text() == "models: []\n"
 
 
 def test_replace_whole_document_validates_first(store):

@@ -38,6 +38,14 @@ def resolve_entry(tree: CommentedMap, model_id: str) -> CommentedMap | None:
     return None
 
 
+def is_local_path(model_id: str) -> bool:
+    """Whether `model_id` names something on this disk; any id a path cannot be (too long, `~nosuchuser`) is not."""
+    try:
+        return Path(model_id).expanduser().exists()
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
 def name_from_source(source: str) -> str:
     """A model name made from a hub id or a path (its last component, cleaned)."""
     base = Path(source.rstrip("/")).name or source
@@ -79,7 +87,7 @@ def set_state(tree: CommentedMap, model_id: str, verb: str, state: DesiredModelS
     """Set one model's `state`; loading an unknown hub id or path adds it. Names it in `touched`."""
     entry = resolve_entry(tree, model_id)
     if entry is None:
-        looks_like_source = "/" in model_id or Path(model_id).expanduser().exists()
+        looks_like_source = "/" in model_id or is_local_path(model_id)
         if state != DesiredModelState.LOADED or not looks_like_source:
             raise EditError(f"no model named `{model_id}` in models.yaml", "model_not_found")
         name = name_from_source(model_id)

@@ -7,7 +7,10 @@ store errors into statuses, so the router and the service speak in these terms o
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
+
+from fastapi import Request
 
 from pydantic import BaseModel, ConfigDict
 
@@ -19,12 +22,16 @@ from opta_lmx.state.yamledit import EditError
 DEFAULT_WAIT = 300.0  # seconds an imperative call (load/unload/swap) waits by default
 DEFAULT_WRITE_WAIT = 120.0  # seconds `?wait=ready` waits on a plain edit
 MAX_WAIT = 3600.0
+MAX_BODY_BYTES = 1024 * 1024  # an admin body (a models.yaml, a patch) is a few kilobytes
+MAX_JSON_DEPTH = 32  # nesting of a JSON body; a spec is at most four levels deep
 
 # What each kind of EditError means to an HTTP client.
 EDIT_ERROR_STATUS = {
     "invalid_edit": 400,
     "model_not_found": 404,
     "invalid_document": 409,
+    "document_missing": 409,
+    "document_unreadable": 409,
     "model_exists": 409,
     "write_failed": 500,
 }
@@ -68,14 +75,45 @@ def invalid_state(error: ConfigError) -> APIError:
     )
 
 
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (read no further than that)."""
+    declared = request.headers.get("content-length", "")
+    too_large = APIError(413, f"the request body is larger than the admin API's limit of {limit} bytes",
+                         "request_too_large")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply `value` nests (iteratively: the point is to refuse what recursion cannot take)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
-    """A request body that must be a JSON object (400 otherwise)."""
+    """A request body that must be a JSON object (400 otherwise), nested at most MAX_JSON_DEPTH deep."""
     try:
         body = json.loads(raw or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):
         raise APIError(400, "the request body must be a JSON object", "invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", "invalid_json")
     return body
 
 
@@ -141,6 +179,11 @@ class WaitQuery(BaseModel):
         except (TypeError, ValueError):
             raise APIError(400, "`timeout` must be a number of seconds", "invalid_request",
                            param="timeout") from None
+        except OverflowError:  # an integer too large for a float
+            timeout = math.inf
+        if not math.isfinite(timeout):
+            raise APIError(422, f"`timeout` must be a finite number of seconds (at most {MAX_WAIT:g})",
+                           "invalid_request", param="timeout")
         if self.wait == "ready" or (default_wait and self.wait != "none"):
             return max(0.0, min(timeout, MAX_WAIT))
         return None

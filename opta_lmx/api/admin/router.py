@@ -7,19 +7,22 @@ blocks until the loop has converged on it.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import time
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from opta_lmx.api.admin import edits
+from opta_lmx.api.admin import openapi as docs
 from opta_lmx.api.admin.events import follow as follow_events
 from opta_lmx.api.admin.protocol import (
     DEFAULT_WAIT,
     SetStateRequest,
     SwapRequest,
     json_object,
+    read_body,
     wait_query,
 )
 from opta_lmx.api.admin.serving import AdminService, Answer
@@ -45,28 +48,38 @@ def _send(answer: Answer) -> JSONResponse:
     return JSONResponse(answer.body, status_code=answer.status, headers={"ETag": answer.etag} if answer.etag else None)
 
 
+def _flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "").lower() in ("1", "true", "yes")
+
+
 async def _edit(request: Request, endpoint: str, mutate, *, subject="config", guarded: bool = True):
+    """One edit; `?create=true` lets it start a new file where there is none (docs/admin-api.md)."""
     if_match = request.headers.get("if-match") if guarded else None
-    return await _service(request).write(endpoint, mutate, if_match=if_match, subject=subject)
+    return await _service(request).write(endpoint, mutate, if_match=if_match, subject=subject,
+                                         create=_flag(request, "create"))
+
+
+async def _json(request: Request) -> dict:
+    return json_object(await read_body(request))
 
 
 # -- models -----------------------------------------------------------------------------
 @router.get("/models")
 async def list_models(request: Request) -> JSONResponse:
-    body, etag = _service(request).models()
+    body, etag = await _service(request).models()
     return JSONResponse(body, headers={"ETag": etag})
 
 
 @router.get("/models/{name}")
 async def get_model(name: str, request: Request) -> JSONResponse:
-    body, etag = _service(request).model(name)
+    body, etag = await _service(request).model(name)
     return JSONResponse(body, headers={"ETag": etag})
 
 
-@router.put("/models/{name}")
+@router.put("/models/{name}", openapi_extra=docs.PUT_MODEL)
 async def put_model(name: str, request: Request) -> JSONResponse:
     """Create or replace one entry; keys that stay keep their place and comments."""
-    body = json_object(await request.body())
+    body = await _json(request)
     spec = body["spec"] if isinstance(body.get("spec"), dict) else body
     spec = {k: v for k, v in spec.items() if v is not None}
     if spec.get("name", name) != name:
@@ -79,10 +92,10 @@ async def put_model(name: str, request: Request) -> JSONResponse:
     return _send(await _service(request).answer(result, generation, name, timeout))
 
 
-@router.patch("/models/{name}")
+@router.patch("/models/{name}", openapi_extra=docs.PATCH_MODEL)
 async def patch_model(name: str, request: Request) -> JSONResponse:
     """JSON merge patch (RFC 7396) of one entry: null deletes a key, lists are replaced."""
-    patch = json_object(await request.body())
+    patch = await _json(request)
     if patch.get("name", name) != name:
         raise APIError(422, "a model cannot be renamed by PATCH; DELETE it and PUT the new name",
                        "name_mismatch", param="name")
@@ -92,7 +105,7 @@ async def patch_model(name: str, request: Request) -> JSONResponse:
     return _send(await _service(request).answer(result, generation, name, timeout))
 
 
-@router.delete("/models/{name}")
+@router.delete("/models/{name}", openapi_extra=docs.DELETE_MODEL)
 async def delete_model(name: str, request: Request) -> JSONResponse:
     timeout = wait_query(dict(request.query_params)).seconds()
     result, generation = await _edit(request, f"DELETE /admin/models/{name}",
@@ -102,7 +115,7 @@ async def delete_model(name: str, request: Request) -> JSONResponse:
 
 # -- imperative verbs, each one desired-state edit ----------------------------------------
 async def _set_state(request: Request, verb: str, state: DesiredModelState) -> JSONResponse:
-    body = json_object(await request.body())
+    body = await _json(request)
     model_id = SetStateRequest.model_validate(body).target()
     timeout = wait_query(dict(request.query_params), body).seconds(default_wait=True)
     touched: dict[str, str] = {}
@@ -113,22 +126,22 @@ async def _set_state(request: Request, verb: str, state: DesiredModelState) -> J
                                                 extra={"model_id": model_id, "action": verb}))
 
 
-@router.post("/models/load")
+@router.post("/models/load", openapi_extra=docs.SET_STATE)
 async def load_model(request: Request) -> JSONResponse:
     """`{"model_id"}` -> set `state: loaded` and wait until it serves (a hub id or path is added)."""
     return await _set_state(request, "load", DesiredModelState.LOADED)
 
 
-@router.post("/models/unload")
+@router.post("/models/unload", openapi_extra=docs.SET_STATE)
 async def unload_model(request: Request) -> JSONResponse:
     """`{"model_id"}` -> set `state: unloaded` and wait until its worker is gone."""
     return await _set_state(request, "unload", DesiredModelState.UNLOADED)
 
 
-@router.post("/models/swap")
+@router.post("/models/swap", openapi_extra=docs.SWAP)
 async def swap_models(request: Request) -> JSONResponse:
     """`{"from", "to"}`: one edit. `{"alias", "to"}`: load `to`, and move the alias once it is Ready."""
-    body = json_object(await request.body())
+    body = await _json(request)
     swap = SwapRequest.parse(body)
     timeout = wait_query(dict(request.query_params), body).seconds(default_wait=True)
     service = _service(request)
@@ -172,15 +185,15 @@ def _config_view(state: DesiredState | None) -> dict:
 
 @router.get("/config")
 async def get_config(request: Request) -> JSONResponse:
-    snap, state = _service(request).current()
+    snap, state = await _service(request).current()
     body = _config_view(state) | {"generation": _service(request).loop.generation, "etag": snap.etag}
     return JSONResponse(body, headers={"ETag": snap.etag})
 
 
-@router.patch("/config")
+@router.patch("/config", openapi_extra=docs.PATCH_CONFIG)
 async def patch_config(request: Request) -> JSONResponse:
     """Merge patch of `memory` and `defaults`; models are edited through /admin/models."""
-    patch = json_object(await request.body())
+    patch = await _json(request)
     if "models" in patch:
         raise APIError(422, "edit models through /admin/models/{name}", "invalid_request", param="models")
     timeout = wait_query(dict(request.query_params)).seconds()
@@ -193,25 +206,28 @@ async def patch_config(request: Request) -> JSONResponse:
 async def get_desired(request: Request) -> Response:
     """models.yaml as it is on disk, with its ETag (what `lmx apply` diffs against)."""
     service = _service(request)
-    snap = service.store.snapshot()
+    snap = await asyncio.to_thread(service.store.snapshot)
+    if snap.problem is not None:
+        raise APIError(409, snap.problem, "document_unreadable")
     return Response(snap.data, media_type="application/yaml",
                     headers={"ETag": snap.etag, "X-Generation": str(service.loop.generation)})
 
 
-@router.put("/desired")
+@router.put("/desired", openapi_extra=docs.PUT_DESIRED)
 async def put_desired(request: Request) -> JSONResponse:
     """Replace models.yaml whole (validated first); `?dry_run=true` only validates and diffs."""
     try:
-        text = (await request.body()).decode("utf-8")
+        text = (await read_body(request)).decode("utf-8")
     except UnicodeDecodeError:
         raise APIError(400, "the body must be UTF-8 YAML", "invalid_request") from None
-    dry_run = request.query_params.get("dry_run", "").lower() in ("1", "true", "yes")
+    dry_run = _flag(request, "dry_run")
     timeout = wait_query(dict(request.query_params)).seconds()
     service = _service(request)
-    old = service.store.snapshot()
+    old = await asyncio.to_thread(service.store.snapshot)
     if_match = request.headers.get("if-match")
     result, generation = await service.write("PUT /admin/desired", text=text, dry_run=dry_run, if_match=if_match)
-    diff = "".join(difflib.unified_diff(old.text.splitlines(True), text.splitlines(True),
+    old_text = old.data.decode("utf-8", errors="replace")  # the old file may be anything: show what it was
+    diff = "".join(difflib.unified_diff(old_text.splitlines(True), text.splitlines(True),
                                         "models.yaml (current)", "models.yaml (new)"))
     if dry_run:
         return JSONResponse({"valid": True, "changed": result.changed, "diff": diff, "etag": old.etag},
@@ -222,29 +238,36 @@ async def put_desired(request: Request) -> JSONResponse:
 # -- read side ------------------------------------------------------------------------------
 @router.get("/status")
 async def status(request: Request) -> JSONResponse:
-    body, etag = _service(request).status()
+    body, etag = await _service(request).status()
     return JSONResponse(body, headers={"ETag": etag})
 
 
 @router.get("/memory")
 async def memory(request: Request) -> dict:
-    _snap, state = _service(request).current()
+    _snap, state = await _service(request).current()
     return _service(request).memory(state)
 
 
 @router.get("/events")
-async def events(request: Request, since: int = 0, limit: int = 200, follow: bool = False):
+async def events(request: Request, since: int = Query(0, ge=0, le=2**63),
+                 limit: int = Query(200, ge=1, le=100_000), follow: bool = False):
     """Recent events; `?follow=true` streams them as server-sent events (`id:` is the seq)."""
     log = _service(request).loop.events
     if not follow:
         return {"events": [e.model_dump(mode="json") for e in log.since(since, limit)]}
-    last_id = request.headers.get("last-event-id")
-    if last_id and last_id.isdigit():
+    last_id = request.headers.get("last-event-id", "")
+    if last_id.isascii() and last_id.isdigit() and len(last_id) <= 19:  # anything else is ignored
         since = int(last_id)
     stream = follow_events(log, since, limit, stopping=lambda: getattr(request.app.state, "stopping", False),
                     disconnected=request.is_disconnected)
     return StreamingResponse(stream, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    """The overview the original Opta-LMX gave: models, memory, convergence and the loop's health."""
+    return await _service(request).health()
 
 
 @probes.get("/readyz")

@@ -48,12 +48,20 @@ class AdminService:
         self.machine_memory = machine_memory
 
     # -- reads ------------------------------------------------------------------------------
-    def current(self) -> tuple[Snapshot, DesiredState | None]:
-        """The file as it is now, and what it means if it is valid (else the loop's last good state)."""
+    async def current(self) -> tuple[Snapshot, DesiredState | None]:
+        """The file as it is now, and what it means if it is valid (else the loop's last good state).
+
+        Read and parsed in a thread: a huge or hostile file must not stall the gateway's event loop.
+        """
+        return await asyncio.to_thread(self._read_current)
+
+    def _read_current(self) -> tuple[Snapshot, DesiredState | None]:
         snap = self.store.snapshot()
         accepted = self.loop.document
         if accepted is not None and accepted.etag == snap.etag:
             return snap, accepted.state  # the loop already parsed these very bytes
+        if not snap.exists or snap.blank or snap.problem is not None:
+            return snap, self.loop.desired  # not an empty desired state: the last good one stays
         try:
             return snap, parse_document(snap.text, str(self.store.path)).state
         except (ConfigError, UnicodeDecodeError):
@@ -78,8 +86,8 @@ class AdminService:
             "config": self.loop.config_status.model_dump(mode="json"),
         }
 
-    def models(self) -> tuple[dict, str]:
-        snap, state = self.current()
+    async def models(self) -> tuple[dict, str]:
+        snap, state = await self.current()
         names = [m.name for m in state.models] if state else []
         names += [n for n in self.loop.statuses if n not in names]
         body = {
@@ -89,8 +97,8 @@ class AdminService:
         }
         return body, snap.etag
 
-    def model(self, name: str) -> tuple[dict, str]:
-        snap, state = self.current()
+    async def model(self, name: str) -> tuple[dict, str]:
+        snap, state = await self.current()
         if (state is None or state.model(name) is None) and name not in self.loop.statuses:
             raise APIError(404, f"no model named `{name}` in models.yaml", "model_not_found")
         return self.model_view(name, state) | {"generation": self.loop.generation, "etag": snap.etag}, snap.etag
@@ -121,8 +129,8 @@ class AdminService:
             "planner": self.loop.observation()["memory"],
         }
 
-    def status(self) -> tuple[dict, str]:
-        snap, state = self.current()
+    async def status(self) -> tuple[dict, str]:
+        snap, state = await self.current()
         memory = self.memory(state)
         body = {
             **self.overview(snap.etag),
@@ -130,6 +138,36 @@ class AdminService:
             "models": {name: s.phase.value for name, s in self.loop.statuses.items()},
         }
         return body, snap.etag
+
+    async def health(self) -> dict:
+        """`/admin/health`: each model's phase against what is desired, memory, convergence, the loop."""
+        loop = self.loop
+        snap, state = await self.current()
+        names = [m.name for m in state.models] if state else []
+        names += [n for n in loop.statuses if n not in names]
+        models = []
+        for name in names:
+            spec = state.model(name) if state else None
+            status = loop.statuses.get(name)
+            models.append({"name": name, "phase": status.phase.value if status else None,
+                           "desired": spec.state.value if spec else None,
+                           "desired_phase": loop.desired_phase(spec).value if spec else Phase.UNLOADED.value})
+        health = loop.health()
+        converged = loop.converged()
+        valid = loop.config_status.valid and snap.problem is None
+        verdict = "ok" if health.running and converged and valid else (
+            "converging" if health.running and valid else "degraded")
+        return {
+            "status": verdict,
+            "models": models,
+            "memory": loop.observation()["memory"],
+            "convergence": {"generation": loop.generation, "observed_generation": loop.observed_generation,
+                            "converged": converged},
+            "loop": {"running": health.running, "pass_failures": health.pass_failures,
+                     "last_error": health.last_error},
+            "config": loop.config_status.model_dump(mode="json") | ({"file_error": snap.problem} if snap.problem else {}),
+            "etag": snap.etag,
+        }
 
     def readiness(self) -> dict:
         """Ready once the loop runs, a valid desired state is in force and every model is as desired."""
@@ -150,11 +188,12 @@ class AdminService:
 
     # -- writes -----------------------------------------------------------------------------
     async def write(self, endpoint: str, mutate: Callable | None = None, *, text: str | None = None,
-                    if_match: str | None = None, dry_run: bool = False,
+                    if_match: str | None = None, dry_run: bool = False, create: bool = False,
                     subject: str | Callable[[], str] = "config") -> tuple[WriteResult, int]:
         """Edit models.yaml (or replace it with `text`), then have the loop accept it now.
 
-        `if_match` (an If-Match header) guards the write: 412 if it names an older version.
+        `if_match` (an If-Match header) guards the write: 412 if it names an older version. An edit
+        of a missing or blank file is refused (409) unless `create` (`?create=true`).
         """
         precondition = if_match_precondition(if_match)
         try:
@@ -163,7 +202,7 @@ class AdminService:
                                                  endpoint=endpoint, dry_run=dry_run)
             else:
                 result = await asyncio.to_thread(self.store.edit, mutate, precondition=precondition,
-                                                 endpoint=endpoint, dry_run=dry_run)
+                                                 endpoint=endpoint, dry_run=dry_run, create=create)
         except PreconditionFailed as error:
             raise APIError(412, f"models.yaml changed since you read it (If-Match {if_match}, now "
                                 f"{error.current}); nothing was written: read it again and retry",
@@ -175,6 +214,9 @@ class AdminService:
             raise APIError(edit_error_status(error), error.message, error.code) from None
         except EditConflict as error:
             raise APIError(409, str(error), "edit_conflict") from None
+        except (RecursionError, OverflowError, ValueError) as error:  # input a validator could not take
+            raise APIError(422, f"the result cannot be validated, so nothing was written: "
+                                f"{type(error).__name__}: {str(error)[:200]}", "invalid_desired_state") from None
         if dry_run:
             return result, self.loop.generation
         if result.changed:

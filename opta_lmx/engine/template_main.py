@@ -1,0 +1,138 @@
+"""The template process (Linux only): imported once, it forks every worker.
+
+Workers forked from one parent share its imported code and data pages copy-on-write, so each
+extra worker costs its weights and what it writes, not another ~500 MiB of imports. The fork
+happens before any MLX device, stream or thread exists: the template imports, and reads one
+tokenizer (no MLX computation, see `_warm_imports`), and nothing else. On macOS, Metal and the
+Objective-C runtime are not fork-safe after initialisation: spares are used there instead.
+
+Protocol, over the Unix socket passed as `--socket-fd`: the control plane sends one JSON line
+per worker (the `vllm-mlx serve` arguments, environment and log path) with the worker's
+announcement pipe attached (SCM_RIGHTS); the template forks and answers `{"pid": N}`. The
+child starts its own session (its own process group, as a cold worker), becomes the worker
+(engine/worker_main.serve) and announces on its pipe. The template reaps its children and
+exits when the socket closes: a control plane that dies leaves no template behind, while the
+workers live on (to be adopted) like cold ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+
+from opta_lmx.engine import worker_main
+
+MAX_REQUEST = 1 << 20
+
+
+def _warm_imports(model_path: str) -> None:
+    """Import what a load and a first answer import, without running MLX here (fork safety).
+
+    A throwaway spare process warms up on a tiny model (engine/worker_main.py) and lists its
+    modules; the template imports the same names. Importing runs no MLX computation, so no
+    MLX stream, thread or device state exists when the template forks.
+    """
+    import importlib
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as listing:
+        subprocess.run([sys.executable, "-m", "opta_lmx.engine.worker_main", "--warm-up-model", model_path,
+                        "--list-modules", listing.name], check=True, stdin=subprocess.DEVNULL, timeout=600)
+        names = json.load(open(listing.name))
+    failed = 0
+    for name in names:
+        if name in sys.modules or name == "__main__":
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - private or platform-specific modules: skip them
+            failed += 1
+    threads = len(os.listdir("/proc/self/task"))
+    print(f"template: imported {len(sys.modules)} modules ({failed} skipped); {threads} threads", flush=True)
+
+
+def _reap(*_: object) -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _fork_worker(channel: socket.socket, assignment: dict, announce_fd: int) -> None:
+    pid = os.fork()
+    if pid == 0:  # the worker
+        code = 0
+        try:
+            os.setsid()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            channel.close()
+            worker_main.serve(assignment, announce_fd)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException:  # noqa: BLE001 - report it in the worker's log, then exit
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(announce_fd)
+    channel.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+
+
+def _serve_requests(channel: socket.socket) -> None:
+    buffered = b""
+    fds: list[int] = []
+    while True:
+        message, new_fds, _flags, _address = socket.recv_fds(channel, MAX_REQUEST, 4)
+        fds += new_fds
+        if not message:
+            return  # the control plane closed its end (or died)
+        buffered += message
+        while b"\n" in buffered:
+            line, buffered = buffered.split(b"\n", 1)
+            if not fds:
+                channel.sendall(b'{"error": "no announcement pipe attached"}\n')
+                continue
+            try:
+                assignment = json.loads(line)
+            except ValueError as error:
+                channel.sendall(json.dumps({"error": f"unreadable request: {error}"}).encode() + b"\n")
+                os.close(fds.pop(0))
+                continue
+            _fork_worker(channel, assignment, fds.pop(0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="opta_lmx.engine.template_main")
+    parser.add_argument("--socket-fd", type=int, required=True)
+    parser.add_argument("--warm-up-model", default=None)
+    args = parser.parse_args(argv)
+    channel = socket.socket(fileno=args.socket_fd)
+    worker_main._preimport()
+    if args.warm_up_model:
+        try:
+            _warm_imports(args.warm_up_model)
+        except Exception as error:  # still a template: the imports are done
+            print(f"warm-up failed (the template still forks): {error!r}", file=sys.stderr, flush=True)
+    gc.collect()
+    gc.freeze()  # keep the imported objects out of the children's collections: pages stay shared
+    signal.signal(signal.SIGCHLD, _reap)
+    channel.sendall(b'{"waiting": true}\n')
+    _serve_requests(channel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
