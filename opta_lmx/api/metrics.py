@@ -33,6 +33,29 @@ class GatewayMetrics:
         reconciler.pass_listeners.append(self.reconcile_duration.observe)
 
 
+class _DownloadGauges:
+    """Per model while it downloads from the hub: bytes done, bytes in the repo, rate."""
+
+    def __init__(self):
+        self.done = GaugeMetricFamily("lmx_model_download_done_bytes", "Bytes of the model's repo in the local "
+                                      "cache (while it downloads)", labels=["model"])
+        self.total = GaugeMetricFamily("lmx_model_download_total_bytes", "Bytes of the model's repo on the hub "
+                                       "(while it downloads)", labels=["model"])
+        self.rate = GaugeMetricFamily("lmx_model_download_rate_bytes_per_second", "Download rate over the last "
+                                      "few seconds", labels=["model"])
+
+    def add(self, name: str, download) -> None:
+        if download is None:
+            return
+        self.done.add_metric([name], download.done_bytes)
+        if download.total_bytes is not None:
+            self.total.add_metric([name], download.total_bytes)
+        self.rate.add_metric([name], download.rate_bytes_per_s)
+
+    def families(self):
+        return self.done, self.total, self.rate
+
+
 class _ModelCollector:
     """Read at scrape time from the reconciler's status, so it never goes stale."""
 
@@ -49,6 +72,7 @@ class _ModelCollector:
         restarts = CounterMetricFamily("lmx_model_restarts", "Unexpected worker exits", labels=["model"])
         estimated = GaugeMetricFamily("lmx_model_estimated_bytes", "Memory estimated before loading", labels=["model"])
         measured = GaugeMetricFamily("lmx_model_measured_bytes", "Memory measured once loaded", labels=["model"])
+        downloads = _DownloadGauges()
         for name, status in list(rec.statuses.items()):
             for candidate in Phase:
                 phase.add_metric([name, candidate.value], 1.0 if status.phase == candidate else 0.0)
@@ -59,7 +83,8 @@ class _ModelCollector:
                 estimated.add_metric([name], status.estimated_bytes)
             if status.measured_bytes is not None:
                 measured.add_metric([name], status.measured_bytes)
-        yield from (phase, load, restarts, estimated, measured)
+            downloads.add(name, status.download)
+        yield from (phase, load, restarts, estimated, measured, *downloads.families())
         yield GaugeMetricFamily("lmx_generation", "Generation of the accepted models.yaml", value=rec.generation)
         yield GaugeMetricFamily("lmx_observed_generation", "Generation the loop has acted on", value=rec.observed_generation)
         yield GaugeMetricFamily("lmx_converged", "1 when every model is in its desired phase", value=1.0 if rec.converged() else 0.0)

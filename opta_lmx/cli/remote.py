@@ -49,6 +49,26 @@ def _age(since: float | None) -> str:
     return f"{seconds}s"
 
 
+def download_line(download: dict) -> str:
+    """`mlx-community/x: 6.8 GiB of 16.5 GiB (41%) at 54.6 MiB/s, about 3m left`."""
+    done, total, rate = download.get("done_bytes") or 0, download.get("total_bytes"), download.get("rate_bytes_per_s")
+    if not total:
+        return f"{download['repo_id']}: listing the repo's files"
+    text = f"{download['repo_id']}: {_size(done) if done else '0 B'} of {_size(total)} ({100 * done / total:.0f}%)"
+    if rate:
+        left = max(0, int((total - done) / rate))
+        text += f" at {_size(int(rate))}/s, about " + (f"{left // 60}m" if left >= 60 else f"{left}s") + " left"
+    return text
+
+
+def _phase_cell(status: dict) -> str | None:
+    """The phase, with the share downloaded while it downloads: `Downloading 41%`."""
+    download = status.get("download")
+    if download and download.get("total_bytes"):
+        return f"{status.get('phase')} {100 * (download.get('done_bytes') or 0) / download['total_bytes']:.0f}%"
+    return status.get("phase")
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
@@ -62,7 +82,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     rows = []
     for model in data["models"]:
         spec, status = model["spec"] or {}, model["status"] or {}
-        rows.append([model["name"], spec.get("state", "loaded" if spec else "(removed)"), status.get("phase"),
+        rows.append([model["name"], spec.get("state", "loaded" if spec else "(removed)"), _phase_cell(status),
                      ",".join(spec.get("aliases", [])) or None, spec.get("priority", 0 if spec else None),
                      _size(status.get("measured_bytes") or status.get("estimated_bytes")),
                      status.get("restarts", 0), _age(status.get("started_at"))])
@@ -89,6 +109,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
                 "observed_generation"):
         if status.get(key) is not None:
             print(f"  {key}: {status[key]}")
+    if status.get("download"):
+        print(f"  download: {download_line(status['download'])}")
     if status.get("measured_bytes") or status.get("estimated_bytes"):
         print(f"  memory: measured {_size(status.get('measured_bytes'))}, "
               f"estimated {_size(status.get('estimated_bytes'))}")

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.memory import MemoryEstimate
@@ -65,11 +66,21 @@ def held_bytes(current: MemoryEstimate | None, old_override: int | None, measure
     return measured or measured_max
 
 
+class HubSizes(Protocol):
+    """Hub models' estimates from the hub's file listing, read off the loop (reconciler/downloads.py)."""
+
+    def covers(self, source: str) -> bool: ...
+
+    def estimate(self, key: str, spec: WorkerSpec, override: int | None) -> MemoryEstimate | None: ...
+
+
 class MemoryAccounts:
     """The loop's memory book: estimates per fingerprint, the most measured per fingerprint."""
 
-    def __init__(self, estimator: Callable[..., MemoryEstimate] = engine_memory.estimate):
+    def __init__(self, estimator: Callable[..., MemoryEstimate] = engine_memory.estimate, *,
+                 hub: HubSizes | None = None):
         self._estimator = estimator
+        self._hub = hub  # hub ids are sized by it; None: by `estimator`, from the local cache only (lmx plan)
         self._estimates: dict[str, MemoryEstimate] = {}  # fingerprint[:override] -> estimate
         self._override: dict[str, int] = {}  # fingerprint -> the `memory:` override it was planned with
         self.measured_max: dict[str, int] = {}  # fingerprint -> most measured for a worker of it
@@ -77,15 +88,20 @@ class MemoryAccounts:
     def estimate(self, spec: WorkerSpec, override: int | None) -> MemoryEstimate:
         """The footprint planned before a worker of `spec` runs (cached per fingerprint).
 
-        The loop fills the cache off the event loop first (`estimate_off_loop`); this reads the
-        directory itself only for `lmx plan`, where a directory that cannot be read gives an
-        unknown estimate (not cached) instead of a traceback.
+        The loop fills the cache off the event loop first (`estimate_off_loop`, or the hub's
+        sizing for a hub id); this reads the directory itself only for `lmx plan`, where a
+        directory that cannot be read gives an unknown estimate (not cached) instead of a traceback.
         """
         key = self._key(spec, override)
         if override is not None:
             self._override[spec.fingerprint] = override
         else:
             self._override.pop(spec.fingerprint, None)
+        if key not in self._estimates and self._hub is not None and self._hub.covers(spec.source):
+            found = self._hub.estimate(key, spec, override)
+            if found is None:  # still being read from the hub: the model is held back meanwhile
+                return MemoryEstimate(override_bytes=override, known=False)
+            self._estimates[key] = found
         if key not in self._estimates:
             try:
                 self._estimates[key] = self._estimator(spec.source, spec.engine, override)
@@ -95,7 +111,8 @@ class MemoryAccounts:
         return self._estimates[key]
 
     def known(self, spec: WorkerSpec, override: int | None) -> bool:
-        return self._key(spec, override) in self._estimates
+        """Whether the loop need not estimate `spec` in a thread now (a hub id is sized by the hub's)."""
+        return self._key(spec, override) in self._estimates or (self._hub is not None and self._hub.covers(spec.source))
 
     @staticmethod
     def _key(spec: WorkerSpec, override: int | None) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opta_lmx.engine import memory as engine_memory
+from opta_lmx.engine.download import DownloadError
 from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
 from opta_lmx.reconciler.ledger import WorkerEntry, WorkerPhase
 from opta_lmx.reconciler.plan import LoadModel, UnloadModel, UnloadReason
@@ -74,9 +75,12 @@ class Actions:
         if spec.source.startswith("~"):  # resolve_source could not expand it: `~nosuchuser/x`
             self.fail(action.name, action.fingerprint, f"cannot resolve {spec.source}: no such user", permanent=True)
             return
-        if action.after:
-            why = (f"waiting for {len(action.after)} worker(s) to drain and unload to free memory "
-                   f"({format_size(action.bytes)} needed)")
+        why = (f"waiting for {len(action.after)} worker(s) to drain and unload to free memory "
+               f"({format_size(action.bytes)} needed)") if action.after else ""
+        if rec.downloads.will_download(spec.source):  # a hub model not in the cache: fetched first
+            rec.statuses.setdefault(action.name, ModelStatus()).phase = Phase.DOWNLOADING
+            entry = rec.ledger.begin_load(action.name, action.fingerprint, why, None, download=True)
+        elif action.after:
             entry = rec.ledger.begin_load(action.name, action.fingerprint, why, ("WaitingForMemory", why))
         else:
             rec.statuses.setdefault(action.name, ModelStatus()).phase = Phase.LOADING
@@ -87,7 +91,9 @@ class Actions:
     async def _load(self, entry: WorkerEntry, spec: WorkerSpec, after: tuple[str, ...] = ()) -> None:
         rec, name = self.rec, entry.model
         try:
-            if after:
+            if entry.phase == WorkerPhase.DOWNLOADING:
+                await self._download(entry, spec, after)
+            if entry.phase == WorkerPhase.WAITING:
                 await self._wait_for_memory(entry, spec, after)
             worker = await rec.pool.start(spec, rec.settings.ready_timeout)
             rec.ledger.move(entry, WorkerPhase.READY, (
@@ -101,6 +107,9 @@ class Actions:
         except asyncio.CancelledError:
             self._end_load(entry)
             return
+        except DownloadError as error:
+            self._end_load(entry)
+            self.fail(name, entry.fingerprint, f"download failed: {error.message}", permanent=error.permanent)
         except WorkerStartError as error:
             self._end_load(entry)
             self.fail(name, entry.fingerprint, str(error), permanent=error.permanent, log_tail=error.log_tail)
@@ -111,6 +120,17 @@ class Actions:
         finally:
             self.tasks.pop(f"load:{name}", None)
             rec.nudge()
+
+    async def _download(self, entry: WorkerEntry, spec: WorkerSpec, after: tuple[str, ...]) -> None:
+        """Fetch a hub model's files before its worker starts: the readiness deadline covers only the load."""
+        rec = self.rec
+        await rec.downloads.fetch(entry.model, spec.source)
+        if after and any(rec.ledger.present(w) for w in after):
+            rec.ledger.move(entry, WorkerPhase.WAITING, ("WaitingForMemory", entry.why))
+        else:
+            rec.statuses.setdefault(entry.model, ModelStatus()).phase = Phase.LOADING
+            rec.ledger.move(entry, WorkerPhase.LOADING, ("Loading", f"loading {spec.source} (downloaded)"))
+        rec.nudge()  # a pass rewrites the status (no download block, the new phase's message)
 
     async def _wait_for_memory(self, entry: WorkerEntry, spec: WorkerSpec, after: tuple[str, ...]) -> None:
         rec = self.rec

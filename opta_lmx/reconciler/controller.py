@@ -25,6 +25,7 @@ from opta_lmx.engine.worker import Worker, WorkerSpec
 from opta_lmx.reconciler import adoption, observing, statuses
 from opta_lmx.reconciler.accounting import MemoryAccounts, memory_figures, resolve_source, worker_spec
 from opta_lmx.reconciler.acting import Actions
+from opta_lmx.reconciler.downloads import Downloads, HubClient
 from opta_lmx.reconciler.ledger import Backoff, Failure, Ledger, Traffic, WorkerEntry
 from opta_lmx.reconciler.plan import MemoryFigures, Unschedulable, plan
 from opta_lmx.reconciler.routes import Route, RouteTable
@@ -67,6 +68,7 @@ class Reconciler:
         events: EventLog | None = None,
         clock=time.time,
         memory_probe: Callable[[], tuple[int, int]] = engine_memory.machine_memory,
+        hub: HubClient | None = None,
     ):
         self.config_path = Path(config_path)
         self.pool = pool
@@ -81,7 +83,9 @@ class Reconciler:
         self.statuses: dict[str, ModelStatus] = {}
         self.ledger = Ledger(self.events, lambda: self.clock(), Backoff(settings.backoff_base, settings.backoff_max))
         self.routes = RouteTable(self.expects_ready)
-        self.accounts = MemoryAccounts()
+        self.downloads = Downloads(self.events, self.nudge, self._download_failed, lambda: self.clock(),
+                                   hub or HubClient(), lambda name: statuses.show_download(self, name))
+        self.accounts = MemoryAccounts(hub=self.downloads)
         self.actions = Actions(self)
         self.supervisor = Supervisor(self, Backoff(settings.pass_backoff_base, settings.pass_backoff_max))
         self.memory_probe = memory_probe  # () -> (physical bytes, available bytes)
@@ -154,19 +158,27 @@ class Reconciler:
         physical, available = self.memory_probe()
         self.physical_bytes = physical
         self.memory = memory_figures(self.desired, physical, available)
-        blocked = self.ledger.blocked(fingerprints, now)
+        estimates = self.planning_estimates(fingerprints)  # starts reading hub models' sizes, off the loop
+        blocked = self.ledger.blocked(fingerprints, now) | self.downloads.sizing()
         result = plan(
             self.desired, fingerprints, observed, blocked, memory=self.memory,
-            estimates=self.planning_estimates(fingerprints), demand=self.active_demand(),
+            estimates=estimates, demand=self.active_demand(),
             idle=self.idle_seconds(now),
         )
         self.verdicts = result.unschedulable
         self.actions.apply(result.actions)
+        self.downloads.keep({m.name: self.worker_spec(m).source for m in self.desired.models
+                             if m.state != DesiredModelState.UNLOADED})
         statuses.update_statuses(self, fingerprints, blocked)
         self.observed_generation = self.generation
         wake_times = observing.wake_times(self, now)
         if wake_times:
             asyncio.get_running_loop().call_later(min(wake_times) - now + 0.01, self.nudge)
+
+    def _download_failed(self, name: str, fingerprint: str, message: str, permanent: bool) -> float:
+        """Reading a hub model's size failed: a failure like a load's; when it may be tried again."""
+        self.actions.fail(name, fingerprint, message, permanent=permanent)
+        return self.ledger.failures[name].retry_at
 
     # -- specs and memory (accounting.py holds the rules) ------------------------------
     def worker_spec(self, model: ModelSpec) -> WorkerSpec:
@@ -248,7 +260,8 @@ class Reconciler:
         return Phase.READY if model.state == DesiredModelState.LOADED else Phase.UNLOADED
 
     def converged(self) -> bool:
-        if self.desired is None or self.observed_generation != self.generation or self.actions.tasks:
+        if (self.desired is None or self.observed_generation != self.generation or self.actions.tasks
+                or self.downloads.busy()):
             return False
         for model in self.desired.models:
             phase = self.statuses.get(model.name, ModelStatus()).phase
@@ -270,4 +283,5 @@ class Reconciler:
         self.wake.set()
         await self.supervisor.stop(self.settings.stop_grace)
         await self.actions.cancel_all()
+        await self.downloads.cancel_all(self.settings.stop_grace)
         await self.pool.stop_all(self.settings.stop_grace)

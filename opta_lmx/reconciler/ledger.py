@@ -17,6 +17,7 @@ from opta_lmx.state.status import EventLog
 
 
 class WorkerPhase(str, enum.Enum):
+    DOWNLOADING = "downloading"  # a hub model's files are fetched before any process starts
     WAITING = "waiting"  # a load waits for other workers to free memory
     LOADING = "loading"  # the process is starting and loading weights
     READY = "ready"  # serving requests
@@ -26,6 +27,7 @@ class WorkerPhase(str, enum.Enum):
 
 
 _TRANSITIONS: dict[WorkerPhase, frozenset[WorkerPhase]] = {
+    WorkerPhase.DOWNLOADING: frozenset({WorkerPhase.WAITING, WorkerPhase.LOADING, WorkerPhase.GONE}),
     WorkerPhase.WAITING: frozenset({WorkerPhase.LOADING, WorkerPhase.GONE}),
     WorkerPhase.LOADING: frozenset({WorkerPhase.READY, WorkerPhase.GONE}),
     WorkerPhase.READY: frozenset({WorkerPhase.DRAINING, WorkerPhase.GONE}),
@@ -86,7 +88,7 @@ class WorkerEntry:
 
     @property
     def loading(self) -> bool:
-        return self.phase in (WorkerPhase.WAITING, WorkerPhase.LOADING)
+        return self.phase in (WorkerPhase.DOWNLOADING, WorkerPhase.WAITING, WorkerPhase.LOADING)
 
     @property
     def serving(self) -> bool:
@@ -127,12 +129,16 @@ class Ledger:
     failures: dict[str, Failure] = field(default_factory=dict)  # by model
 
     # -- entries --------------------------------------------------------------------
-    def begin_load(self, model: str, fingerprint: str, waiting_for: str, event: tuple[str, str]) -> WorkerEntry:
-        """A load starts (WAITING if `waiting_for` says why, else LOADING); `event` is (reason, message)."""
+    def begin_load(self, model: str, fingerprint: str, waiting_for: str, event: tuple[str, str] | None,
+                   *, download: bool = False) -> WorkerEntry:
+        """A load starts (DOWNLOADING if its files must be fetched first, else WAITING if `waiting_for`
+        says why, else LOADING); `event` is (reason, message), None when the download records its own."""
         phase = WorkerPhase.WAITING if waiting_for else WorkerPhase.LOADING
-        entry = WorkerEntry(model, fingerprint, phase, Traffic(self.clock), why=waiting_for)
+        entry = WorkerEntry(model, fingerprint, WorkerPhase.DOWNLOADING if download else phase, Traffic(self.clock),
+                            why=waiting_for)
         self.entries[entry.key] = entry
-        self.events.record(model, *event)
+        if event is not None:
+            self.events.record(model, *event)
         return entry
 
     def adopt(self, model: str, fingerprint: str, worker, message: str) -> WorkerEntry:

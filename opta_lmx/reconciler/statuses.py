@@ -33,6 +33,7 @@ def update_statuses(rec: Reconciler, fingerprints: dict[str, str], blocked: froz
         status.estimated_bytes = rec.estimate(model).total_bytes
         entry = rec.ledger.get(route.worker_id) if route else None
         status.measured_bytes = entry.measured_bytes if entry else None
+        status.download = rec.downloads.status_of(model.name)
         status.observed_generation = rec.generation
         status.set_condition("Ready", phase == Phase.READY, reason, message, rec.generation, now)
         verdict = rec.verdicts.get(model.name)
@@ -50,6 +51,16 @@ def update_statuses(rec: Reconciler, fingerprints: dict[str, str], blocked: froz
                 rec.statuses[name].phase = Phase.UNLOADING
             else:
                 del rec.statuses[name]
+
+
+def show_download(rec: Reconciler, name: str) -> None:
+    """Between passes, keep a downloading model's `download` block and message as fresh as its progress."""
+    status = rec.statuses.get(name)
+    if status is None:
+        return
+    status.download = rec.downloads.status_of(name)
+    if status.phase == Phase.DOWNLOADING and status.download is not None:
+        status.message = rec.downloads.message(name, status.download.repo_id)
 
 
 def _planned_bytes(rec: Reconciler, model: ModelSpec) -> int:
@@ -71,6 +82,8 @@ def phase_of(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked: froze
         return Phase.FAILED, "LoadFailed", failure.message + serving_note
     load = rec.ledger.load_of(name)
     if load is not None:
+        if load.phase == WorkerPhase.DOWNLOADING:
+            return Phase.DOWNLOADING, "Downloading", rec.downloads.message(name, rec.worker_spec(model).source)
         if load.phase == WorkerPhase.WAITING:
             return Phase.PENDING, "WaitingForMemory", load.why
         return Phase.LOADING, "Loading", "starting a worker"
@@ -85,6 +98,8 @@ def phase_of(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked: froze
     if failure and name in blocked:
         return Phase.PENDING, "CrashLoopBackOff" if "crash-looping" in failure.message else "BackOff", (
             failure.message + serving_note)
+    if name in rec.downloads.sizing():
+        return Phase.PENDING, "ReadingSize", f"reading the size of {model.source} from the hub"
     verdict = rec.verdicts.get(name)
     if verdict is not None:
         return Phase.UNSCHEDULABLE, "InsufficientMemory", verdict.message

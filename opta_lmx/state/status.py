@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 class Phase(str, enum.Enum):
     PENDING = "Pending"
+    DOWNLOADING = "Downloading"  # a hub model's files are being fetched before its worker starts
     LOADING = "Loading"
     READY = "Ready"
     DRAINING = "Draining"
@@ -34,6 +35,16 @@ class Condition(BaseModel):
     observed_generation: int
 
 
+class DownloadStatus(BaseModel):
+    """How far a model's download from the hub is (present only while it downloads)."""
+
+    repo_id: str
+    done_bytes: int = 0  # files already in the cache count as done
+    total_bytes: int | None = None  # None until the hub has listed the repo's files
+    rate_bytes_per_s: float = 0.0  # over the last few seconds
+    started_at: float
+
+
 class ModelStatus(BaseModel):
     phase: Phase = Phase.PENDING
     pid: int | None = None
@@ -42,6 +53,7 @@ class ModelStatus(BaseModel):
     load_seconds: float | None = None
     estimated_bytes: int | None = None
     measured_bytes: int | None = None
+    download: DownloadStatus | None = None
     restarts: int = 0
     last_error: str | None = None
     reason: str | None = None
