@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -29,6 +31,7 @@ from opta_lmx.api.passthrough import EXTRA_GET_PATHS, EXTRA_POST_PATHS, renamed,
 from opta_lmx.api.passthrough import router as passthrough_router
 from opta_lmx.reconciler.controller import Reconciler
 from opta_lmx.reconciler.routes import Route
+from opta_lmx.state.spec import DesiredModelState
 from opta_lmx.state.status import Phase
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ _DROP_REQUEST = frozenset({"host", "content-length", "connection", "keep-alive",
 _DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                             "server", "date"})
 _USAGE_CHUNKS = 8  # last chunks of a response kept to read its token usage at the end
+_DISCONNECT_POLL = 0.5  # seconds between checks that a waiting request's client is still there
+Disconnected = Callable[[], Awaitable[bool]]
 
 
 @dataclass
@@ -72,8 +77,11 @@ class Admission:
     def gate(self, name: str) -> ModelGate:
         return self._gates.setdefault(name, ModelGate())
 
-    async def acquire(self, name: str, limit: int | None) -> Route:
-        """The route to use once the model is Ready and a concurrency slot is free; release() after."""
+    async def acquire(self, name: str, limit: int | None, disconnected: Disconnected | None = None) -> Route:
+        """The route to use once the model is Ready and a concurrency slot is free; release() after.
+
+        `disconnected` is polled while the request waits: a client that went away stops waiting
+        (and the loop cancels a load that no request waits for any more)."""
         gate = self.gate(name)
         route = self.routes.get(name)
         if route is None or (limit is not None and gate.in_flight >= limit):
@@ -82,7 +90,7 @@ class Admission:
             if gate.waiting >= self.queue_limit:
                 raise APIError(429, f"Too many requests are waiting for `{name}` ({gate.waiting})", "queue_full",
                                headers={"Retry-After": "1"})
-            route = await self._wait(name, gate, limit)
+            route = await self._wait(name, gate, limit, disconnected)
         gate.in_flight += 1
         self.metrics.in_flight.labels(name).inc()
         route.begin()  # per worker: the loop drains a worker until this reaches 0
@@ -102,12 +110,17 @@ class Admission:
         async with gate.changed:
             gate.changed.notify(1)
 
-    async def _wait(self, name: str, gate: ModelGate, limit: int | None) -> Route:
+    async def _wait(self, name: str, gate: ModelGate, limit: int | None, disconnected: Disconnected | None) -> Route:
         gate.waiting += 1
         self.metrics.queued.labels(name).inc()
-        deadline = time.monotonic() + self.wait_timeout
+        token = self.routes.register(name)  # the loop counts waiters (demand, serve_queue, load cancel)
+        started = time.monotonic()
+        deadline = started + self.wait_timeout
         try:
-            route = await self.routes.wait(name, self.wait_timeout)
+            loading = self.routes.get(name) is None
+            route = await self._route_or_gone(name, disconnected)
+            if route is not None and loading:
+                self.metrics.load_wait.labels(name).observe(time.monotonic() - started)
             if route is None and not self.routes.expects_ready(name):
                 raise self._not_loaded(name)  # refused meanwhile (Unschedulable, Failed)
             if route is None:
@@ -125,8 +138,26 @@ class Admission:
                         pass
             return self.routes.get(name) or route
         finally:
+            self.routes.unregister(name, token)
             gate.waiting -= 1
             self.metrics.queued.labels(name).dec()
+
+
+    async def _route_or_gone(self, name: str, disconnected: Disconnected | None) -> Route | None:
+        """The route table's wait for `name`, given up as soon as the client has gone away."""
+        waiter = asyncio.create_task(self.routes.wait(name, self.wait_timeout))
+        try:
+            while True:
+                done, _pending = await asyncio.wait({waiter}, timeout=_DISCONNECT_POLL)
+                if done:
+                    return waiter.result()
+                if disconnected is not None and await disconnected():
+                    raise APIError(499, f"the client went away while waiting for `{name}`", "client_closed")
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -162,7 +193,7 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
     reconciler.note_request(name)
     admission: Admission = app_state.admission
     try:
-        route = await admission.acquire(name, spec.max_concurrency)
+        route = await admission.acquire(name, spec.max_concurrency, request.is_disconnected)
     except APIError as error:
         metrics.requests.labels(name, str(error.status)).inc()
         raise
@@ -260,18 +291,22 @@ router.include_router(passthrough_router)
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    """Ready models, each with its aliases (also listed as entries of their own)."""
+    """Every model a client may ask for: desired loaded and on-demand ones (resident or not), each
+    with its desired state, phase and aliases (aliases are also entries of their own); models
+    desired `unloaded` are not listed. The OpenAI list shape, with extra fields."""
     reconciler: Reconciler = request.app.state.reconciler
     data = []
     if reconciler.desired is not None:
         for model in reconciler.desired.models:
-            if reconciler.routes.get(model.name) is None:
+            if model.state == DesiredModelState.UNLOADED:
                 continue
             status = reconciler.statuses.get(model.name)
             created = int(status.started_at) if status and status.started_at else 0
+            extra = {"state": model.state.value, "status": status.phase.value if status else "Pending",
+                     "resident": reconciler.routes.get(model.name) is not None}
             data.append({"id": model.name, "object": "model", "created": created, "owned_by": "opta-lmx",
-                         "aliases": list(model.aliases)})
+                         "aliases": list(model.aliases), **extra})
             for alias in model.aliases:
                 data.append({"id": alias, "object": "model", "created": created, "owned_by": "opta-lmx",
-                             "alias_of": model.name})
+                             "alias_of": model.name, **extra})
     return {"object": "list", "data": data}
