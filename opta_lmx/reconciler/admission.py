@@ -22,6 +22,7 @@ class ObservedWorker:
     bytes: int = 0
     in_flight: int = 0  # requests in flight (or queued for a concurrency slot) on it
     ready_seconds: float = 0.0  # since it became Ready (demand's min_residency reads it)
+    draining: bool = False  # being unloaded: it holds memory but no longer counts as the model running
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,18 @@ class Workers:
         return [w for w in self.observed if w.name == name]
 
     def names(self) -> set[str]:
-        return {w.name for w in self.observed}
+        """Models with a worker that is not being unloaded (they rank as incumbents)."""
+        return {w.name for w in self.observed if not w.draining}
 
     def current(self, name: str) -> ObservedWorker | None:
         """The worker of `name` with the wanted fingerprint (a ready one before a loading one)."""
         fingerprint = self.fingerprints.get(name)
-        matches = [w for w in self.of(name) if w.fingerprint == fingerprint]
+        matches = [w for w in self.of(name) if w.fingerprint == fingerprint and not w.draining]
         return max(matches, key=lambda w: w.ready) if matches else None
 
     def stale(self, name: str) -> list[ObservedWorker]:
         fingerprint = self.fingerprints.get(name)
-        return [w for w in self.of(name) if w.fingerprint != fingerprint]
+        return [w for w in self.of(name) if w.fingerprint != fingerprint and not w.draining]
 
     def need(self, name: str) -> int | None:
         """Bytes the model takes once converged; None if it neither runs nor may start."""

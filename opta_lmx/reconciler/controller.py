@@ -27,7 +27,7 @@ from opta_lmx.engine.worker import Worker, WorkerSpec
 from opta_lmx.reconciler import adoption, observing, statuses
 from opta_lmx.reconciler.accounting import MemoryAccounts, memory_figures, resolve_source, worker_spec
 from opta_lmx.reconciler.acting import Actions
-from opta_lmx.reconciler.ledger import Backoff, Failure, Ledger, Traffic, WorkerEntry
+from opta_lmx.reconciler.ledger import Backoff, Failure, Ledger, Traffic, WorkerEntry, WorkerPhase
 from opta_lmx.reconciler.demand import Waiting
 from opta_lmx.reconciler.plan import MemoryFigures, ObservedWorker, Plan, Unschedulable, plan
 from opta_lmx.reconciler.routes import Route, RouteTable
@@ -228,9 +228,11 @@ class Reconciler:
             ready_at = getattr(process, "ready_at", None)
             route = self.routes.get(worker.name)
             queued = self.routes.waiters(worker.name) if route and route.worker_id == worker.worker_id else 0
+            entry = self.ledger.get(worker.worker_id)
+            draining = entry is not None and entry.phase in (WorkerPhase.DRAINING, WorkerPhase.STOPPING)
             result.append(dataclasses.replace(
                 worker, ready_seconds=max(0.0, now - ready_at) if ready_at else 0.0,
-                in_flight=worker.in_flight + queued))
+                in_flight=worker.in_flight + queued, draining=draining))
         return result
 
     def count_unloads(self, result: Plan) -> None:

@@ -48,8 +48,10 @@ class DemandDecision:
     refusals: dict[str, str] = field(default_factory=dict)  # requester -> who holds the memory and why
 
 
-def protection(name: str, resident: Resident, policy: DemandPolicy, waited: float) -> tuple[str, float] | None:
+def protection(name: str, resident: Resident | None, policy: DemandPolicy, waited: float) -> tuple[str, float] | None:
     """Why `name` may not be evicted by demand now, and in how many seconds that ends; None: it may."""
+    if resident is None:
+        return f"{name} is loading", 1.0
     residency = policy.min_residency_seconds()
     if resident.ready_seconds < residency:
         return (f"{name} is resident for {resident.ready_seconds:.0f}s of its {residency:g}s min_residency",
@@ -99,7 +101,7 @@ def decide(
         holders = [h for h in admitted if h not in taken]
         candidates = sorted(
             (h for h in holders if _evictable(specs[h], spec, h, residents, demand)),
-            key=lambda h: (specs[h].priority, -residents[h].idle_seconds),
+            key=lambda h: (specs[h].priority, h not in residents, -_idle(residents.get(h))),
         )
         if not policies[name].may_evict_or_default():
             candidates = []
@@ -107,7 +109,7 @@ def decide(
         for holder in candidates:
             if room >= need:
                 break
-            guard = protection(holder, residents[holder], policies[holder], waited.get(name, 0.0))
+            guard = protection(holder, residents.get(holder), policies[holder], waited.get(name, 0.0))
             if guard is None:
                 chosen.append(holder)
                 room += admitted[holder]
@@ -136,5 +138,10 @@ def decide(
 
 def _evictable(holder: ModelSpec, requester: ModelSpec, name: str, residents: Mapping[str, Resident],
                demand: frozenset[str]) -> bool:
-    return (holder.state == DesiredModelState.ON_DEMAND and not holder.pinned and name in residents
-            and name not in demand and holder.priority <= requester.priority)
+    # A resident model that requests still wait for serves them first; a loading one is awaited.
+    return (holder.state == DesiredModelState.ON_DEMAND and not holder.pinned
+            and (name not in demand or name not in residents) and holder.priority <= requester.priority)
+
+
+def _idle(resident: Resident | None) -> float:
+    return resident.idle_seconds if resident else 0.0

@@ -273,8 +273,10 @@ def plan(
     """
     memory = memory or MemoryFigures()
     idle = idle or {}
-    workers = Workers(tuple(observed), fingerprints, blocked, estimates or {})
-    wanted = wanted_models(desired, {w.name for w in observed if w.ready}, demand, idle)
+    # A model whose only workers are being unloaded is not (re)started until they are gone.
+    leaving = {w.name for w in observed if w.draining} - {w.name for w in observed if not w.draining}
+    workers = Workers(tuple(observed), fingerprints, blocked | leaving, estimates or {})
+    wanted = wanted_models(desired, {w.name for w in observed if w.ready and not w.draining}, demand, idle)
     policies = {m.name: desired.effective_demand(m) for m in desired.models}
     admission = admit_with_demand(wanted, workers, memory.budget_bytes, policies, demand, waited or {}, idle)
     admission = relieve_pressure(admission, wanted, workers, memory)

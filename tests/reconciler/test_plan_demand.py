@@ -134,3 +134,18 @@ def test_swapping_back_waits_for_the_new_models_min_residency():
     first = run(desired, [resident("a")], {"b"})
     second = run(desired, apply([resident("a")], first), {"a"})
     assert second.actions == [] and "b is resident for 0s" in second.waiting["a"].message
+
+
+def test_while_the_victim_drains_the_requests_for_it_wait_and_the_new_load_goes_on():
+    desired = state({"name": "a"}, {"name": "b"})
+    draining = ObservedWorker("a", "w-a", "fp-a", True, 60 * MiB, 2, 600.0, draining=True)
+    loading = ObservedWorker("b", "loading:b", "fp-b", False, 60 * MiB)
+    result = run(desired, [draining, loading], {"a", "b"})
+    assert [(u.name, u.worker_id) for u in result.unloads()] == [("a", "w-a")]  # already draining: no-op
+    assert result.loads() == [] and result.unschedulable == {}
+
+
+def test_a_request_behind_a_loading_model_waits_for_it():
+    desired = state({"name": "a"}, {"name": "b"})
+    result = run(desired, [ObservedWorker("b", "loading:b", "fp-b", False, 60 * MiB)], {"a", "b"})
+    assert result.actions == [] and "b is loading" in result.waiting["a"].message
