@@ -32,6 +32,7 @@ _UNLOAD_EVENT = {
     UnloadReason.IDLE: "IdleUnload",
     UnloadReason.PRESSURE: "MemoryPressure",
     UnloadReason.REPLACED: "Replaced",
+    UnloadReason.DEMAND: "EvictedByDemand",
 }
 
 
