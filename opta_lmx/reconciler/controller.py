@@ -247,10 +247,14 @@ class Reconciler:
                     self.demand_evictions[(action.name, name)] += 1
 
     def idle_seconds(self, now: float) -> dict[str, float]:
-        """Per model, seconds since its workers last served (0 while any request is in flight)."""
+        """Per model, seconds since its workers last served or became Ready (0 while any request is
+        in flight or waits for it: a request woken by the route is not yet counted in flight)."""
         idle: dict[str, float] = {}
         for entry in self.ledger.processes():
-            seconds = entry.traffic.idle_seconds(now)
+            seconds = 0.0 if self.routes.waiters(entry.model) else entry.traffic.idle_seconds(now)
+            ready_at = getattr(self.pool.get(entry.worker_id or ""), "ready_at", None)
+            if ready_at:
+                seconds = min(seconds, max(0.0, now - ready_at))
             idle[entry.model] = min(idle.get(entry.model, seconds), seconds)
         return idle
 

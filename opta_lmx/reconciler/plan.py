@@ -98,8 +98,10 @@ def wanted_models(
 ) -> dict[str, tuple[ModelSpec, int]]:
     """Models that should run, with their file index: loaded ones, and on-demand ones asked for or in use.
 
-    `observed_names` are models with a ready worker: an on-demand model that is only loading is
-    wanted while requests wait for it, so a load nobody waits for any more is cancelled."""
+    `observed_names` are models with a ready worker of their current spec: an on-demand model
+    that is only loading is wanted while requests wait for it, so a load nobody waits for any more
+    is cancelled; an on-demand model whose entry changed while nobody asks for it is unloaded (the
+    next request loads the new spec) rather than replaced."""
     wanted: dict[str, tuple[ModelSpec, int]] = {}
     for index, model in enumerate(desired.models):
         if model.state == DesiredModelState.LOADED:
@@ -276,7 +278,8 @@ def plan(
     # A model whose only workers are being unloaded is not (re)started until they are gone.
     leaving = {w.name for w in observed if w.draining} - {w.name for w in observed if not w.draining}
     workers = Workers(tuple(observed), fingerprints, blocked | leaving, estimates or {})
-    wanted = wanted_models(desired, {w.name for w in observed if w.ready and not w.draining}, demand, idle)
+    resident = {w.name for w in observed if w.ready and not w.draining and w.fingerprint == fingerprints.get(w.name)}
+    wanted = wanted_models(desired, resident, demand, idle)
     policies = {m.name: desired.effective_demand(m) for m in desired.models}
     admission = admit_with_demand(wanted, workers, memory.budget_bytes, policies, demand, waited or {}, idle)
     admission = relieve_pressure(admission, wanted, workers, memory)
