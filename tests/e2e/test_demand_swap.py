@@ -100,3 +100,30 @@ def test_pinned_and_higher_priority_on_demand_models_are_not_evicted_for_a_reque
     assert "p (on-demand with priority 5, higher than b's 0)" in refused.json()["error"]["message"]
     assert status(server, "p")["pid"] == p_pid and status(server, "p")["phase"] == "Ready"
     assert "EvictedByDemand" not in events(server, "p")
+
+
+def test_a_client_that_goes_away_stops_waiting_and_its_demand_ends(serve, tiny_model, tiny_model_b):
+    # `a` stays at least an hour once Ready, so a request for `b` waits (it is not refused).
+    server = serve(HEAD.replace("min_residency: 2s", "min_residency: 1h") + entry("base", tiny_model)
+                   + entry("a", tiny_model, "    state: on-demand\n") + entry("b", tiny_model_b, "    state: on-demand\n"))
+    server.wait_ready("base")
+    assert chat(server, "a").status_code == 200
+    outcome: list[BaseException] = []
+
+    def impatient() -> None:
+        try:
+            httpx.post(server.base_url + "/v1/chat/completions", timeout=8, json={
+                "model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        except httpx.ReadTimeout as error:
+            outcome.append(error)
+
+    client = threading.Thread(target=impatient)
+    client.start()
+    server.wait_for(lambda s: status(s, "b")["reason"] == "WaitingForSwap", 8, "b waiting for a")
+    assert "a is resident for" in status(server, "b")["message"]
+    client.join(30)
+    assert len(outcome) == 1  # the client gave up and closed its connection
+    # The gateway notices the disconnect, unregisters the waiter, and the loop drops the demand.
+    server.wait_for(lambda s: status(s, "b")["reason"] == "Standby", 30, "b back on standby")
+    assert metric(server, 'lmx_queue_depth{model="b"}') == 0
+    assert status(server, "a")["phase"] == "Ready"
