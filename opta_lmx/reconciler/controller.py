@@ -155,7 +155,7 @@ class Reconciler:
             return
         fingerprints = self.fingerprints()
         now = self.clock()
-        observed = self.with_traffic(observing.observe(self, fingerprints), now)
+        observed = with_traffic(self, observing.observe(self, fingerprints), now)
         physical, available = self.memory_probe()
         self.physical_bytes = physical
         self.memory = memory_figures(self.desired, physical, available)
@@ -166,7 +166,7 @@ class Reconciler:
             idle=self.idle_seconds(now), waited=self.routes.waited_seconds(),
         )
         self.verdicts, self.waiting = result.unschedulable, result.waiting
-        self.count_unloads(result)
+        count_unloads(self, result)
         self.actions.apply(result.actions)
         statuses.update_statuses(self, fingerprints, blocked)
         self.observed_generation = self.generation
@@ -218,33 +218,6 @@ class Reconciler:
             if now - since > self.settings.demand_ttl or name in self.routes or abandoned:
                 del self.demand[name]
         return frozenset(self.demand)
-
-    def with_traffic(self, observed: list[ObservedWorker], now: float) -> list[ObservedWorker]:
-        """Observed workers with what demand swapping reads: seconds since Ready, requests in flight
-        plus those queued for a concurrency slot."""
-        result = []
-        for worker in observed:
-            process = self.pool.get(worker.worker_id) if worker.ready else None
-            ready_at = getattr(process, "ready_at", None)
-            route = self.routes.get(worker.name)
-            queued = self.routes.waiters(worker.name) if route and route.worker_id == worker.worker_id else 0
-            entry = self.ledger.get(worker.worker_id)
-            draining = entry is not None and entry.phase in (WorkerPhase.DRAINING, WorkerPhase.STOPPING)
-            result.append(dataclasses.replace(
-                worker, ready_seconds=max(0.0, now - ready_at) if ready_at else 0.0,
-                in_flight=worker.in_flight + queued, draining=draining))
-        return result
-
-    def count_unloads(self, result: Plan) -> None:
-        """Count each worker's unload once, by reason, and record who demand evicted for whom."""
-        for action in result.unloads():
-            entry = self.ledger.get(action.worker_id)
-            if entry is None or not entry.serving:
-                continue
-            self.unloads_by_reason[action.reason.value] += 1
-            if action.reason.value == "demand":
-                for name in [load.name for load in result.loads() if action.worker_id in load.after] or ["?"]:
-                    self.demand_evictions[(action.name, name)] += 1
 
     def idle_seconds(self, now: float) -> dict[str, float]:
         """Per model, seconds since its workers last served or became Ready (0 while any request is
@@ -313,3 +286,32 @@ class Reconciler:
         await self.supervisor.stop(self.settings.stop_grace)
         await self.actions.cancel_all()
         await self.pool.stop_all(self.settings.stop_grace)
+
+
+def with_traffic(rec: Reconciler, observed: list[ObservedWorker], now: float) -> list[ObservedWorker]:
+    """Observed workers with what demand swapping reads: seconds since Ready, requests in flight
+    plus those queued for a concurrency slot."""
+    result = []
+    for worker in observed:
+        process = rec.pool.get(worker.worker_id) if worker.ready else None
+        ready_at = getattr(process, "ready_at", None)
+        route = rec.routes.get(worker.name)
+        queued = rec.routes.waiters(worker.name) if route and route.worker_id == worker.worker_id else 0
+        entry = rec.ledger.get(worker.worker_id)
+        draining = entry is not None and entry.phase in (WorkerPhase.DRAINING, WorkerPhase.STOPPING)
+        result.append(dataclasses.replace(
+            worker, ready_seconds=max(0.0, now - ready_at) if ready_at else 0.0,
+            in_flight=worker.in_flight + queued, draining=draining))
+    return result
+
+
+def count_unloads(rec: Reconciler, result: Plan) -> None:
+    """Count each worker's unload once, by reason, and record who demand evicted for whom."""
+    for action in result.unloads():
+        entry = rec.ledger.get(action.worker_id)
+        if entry is None or not entry.serving:
+            continue
+        rec.unloads_by_reason[action.reason.value] += 1
+        if action.reason.value == "demand":
+            for name in [load.name for load in result.loads() if action.worker_id in load.after] or ["?"]:
+                rec.demand_evictions[(action.name, name)] += 1
