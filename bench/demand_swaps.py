@@ -3,7 +3,11 @@
 between the two on-demand models. Run with the demand policy's defaults (min_residency 10s,
 serve_queue 5s) and with both at 0 (swap as soon as the other model is asked for).
 
-    .venv/bin/python bench/demand_swaps.py [--requests 100] [--clients 4]
+    .venv/bin/python bench/demand_swaps.py [--requests 100] [--clients 4] [--workload alternating|random]
+
+`alternating`: each client asks a, b, a, b... (so every client needs both models in turn);
+`random`: each request names a or b at random (seeded), so requests for the resident model queue
+up behind each other while the other one is asked for.
 
 A swap is one eviction by demand (`lmx_demand_evictions`); loads count each on-demand worker
 that became Ready. Results in bench/results/demand_swaps.json.
@@ -12,6 +16,8 @@ that became Ready. Results in bench/results/demand_swaps.json.
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import statistics
 import subprocess
 import sys
@@ -22,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from _common import REPO, model, save
+from _common import REPO, RESULTS, model, save
 from tests.lmx_harness import lmx_env
 
 PORT = 18201  # this benchmark's port (the demand helper's range)
@@ -61,7 +67,7 @@ def metric(base: str, prefix: str) -> float:
 
 
 def run(label: str, residency: str, queue: str, sources: tuple[Path, Path], requests: int, clients: int,
-        root: Path) -> dict:
+        root: Path, workload: str) -> dict:
     base = f"http://127.0.0.1:{PORT}"
     config = root / f"{label}.yaml"
     config.write_text(CONFIG.format(residency=residency, queue=queue, a=sources[0], b=sources[1]))
@@ -69,8 +75,9 @@ def run(label: str, residency: str, queue: str, sources: tuple[Path, Path], requ
     results: list[tuple[int, float]] = []
     try:
         def client(index: int) -> None:
+            rng = random.Random(index)
             for turn in range(requests // clients):
-                name = ("a", "b")[(index + turn) % 2]
+                name = ("a", "b")[(index + turn) % 2] if workload == "alternating" else rng.choice("ab")
                 started = time.perf_counter()
                 try:
                     code = httpx.post(base + "/v1/chat/completions", timeout=320, json={
@@ -109,15 +116,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--workload", choices=["alternating", "random"], default="alternating")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="demand-bench-"))
     sources = (model("tiny", root, seed=0), model("tiny", root, seed=1))
-    figures = {
-        "setup": f"{args.clients} clients alternating a/b, {args.requests} requests, budget = base + one model",
-        "with_policy": run("with-policy", "10s", "5s", sources, args.requests, args.clients, root),
-        "without_policy": run("without-policy", "0s", "0s", sources, args.requests, args.clients, root),
+    previous = RESULTS / "demand_swaps.json"
+    saved = json.loads(previous.read_text()) if previous.exists() else {}
+    figures = saved.get("workloads", {})
+    if "with_policy" in saved:  # a file from before workloads were named: it was the alternating one
+        figures["alternating"] = {k: saved[k] for k in ("setup", "with_policy", "without_policy")}
+    figures[args.workload] = {
+        "setup": f"{args.clients} clients, {args.workload} a/b, {args.requests} requests, budget = base + one model",
+        "with_policy": run("with-policy", "10s", "5s", sources, args.requests, args.clients, root, args.workload),
+        "without_policy": run("without-policy", "0s", "0s", sources, args.requests, args.clients, root, args.workload),
     }
-    save("demand_swaps", figures)
+    save("demand_swaps", {"workloads": figures})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def preview(config_path: Path, desired: DesiredState, observation: dict | None =
         requested = desired.resolve(request)
         if requested is None:
             raise ValueError(f"no model or alias `{request}` in the file")
+        if requested.state.value == "unloaded":
+            raise ValueError(f"`{requested.name}` is desired unloaded: a request cannot load it")
         request = requested.name
     specs = {m.name: worker_spec(config_path, desired, m) for m in desired.models}
     fingerprints = {name: spec.fingerprint for name, spec in specs.items()}
