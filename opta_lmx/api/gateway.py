@@ -118,34 +118,40 @@ class Admission:
         deadline = started + self.wait_timeout
         try:
             loading = self.routes.get(name) is None
-            route = await self._route_or_gone(name, disconnected)
-            if route is not None and loading:
-                self.metrics.load_wait.labels(name).observe(time.monotonic() - started)
-            if route is None and not self.routes.expects_ready(name):
-                raise self._not_loaded(name)  # refused meanwhile (Unschedulable, Failed)
-            if route is None:
-                raise APIError(503, f"The model `{name}` did not become ready within {self.wait_timeout:.0f}s",
-                               "model_loading", headers={"Retry-After": "5"})
-            async with gate.changed:
-                while limit is not None and gate.in_flight >= limit:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise APIError(503, f"No free slot for `{name}` within {self.wait_timeout:.0f}s",
-                                       "model_busy", headers={"Retry-After": "1"})
-                    try:
-                        await asyncio.wait_for(gate.changed.wait(), remaining)
-                    except asyncio.TimeoutError:
-                        pass
-            return self.routes.get(name) or route
+            while True:
+                route = await self._route_or_gone(name, disconnected, max(deadline - time.monotonic(), 0.0))
+                if route is None and not self.routes.expects_ready(name):
+                    raise self._not_loaded(name)  # refused meanwhile (Unschedulable, Failed)
+                if route is None:
+                    raise APIError(503, f"The model `{name}` did not become ready within {self.wait_timeout:.0f}s",
+                                   "model_loading", headers={"Retry-After": "5"})
+                await self._wait_for_slot(name, gate, limit, deadline)
+                current = self.routes.get(name)  # no await from here to the caller's route.begin()
+                if current is not None:
+                    if loading:
+                        self.metrics.load_wait.labels(name).observe(time.monotonic() - started)
+                    return current
+                # The route went away while this request woke (its worker is being swapped away): wait again.
         finally:
             self.routes.unregister(name, token)
             gate.waiting -= 1
             self.metrics.queued.labels(name).dec()
 
+    async def _wait_for_slot(self, name: str, gate: ModelGate, limit: int | None, deadline: float) -> None:
+        async with gate.changed:
+            while limit is not None and gate.in_flight >= limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise APIError(503, f"No free slot for `{name}` within {self.wait_timeout:.0f}s",
+                                   "model_busy", headers={"Retry-After": "1"})
+                try:
+                    await asyncio.wait_for(gate.changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
 
-    async def _route_or_gone(self, name: str, disconnected: Disconnected | None) -> Route | None:
+    async def _route_or_gone(self, name: str, disconnected: Disconnected | None, timeout: float) -> Route | None:
         """The route table's wait for `name`, given up as soon as the client has gone away."""
-        waiter = asyncio.create_task(self.routes.wait(name, self.wait_timeout))
+        waiter = asyncio.create_task(self.routes.wait(name, timeout))
         try:
             while True:
                 done, _pending = await asyncio.wait({waiter}, timeout=_DISCONNECT_POLL)
