@@ -4,8 +4,10 @@ Only the `model` field is read (api/passthrough.py finds it: JSON body, upload f
 query string). A request that names a model by alias is re-encoded with the canonical name
 (the worker knows only that one); all others go upstream byte for byte, and responses stream
 back without buffering. A request for a model that is still loading waits in a bounded
-per-model queue; a worker that dies mid-stream ends the stream with an error event; a client
-that goes away closes its upstream request.
+per-model queue, registered on the route table so the loop sees who waits (demand swapping; a
+load nobody waits for is cancelled, and a waiting client that goes away is noticed within 0.5 s);
+a worker that dies mid-stream ends the stream with an error event; a client that goes away
+closes its upstream request.
 """
 
 from __future__ import annotations
