@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--workload", choices=["alternating", "random"], default="alternating")
+    parser.add_argument("--only", choices=["with_policy", "without_policy"], help="run one policy (keep the other)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="demand-bench-"))
     sources = (model("tiny", root, seed=0), model("tiny", root, seed=1))
@@ -125,11 +126,12 @@ def main() -> None:
     figures = saved.get("workloads", {})
     if "with_policy" in saved:  # a file from before workloads were named: it was the alternating one
         figures["alternating"] = {k: saved[k] for k in ("setup", "with_policy", "without_policy")}
-    figures[args.workload] = {
-        "setup": f"{args.clients} clients, {args.workload} a/b, {args.requests} requests, budget = base + one model",
-        "with_policy": run("with-policy", "10s", "5s", sources, args.requests, args.clients, root, args.workload),
-        "without_policy": run("without-policy", "0s", "0s", sources, args.requests, args.clients, root, args.workload),
-    }
+    result = figures.setdefault(args.workload, {})
+    result["setup"] = f"{args.clients} clients, {args.workload} a/b, {args.requests} requests, budget = base + one model"
+    for key, residency, queue in (("with_policy", "10s", "5s"), ("without_policy", "0s", "0s")):
+        if args.only in (None, key):
+            result[key] = run(key.replace("_", "-"), residency, queue, sources, args.requests, args.clients, root,
+                              args.workload)
     save("demand_swaps", {"workloads": figures})
 
 

@@ -133,7 +133,9 @@ class Admission:
                     if loading:
                         self.metrics.load_wait.labels(name).observe(time.monotonic() - started)
                     return current
-                # The route went away while this request woke (its worker is being swapped away): wait again.
+                # The route went away while this request woke (its worker is being swapped away): wait
+                # again, and say so to the loop (its demand ended when the route appeared).
+                self.reconciler.note_request(name)
         finally:
             self.routes.unregister(name, token)
             gate.waiting -= 1

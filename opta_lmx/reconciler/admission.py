@@ -23,6 +23,7 @@ class ObservedWorker:
     in_flight: int = 0  # requests in flight (or queued for a concurrency slot) on it
     ready_seconds: float = 0.0  # since it became Ready (demand's min_residency reads it)
     draining: bool = False  # being unloaded: it holds memory but no longer counts as the model running
+    queued: int = 0  # requests woken for its route (or queued for a slot) that have not begun yet
 
 
 @dataclass(frozen=True)
@@ -171,5 +172,5 @@ def _residents(admission: Admission, workers: Workers, idle: Mapping[str, float]
         worker = workers.current(name)
         if worker is None or not worker.ready or workers.stale(name):
             continue
-        residents[name] = Resident(size, worker.ready_seconds, worker.in_flight, idle.get(name, 0.0))
+        residents[name] = Resident(size, worker.ready_seconds, worker.in_flight, idle.get(name, 0.0), worker.queued)
     return residents

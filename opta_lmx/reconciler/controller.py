@@ -301,7 +301,7 @@ def with_traffic(rec: Reconciler, observed: list[ObservedWorker], now: float) ->
         draining = entry is not None and entry.phase in (WorkerPhase.DRAINING, WorkerPhase.STOPPING)
         result.append(dataclasses.replace(
             worker, ready_seconds=max(0.0, now - ready_at) if ready_at else 0.0,
-            in_flight=worker.in_flight + queued, draining=draining))
+            in_flight=worker.in_flight + queued, draining=draining, queued=queued))
     return result
 
 

@@ -19,6 +19,9 @@ from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import DemandPolicy, DesiredModelState, ModelSpec
 
 
+QUEUE_FLOOR = 1.0  # seconds a model's queued requests protect it at least (they begin within a tick)
+
+
 @dataclass(frozen=True)
 class Waiting:
     """A requested model that will get memory once its holders' protection ends (`retry_after` s)."""
@@ -36,6 +39,7 @@ class Resident:
     ready_seconds: float  # since its worker became Ready
     in_flight: int  # requests in flight or queued for a slot
     idle_seconds: float  # since it last served (least recently used goes first)
+    queued: int = 0  # requests about to begin on it (woken for its route, or waiting for a slot)
 
 
 @dataclass
@@ -56,8 +60,12 @@ def protection(name: str, resident: Resident | None, policy: DemandPolicy, waite
     if resident.ready_seconds < residency:
         return (f"{name} is resident for {resident.ready_seconds:.0f}s of its {residency:g}s min_residency",
                 residency - resident.ready_seconds)
+    contested = min(waited, resident.ready_seconds - residency)
+    queue_bound = max(policy.serve_queue_seconds(), QUEUE_FLOOR)
+    if resident.queued > 0 and contested < queue_bound:
+        # Requests that waited for this model are served before it goes, even with serve_queue 0.
+        return f"{name} has {resident.queued} request(s) queued", queue_bound - contested
     if resident.in_flight > 0:
-        contested = min(waited, resident.ready_seconds - residency)
         if contested < policy.serve_queue_seconds():
             return (f"{name} serves its {resident.in_flight} request(s) for up to "
                     f"{policy.serve_queue_seconds():g}s (serve_queue)", policy.serve_queue_seconds() - contested)

@@ -149,3 +149,13 @@ def test_a_request_behind_a_loading_model_waits_for_it():
     desired = state({"name": "a"}, {"name": "b"})
     result = run(desired, [ObservedWorker("b", "loading:b", "fp-b", False, 60 * MiB)], {"a", "b"})
     assert result.actions == [] and "b is loading" in result.waiting["a"].message
+
+
+def test_requests_queued_for_a_just_ready_model_are_served_even_with_serve_queue_0():
+    desired = state({"name": "a"}, {"name": "b"}, defaults={"min_residency": 0, "serve_queue": 0})
+    woken = ObservedWorker("a", "w-a", "fp-a", True, 60 * MiB, 2, 0.0, queued=2)
+    result = run(desired, [woken], {"b"})
+    assert result.actions == [] and "a has 2 request(s) queued" in result.waiting["b"].message
+    # Once they have begun (in flight, none queued), a is swapped at once: they finish while it drains.
+    begun = ObservedWorker("a", "w-a", "fp-a", True, 60 * MiB, 2, 0.5)
+    assert unloads(run(desired, [begun], {"b"})) == [("a", UnloadReason.DEMAND)]
