@@ -4,14 +4,17 @@ Only the `model` field is read (api/passthrough.py finds it: JSON body, upload f
 query string). A request that names a model by alias is re-encoded with the canonical name
 (the worker knows only that one); all others go upstream byte for byte, and responses stream
 back without buffering. A request for a model that is still loading waits in a bounded
-per-model queue; a worker that dies mid-stream ends the stream with an error event; a client
-that goes away closes its upstream request.
+per-model queue, registered on the route table so the loop sees who waits (demand swapping; a
+load nobody waits for is cancelled, and a waiting client that goes away is noticed within 0.5 s);
+a worker that dies mid-stream ends the stream with an error event; a client that goes away
+closes its upstream request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import time
@@ -33,6 +36,7 @@ from opta_lmx.api.passthrough import router as passthrough_router
 from opta_lmx.engine.worker_auth import upstream_headers, worker_key
 from opta_lmx.reconciler.controller import Reconciler
 from opta_lmx.reconciler.routes import Route
+from opta_lmx.state.spec import DesiredModelState
 from opta_lmx.state.status import Phase
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ _DROP_REQUEST = frozenset({"host", "content-length", "connection", "keep-alive",
 _DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                             "server", "date"})
 _USAGE_CHUNKS = 8  # last chunks of a response kept to read its token usage at the end
+_DISCONNECT_POLL = 0.5  # seconds between checks that a waiting request's client is still there
+Disconnected = Callable[[], Awaitable[bool]]
 
 
 def worker_headers(app_state, address: str, client_headers) -> list[tuple[str, str]]:
@@ -84,8 +90,11 @@ class Admission:
     def gate(self, name: str) -> ModelGate:
         return self._gates.setdefault(name, ModelGate())
 
-    async def acquire(self, name: str, limit: int | None) -> Route:
-        """The route to use once the model is Ready and a concurrency slot is free; release() after."""
+    async def acquire(self, name: str, limit: int | None, disconnected: Disconnected | None = None) -> Route:
+        """The route to use once the model is Ready and a concurrency slot is free; release() after.
+
+        `disconnected` is polled while the request waits: a client that went away stops waiting
+        (and the loop cancels a load that no request waits for any more)."""
         gate = self.gate(name)
         route = self.routes.get(name)
         if route is None or (limit is not None and gate.in_flight >= limit):
@@ -94,7 +103,7 @@ class Admission:
             if gate.waiting >= self.queue_limit:
                 raise APIError(429, f"Too many requests are waiting for `{name}` ({gate.waiting})", "queue_full",
                                headers={"Retry-After": "1"})
-            route = await self._wait(name, gate, limit)
+            route = await self._wait(name, gate, limit, disconnected)
         gate.in_flight += 1
         self.metrics.in_flight.labels(name).inc()
         route.begin()  # per worker: the loop drains a worker until this reaches 0
@@ -118,31 +127,62 @@ class Admission:
         async with gate.changed:
             gate.changed.notify(1)
 
-    async def _wait(self, name: str, gate: ModelGate, limit: int | None) -> Route:
+    async def _wait(self, name: str, gate: ModelGate, limit: int | None, disconnected: Disconnected | None) -> Route:
         gate.waiting += 1
         self.metrics.queued.labels(name).inc()
-        deadline = time.monotonic() + self.wait_timeout
+        token = self.routes.register(name)  # the loop counts waiters (demand, serve_queue, load cancel)
+        started = time.monotonic()
+        deadline = started + self.wait_timeout
         try:
-            route = await self.routes.wait(name, self.wait_timeout)
-            if route is None and not self.routes.expects_ready(name):
-                raise self._not_loaded(name)  # refused meanwhile (Unschedulable, Failed)
-            if route is None:
-                raise APIError(503, f"The model `{name}` did not become ready within {self.wait_timeout:.0f}s",
-                               "model_loading", headers={"Retry-After": "5"})
-            async with gate.changed:
-                while limit is not None and gate.in_flight >= limit:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise APIError(503, f"No free slot for `{name}` within {self.wait_timeout:.0f}s",
-                                       "model_busy", headers={"Retry-After": "1"})
-                    try:
-                        await asyncio.wait_for(gate.changed.wait(), remaining)
-                    except asyncio.TimeoutError:
-                        pass
-            return self.routes.get(name) or route
+            loading = self.routes.get(name) is None
+            while True:
+                route = await self._route_or_gone(name, disconnected, max(deadline - time.monotonic(), 0.0))
+                if route is None and not self.routes.expects_ready(name):
+                    raise self._not_loaded(name)  # refused meanwhile (Unschedulable, Failed)
+                if route is None:
+                    raise APIError(503, f"The model `{name}` did not become ready within {self.wait_timeout:.0f}s",
+                                   "model_loading", headers={"Retry-After": "5"})
+                await self._wait_for_slot(name, gate, limit, deadline)
+                current = self.routes.get(name)  # no await from here to the caller's route.begin()
+                if current is not None:
+                    if loading:
+                        self.metrics.load_wait.labels(name).observe(time.monotonic() - started)
+                    return current
+                # The route went away while this request woke (its worker is being swapped away): wait
+                # again, and say so to the loop (its demand ended when the route appeared).
+                self.reconciler.note_request(name)
         finally:
+            self.routes.unregister(name, token)
             gate.waiting -= 1
             self.metrics.queued.labels(name).dec()
+
+    async def _wait_for_slot(self, name: str, gate: ModelGate, limit: int | None, deadline: float) -> None:
+        async with gate.changed:
+            while limit is not None and gate.in_flight >= limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise APIError(503, f"No free slot for `{name}` within {self.wait_timeout:.0f}s",
+                                   "model_busy", headers={"Retry-After": "1"})
+                try:
+                    await asyncio.wait_for(gate.changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _route_or_gone(self, name: str, disconnected: Disconnected | None, timeout: float) -> Route | None:
+        """The route table's wait for `name`, given up as soon as the client has gone away."""
+        waiter = asyncio.create_task(self.routes.wait(name, timeout))
+        try:
+            while True:
+                done, _pending = await asyncio.wait({waiter}, timeout=_DISCONNECT_POLL)
+                if done:
+                    return waiter.result()
+                if disconnected is not None and await disconnected():
+                    raise APIError(499, f"the client went away while waiting for `{name}`", "client_closed")
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -169,7 +209,9 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
     reconciler.note_request(name)
     admission: Admission = app_state.admission
     try:
-        acquiring = admission.acquire(name, spec.max_concurrency)
+        # Waiters register on the route table and poll their client (a load nobody waits for is
+        # cancelled); a client that leaves while queued also stops waiting at once.
+        acquiring = admission.acquire(name, spec.max_concurrency, request.is_disconnected)
         if not admission.free_now(name, spec.max_concurrency):  # it will wait: not past its client
             acquiring = _unless_client_leaves(request, acquiring, lambda r: admission.release(name, r))
         route = await acquiring
@@ -355,18 +397,22 @@ router.include_router(passthrough_router)
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    """Ready models, each with its aliases (also listed as entries of their own)."""
+    """Every model a client may ask for: desired loaded and on-demand ones (resident or not), each
+    with its desired state, phase and aliases (aliases are also entries of their own); models
+    desired `unloaded` are not listed. The OpenAI list shape, with extra fields."""
     reconciler: Reconciler = request.app.state.reconciler
     data = []
     if reconciler.desired is not None:
         for model in reconciler.desired.models:
-            if reconciler.routes.get(model.name) is None:
+            if model.state == DesiredModelState.UNLOADED:
                 continue
             status = reconciler.statuses.get(model.name)
             created = int(status.started_at) if status and status.started_at else 0
+            extra = {"state": model.state.value, "status": status.phase.value if status else "Pending",
+                     "resident": reconciler.routes.get(model.name) is not None}
             data.append({"id": model.name, "object": "model", "created": created, "owned_by": "opta-lmx",
-                         "aliases": list(model.aliases)})
+                         "aliases": list(model.aliases), **extra})
             for alias in model.aliases:
                 data.append({"id": alias, "object": "model", "created": created, "owned_by": "opta-lmx",
-                             "alias_of": model.name})
+                             "alias_of": model.name, **extra})
     return {"object": "list", "data": data}

@@ -27,6 +27,8 @@ class GatewayMetrics:
                                   buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("lmx_prompt_tokens", "Prompt tokens reported by workers", ["model"], registry=r)
         self.completion_tokens = Counter("lmx_completion_tokens", "Completion tokens reported by workers", ["model"], registry=r)
+        self.load_wait = Histogram("lmx_load_wait_seconds", "How long requests waited for their model to load",
+                                   ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.reconcile_duration = Histogram("lmx_reconcile_duration_seconds", "Duration of reconcile passes",
                                             buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_ModelCollector(reconciler))
@@ -88,6 +90,15 @@ class _ModelCollector:
         yield GaugeMetricFamily("lmx_generation", "Generation of the accepted models.yaml", value=rec.generation)
         yield GaugeMetricFamily("lmx_observed_generation", "Generation the loop has acted on", value=rec.observed_generation)
         yield GaugeMetricFamily("lmx_converged", "1 when every model is in its desired phase", value=1.0 if rec.converged() else 0.0)
+        unloads = CounterMetricFamily("lmx_worker_unloads", "Workers unloaded (swapped away), by reason",
+                                      labels=["reason"])
+        for reason, count in sorted(rec.unloads_by_reason.items()):
+            unloads.add_metric([reason], count)
+        evictions = CounterMetricFamily("lmx_demand_evictions", "Resident models evicted by demand for another",
+                                        labels=["model", "for_model"])
+        for (evicted, wanted), count in sorted(rec.demand_evictions.items()):
+            evictions.add_metric([evicted, wanted], count)
+        yield from (unloads, evictions)
         yield CounterMetricFamily("lmx_reconcile_passes", "Reconcile passes run", value=rec.passes)
         health = rec.health()
         yield CounterMetricFamily("lmx_reconcile_errors", "Reconcile passes that raised (each logged, retried after "

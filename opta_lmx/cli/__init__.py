@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_file_argument(plan, "models.yaml to plan (default: the server's, else the user config dir's)")
     plan.add_argument("--server", help=f"a running lmx server to plan against (default $LMX_SERVER or {config.server_url})")
     plan.add_argument("--from-nothing", action="store_true", help="plan as if nothing were running")
+    plan.add_argument("--request", metavar="MODEL",
+                      help="plan as if a request asked for this on-demand model now: what it would evict")
     plan.set_defaults(func=cmd_plan)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of models.yaml")

@@ -74,7 +74,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(error.describe(), file=sys.stderr)
         return 1
-    print(describe(preview(config, document.state, observation), f"for {config} {against}"))
+    try:
+        result = preview(config, document.state, observation, request=args.request)
+    except ValueError as error:
+        print(f"--request: {error}", file=sys.stderr)
+        return 1
+    print(describe(result, f"for {config} {against}"))
     return 0
 
 

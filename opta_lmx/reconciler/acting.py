@@ -35,6 +35,7 @@ _UNLOAD_EVENT = {
     UnloadReason.IDLE: "IdleUnload",
     UnloadReason.PRESSURE: "MemoryPressure",
     UnloadReason.REPLACED: "Replaced",
+    UnloadReason.DEMAND: "EvictedByDemand",
 }
 
 
@@ -86,7 +87,16 @@ class Actions:
             rec.statuses.setdefault(action.name, ModelStatus()).phase = Phase.LOADING
             entry = rec.ledger.begin_load(action.name, action.fingerprint, "", (
                 "Loading", f"loading {spec.source} ({action.reason}; planned at {format_size(action.bytes)})"))
-        self.tasks[key] = asyncio.create_task(self._load(entry, spec, action.after), name=key)
+        task = asyncio.create_task(self._load(entry, spec, action.after), name=key)
+        task.add_done_callback(lambda done: self._load_done(key, done, entry))  # also if cancelled before it ran
+        self.tasks[key] = task
+
+    def _load_done(self, key: str, task: asyncio.Task, entry: WorkerEntry) -> None:
+        """A load task ended, however: its entry leaves the ledger if it never became a worker."""
+        self._end_load(entry)
+        if self.tasks.get(key) is task:
+            del self.tasks[key]
+            self.rec.nudge()
 
     async def _load(self, entry: WorkerEntry, spec: WorkerSpec, after: tuple[str, ...] = ()) -> None:
         rec, name = self.rec, entry.model

@@ -11,6 +11,8 @@ run's workers, exits), observing.py (read and measure), statuses.py, supervision
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
 import os
 import time
@@ -25,9 +27,10 @@ from opta_lmx.engine.worker import Worker, WorkerSpec
 from opta_lmx.reconciler import adoption, observing, statuses
 from opta_lmx.reconciler.accounting import MemoryAccounts, memory_figures, resolve_source, worker_spec
 from opta_lmx.reconciler.acting import Actions
+from opta_lmx.reconciler.demand import Waiting
 from opta_lmx.reconciler.downloads import Downloads, HubClient
-from opta_lmx.reconciler.ledger import Backoff, Failure, Ledger, Traffic, WorkerEntry
-from opta_lmx.reconciler.plan import MemoryFigures, Unschedulable, plan
+from opta_lmx.reconciler.ledger import Backoff, Failure, Ledger, Traffic, WorkerEntry, WorkerPhase
+from opta_lmx.reconciler.plan import MemoryFigures, ObservedWorker, Plan, Unschedulable, plan
 from opta_lmx.reconciler.routes import Route, RouteTable
 from opta_lmx.reconciler.supervision import Supervisor
 from opta_lmx.reconciler.view import LoopHealth
@@ -52,6 +55,7 @@ class LoopSettings:
     drain_timeout: float = 30.0  # in-flight requests of a worker being unloaded get this long
     memory_wait_timeout: float = 300.0  # a load waiting for unloads to free memory gives up after this
     demand_ttl: float = 120.0  # an on-demand request counts as demand this long (its wait bound)
+    demand_grace: float = 2.0  # ...but only this long once no request waits for it (then its load is cancelled)
     memory_check_interval: float = 2.0  # how often free memory is compared with the reserve
     pass_backoff_base: float = 0.1  # a pass that raised is retried after this, doubling per failure...
     pass_backoff_max: float = 5.0  # ...up to this
@@ -82,7 +86,7 @@ class Reconciler:
         self.config_status = ConfigStatus(path=str(self.config_path))
         self.statuses: dict[str, ModelStatus] = {}
         self.ledger = Ledger(self.events, lambda: self.clock(), Backoff(settings.backoff_base, settings.backoff_max))
-        self.routes = RouteTable(self.expects_ready)
+        self.routes = RouteTable(self.expects_ready, on_waiters_changed=self.nudge)
         self.downloads = Downloads(self.events, self.nudge, self._download_failed, lambda: self.clock(),
                                    hub or HubClient(), lambda name: statuses.show_download(self, name))
         self.accounts = MemoryAccounts(hub=self.downloads)
@@ -93,6 +97,9 @@ class Reconciler:
         self.physical_bytes = 0
         self.demand: dict[str, float] = {}  # on-demand model -> when a request last asked for it
         self.verdicts: dict[str, Unschedulable] = {}
+        self.waiting: dict[str, Waiting] = {}  # requested models waiting for protected holders (demand.py)
+        self.unloads_by_reason: collections.Counter[str] = collections.Counter()  # workers unloaded, by reason
+        self.demand_evictions: collections.Counter[tuple[str, str]] = collections.Counter()  # (evicted, for)
         self.wake = asyncio.Event()
         self.stopping = False
         self.passes = 0
@@ -154,7 +161,7 @@ class Reconciler:
         await observing.estimate_models(self)
         fingerprints = self.fingerprints()
         now = self.clock()
-        observed = observing.observe(self, fingerprints)
+        observed = with_traffic(self, observing.observe(self, fingerprints), now)
         physical, available = self.memory_probe()
         self.physical_bytes = physical
         self.memory = memory_figures(self.desired, physical, available)
@@ -163,15 +170,18 @@ class Reconciler:
         result = plan(
             self.desired, fingerprints, observed, blocked, memory=self.memory,
             estimates=estimates, demand=self.active_demand(),
-            idle=self.idle_seconds(now),
+            idle=self.idle_seconds(now), waited=self.routes.waited_seconds(),
         )
-        self.verdicts = result.unschedulable
+        self.verdicts, self.waiting = result.unschedulable, result.waiting
+        count_unloads(self, result)
         self.actions.apply(result.actions)
         self.downloads.keep({m.name: self.worker_spec(m).source for m in self.desired.models
                              if m.state != DesiredModelState.UNLOADED})
         statuses.update_statuses(self, fingerprints, blocked)
         self.observed_generation = self.generation
-        wake_times = observing.wake_times(self, now)
+        wake_times = observing.wake_times(self, now) + [now + w.retry_after for w in result.waiting.values()]
+        wake_times += [since + self.settings.demand_grace for since in self.demand.values()
+                       if since + self.settings.demand_grace > now]
         if wake_times:
             asyncio.get_running_loop().call_later(min(wake_times) - now + 0.01, self.nudge)
 
@@ -214,17 +224,24 @@ class Reconciler:
         self.nudge()
 
     def active_demand(self) -> frozenset[str]:
+        """Models requests wait for: asked for within `demand_grace`, or with a waiter registered
+        on the route table (bounded by `demand_ttl`). A model with a route is served, not in demand."""
         now = self.clock()
         for name, since in list(self.demand.items()):
-            if now - since > self.settings.demand_ttl or name in self.routes:
+            abandoned = now - since > self.settings.demand_grace and not self.routes.waiters(name)
+            if now - since > self.settings.demand_ttl or name in self.routes or abandoned:
                 del self.demand[name]
         return frozenset(self.demand)
 
     def idle_seconds(self, now: float) -> dict[str, float]:
-        """Per model, seconds since its workers last served (0 while any request is in flight)."""
+        """Per model, seconds since its workers last served or became Ready (0 while any request is
+        in flight or waits for it: a request woken by the route is not yet counted in flight)."""
         idle: dict[str, float] = {}
         for entry in self.ledger.processes():
-            seconds = entry.traffic.idle_seconds(now)
+            seconds = 0.0 if self.routes.waiters(entry.model) else entry.traffic.idle_seconds(now)
+            ready_at = getattr(self.pool.get(entry.worker_id or ""), "ready_at", None)
+            if ready_at:
+                seconds = min(seconds, max(0.0, now - ready_at))
             idle[entry.model] = min(idle.get(entry.model, seconds), seconds)
         return idle
 
@@ -285,3 +302,32 @@ class Reconciler:
         await self.actions.cancel_all()
         await self.downloads.cancel_all(self.settings.stop_grace)
         await self.pool.stop_all(self.settings.stop_grace)
+
+
+def with_traffic(rec: Reconciler, observed: list[ObservedWorker], now: float) -> list[ObservedWorker]:
+    """Observed workers with what demand swapping reads: seconds since Ready, requests in flight
+    plus those queued for a concurrency slot."""
+    result = []
+    for worker in observed:
+        process = rec.pool.get(worker.worker_id) if worker.ready else None
+        ready_at = getattr(process, "ready_at", None)
+        route = rec.routes.get(worker.name)
+        queued = rec.routes.waiters(worker.name) if route and route.worker_id == worker.worker_id else 0
+        entry = rec.ledger.get(worker.worker_id)
+        draining = entry is not None and entry.phase in (WorkerPhase.DRAINING, WorkerPhase.STOPPING)
+        result.append(dataclasses.replace(
+            worker, ready_seconds=max(0.0, now - ready_at) if ready_at else 0.0,
+            in_flight=worker.in_flight + queued, draining=draining, queued=queued))
+    return result
+
+
+def count_unloads(rec: Reconciler, result: Plan) -> None:
+    """Count each worker's unload once, by reason, and record who demand evicted for whom."""
+    for action in result.unloads():
+        entry = rec.ledger.get(action.worker_id)
+        if entry is None or not entry.serving:
+            continue
+        rec.unloads_by_reason[action.reason.value] += 1
+        if action.reason.value == "demand":
+            for name in [load.name for load in result.loads() if action.worker_id in load.after] or ["?"]:
+                rec.demand_evictions[(action.name, name)] += 1

@@ -15,19 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from opta_lmx.state.quantities import format_size
+from opta_lmx.reconciler.admission import (  # noqa: F401 - re-exported: plan.py is the planner's door
+    Admission,
+    ObservedWorker,
+    Unschedulable,
+    Workers,
+    admit,
+    admit_with_demand,
+)
+from opta_lmx.reconciler.demand import Waiting
 from opta_lmx.state.spec import DesiredModelState, DesiredState, ModelSpec
-
-
-@dataclass(frozen=True)
-class ObservedWorker:
-    """A worker the engine has, ready or still loading, with what it holds (measured or estimated)."""
-
-    name: str
-    worker_id: str
-    fingerprint: str
-    ready: bool
-    bytes: int = 0
-    in_flight: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,7 @@ class UnloadReason(str, enum.Enum):
     IDLE = "idle"  # on-demand model idle past its idle_ttl
     PRESSURE = "pressure"  # the machine's free memory fell below the reserve
     REPLACED = "replaced"  # its entry changed; the new worker takes over
+    DEMAND = "demand"  # a request for another on-demand model needs its memory (demand.py)
 
 
 @dataclass(frozen=True)
@@ -75,19 +73,11 @@ class UnloadModel:
 Action = LoadModel | UnloadModel
 
 
-@dataclass(frozen=True)
-class Unschedulable:
-    """A model that is wanted but does not fit; `missing_bytes` is how much memory it lacks."""
-
-    name: str
-    message: str
-    missing_bytes: int
-
-
 @dataclass
 class Plan:
     actions: list[Action] = field(default_factory=list)
     unschedulable: dict[str, Unschedulable] = field(default_factory=dict)
+    waiting: dict[str, Waiting] = field(default_factory=dict)  # requested, waiting for protected holders
     budget_bytes: int = 0
     held_bytes: int = 0  # what observed workers hold now
     peak_bytes: int = 0  # the most the plan holds at once
@@ -106,7 +96,12 @@ def wanted_models(
     demand: frozenset[str],
     idle: Mapping[str, float],
 ) -> dict[str, tuple[ModelSpec, int]]:
-    """Models that should run, with their file index: loaded ones, and on-demand ones asked for or in use."""
+    """Models that should run, with their file index: loaded ones, and on-demand ones asked for or in use.
+
+    `observed_names` are models with a ready worker of their current spec: an on-demand model
+    that is only loading is wanted while requests wait for it, so a load nobody waits for any more
+    is cancelled; an on-demand model whose entry changed while nobody asks for it is unloaded (the
+    next request loads the new spec) rather than replaced."""
     wanted: dict[str, tuple[ModelSpec, int]] = {}
     for index, model in enumerate(desired.models):
         if model.state == DesiredModelState.LOADED:
@@ -118,94 +113,6 @@ def wanted_models(
             elif model.name in observed_names and (ttl is None or idle.get(model.name, 0.0) < ttl):
                 wanted[model.name] = (model, index)
     return wanted
-
-
-@dataclass(frozen=True)
-class Workers:
-    """The observed workers grouped by model, read against the wanted fingerprints and what is blocked."""
-
-    observed: tuple[ObservedWorker, ...]
-    fingerprints: Mapping[str, str]
-    blocked: frozenset[str] = frozenset()
-    estimates: Mapping[str, int] = field(default_factory=dict)
-
-    def of(self, name: str) -> list[ObservedWorker]:
-        return [w for w in self.observed if w.name == name]
-
-    def names(self) -> set[str]:
-        return {w.name for w in self.observed}
-
-    def current(self, name: str) -> ObservedWorker | None:
-        """The worker of `name` with the wanted fingerprint (a ready one before a loading one)."""
-        fingerprint = self.fingerprints.get(name)
-        matches = [w for w in self.of(name) if w.fingerprint == fingerprint]
-        return max(matches, key=lambda w: w.ready) if matches else None
-
-    def stale(self, name: str) -> list[ObservedWorker]:
-        fingerprint = self.fingerprints.get(name)
-        return [w for w in self.of(name) if w.fingerprint != fingerprint]
-
-    def need(self, name: str) -> int | None:
-        """Bytes the model takes once converged; None if it neither runs nor may start."""
-        worker = self.current(name)
-        if worker is not None:
-            # While the successor loads, the old worker still serves and still holds memory.
-            serving = [w for w in self.stale(name) if w.ready] if not worker.ready else []
-            return worker.bytes + sum(w.bytes for w in serving)
-        if name in self.blocked:
-            serving = [w for w in self.stale(name) if w.ready]
-            return sum(w.bytes for w in serving) if serving else None
-        return self.estimates.get(name, 0)
-
-
-@dataclass
-class Admission:
-    """What the admit phase decided: bytes per admitted model, and what was refused."""
-
-    admitted: dict[str, int] = field(default_factory=dict)
-    drop_stale: set[str] = field(default_factory=set)  # mid-swap models whose old worker must go now
-    unschedulable: dict[str, Unschedulable] = field(default_factory=dict)
-    pressure: set[str] = field(default_factory=set)  # admitted models dropped under memory pressure
-
-    @property
-    def used(self) -> int:
-        return sum(self.admitted.values())
-
-
-def admit(wanted: Mapping[str, tuple[ModelSpec, int]], workers: Workers, budget: int) -> Admission:
-    """Phase 1: a greedy pass in a stable order (pinned incumbents, pinned, priority, incumbents, file order)."""
-    running = workers.names()
-
-    def rank(item: tuple[str, tuple[ModelSpec, int]]):
-        name, (spec, index) = item
-        here = name in running
-        return (not (spec.pinned and here), not spec.pinned, -spec.priority, not here, index)
-
-    result = Admission()
-    used = 0
-    for name, _entry in sorted(wanted.items(), key=rank):
-        size = workers.need(name)
-        if size is None:
-            continue
-        if used + size <= budget:
-            result.admitted[name] = size
-            used += size
-            continue
-        worker = workers.current(name)
-        if worker is not None and used + worker.bytes <= budget:
-            result.admitted[name] = worker.bytes
-            used += worker.bytes
-            result.drop_stale.add(name)
-            continue
-        missing = used + size - budget
-        holders = ", ".join(result.admitted) or "nothing"
-        result.unschedulable[name] = Unschedulable(
-            name,
-            f"needs {format_size(size)} but only {format_size(max(budget - used, 0))} of the "
-            f"{format_size(budget)} budget is left beside {holders}: {format_size(missing)} missing",
-            missing,
-        )
-    return result
 
 
 def relieve_pressure(
@@ -251,12 +158,16 @@ def plan_unloads(
         spec = desired.model(name)
         if spec is None:
             reason, message = UnloadReason.REMOVED, "removed from models.yaml"
+        elif name in admission.evicted:
+            reason, message = UnloadReason.DEMAND, admission.evicted[name]
         elif name in admission.pressure:
             reason, message = UnloadReason.PRESSURE, admission.unschedulable[name].message
         elif spec.state == DesiredModelState.UNLOADED:
             reason, message = UnloadReason.UNLOADED, "state is unloaded"
         elif name in wanted and workers.need(name) is None:
             reason, message = UnloadReason.REPLACED, "its entry changed and the new spec cannot start now"
+        elif name not in wanted and not any(w.ready for w in workers.of(name)):
+            reason, message = UnloadReason.IDLE, "load cancelled: no request waits for it any more"
         elif name not in wanted:
             reason, message = UnloadReason.IDLE, f"idle for {idle.get(name, 0):.0f}s (idle_ttl {spec.idle_ttl})"
         else:
@@ -349,25 +260,34 @@ def plan(
     estimates: Mapping[str, int] | None = None,
     demand: frozenset[str] = frozenset(),
     idle: Mapping[str, float] | None = None,
+    waited: Mapping[str, float] | None = None,
 ) -> Plan:
     """What to do so that the running workers match `desired` within `memory`.
 
     `fingerprints` gives each desired model's wanted worker fingerprint, `estimates` its
     footprint before it is loaded; `blocked` holds models that must not be (re)started now
     (backing off, or failed for this spec); `demand` the on-demand models that requests are
-    waiting for; `idle` seconds since each model last served a request. A replaced worker keeps
-    serving until its successor is ready, and also while its successor cannot start.
-    Four phases, each a pure function: admit, relieve_pressure, plan_unloads, plan_loads.
+    waiting for; `idle` seconds since each model last served a request; `waited` seconds the
+    oldest request waiting for each requested model has waited (demand.py's serve_queue).
+    A replaced worker keeps serving until its successor is ready, and also while its successor
+    cannot start. Four phases, each a pure function: admit (with demand swaps), relieve_pressure,
+    plan_unloads, plan_loads.
     """
     memory = memory or MemoryFigures()
     idle = idle or {}
-    workers = Workers(tuple(observed), fingerprints, blocked, estimates or {})
-    wanted = wanted_models(desired, workers.names(), demand, idle)
-    admission = relieve_pressure(admit(wanted, workers, memory.budget_bytes), wanted, workers, memory)
+    # A model whose only workers are being unloaded is not (re)started until they are gone.
+    leaving = {w.name for w in observed if w.draining} - {w.name for w in observed if not w.draining}
+    workers = Workers(tuple(observed), fingerprints, blocked | leaving, estimates or {})
+    resident = {w.name for w in observed if w.ready and not w.draining and w.fingerprint == fingerprints.get(w.name)}
+    wanted = wanted_models(desired, resident, demand, idle)
+    policies = {m.name: desired.effective_demand(m) for m in desired.models}
+    admission = admit_with_demand(wanted, workers, memory.budget_bytes, policies, demand, waited or {}, idle)
+    admission = relieve_pressure(admission, wanted, workers, memory)
     unloads = plan_unloads(desired, wanted, workers, admission, idle)
     loads = plan_loads(wanted, workers, admission, unloads, memory, demand)
     result = Plan(budget_bytes=memory.budget_bytes, held_bytes=sum(w.bytes for w in observed))
     result.unschedulable = {**admission.unschedulable, **loads.unschedulable}
+    result.waiting = dict(admission.waiting)
     result.actions = [*unloads, *loads.unloads, *loads.loads]
     unloaded = {u.worker_id for u in result.unloads()} | {i for load in loads.loads for i in load.replaces}
     result.after_bytes = sum(w.bytes for w in observed if w.worker_id not in unloaded) + sum(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.reconciler.accounting import MemoryAccounts, held_bytes, memory_figures, worker_spec
-from opta_lmx.reconciler.plan import LoadModel, MemoryFigures, ObservedWorker, Plan, UnloadModel, plan
+from opta_lmx.reconciler.plan import LoadModel, MemoryFigures, ObservedWorker, Plan, UnloadModel, UnloadReason, plan
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import DesiredState
 
@@ -20,12 +20,22 @@ class Preview:
     physical_bytes: int
     observed: list[ObservedWorker]
     estimates: dict[str, engine_memory.MemoryEstimate]
+    request: str | None = None  # the on-demand model a request was supposed to ask for (`--request`)
 
 
-def preview(config_path: Path, desired: DesiredState, observation: dict | None = None) -> Preview:
+def preview(config_path: Path, desired: DesiredState, observation: dict | None = None,
+            request: str | None = None) -> Preview:
     """Plan `desired` against `observation` (the `observed` part of GET /admin/models) or nothing.
 
-    The memory rules are accounting.py's, the loop's own: a preview never plans with other figures."""
+    The memory rules are accounting.py's, the loop's own: a preview never plans with other figures.
+    `request` names a model (or alias) a request asks for now: the plan shows what it would evict."""
+    if request is not None:
+        requested = desired.resolve(request)
+        if requested is None:
+            raise ValueError(f"no model or alias `{request}` in the file")
+        if requested.state.value == "unloaded":
+            raise ValueError(f"`{requested.name}` is desired unloaded: a request cannot load it")
+        request = requested.name
     specs = {m.name: worker_spec(config_path, desired, m) for m in desired.models}
     fingerprints = {name: spec.fingerprint for name, spec in specs.items()}
     observation = observation or {}
@@ -39,7 +49,7 @@ def preview(config_path: Path, desired: DesiredState, observation: dict | None =
         # The server's figure is what the loop counts the worker at, unless this file's override wins.
         size = held_bytes(current, None, w["bytes"])
         observed.append(ObservedWorker(w["name"], w["worker_id"], w["fingerprint"], w["ready"], size,
-                                       w.get("in_flight", 0)))
+                                       w.get("in_flight", 0), w.get("ready_seconds", 0.0)))
     physical, available = engine_memory.machine_memory()
     server_memory = observation.get("memory") or {}
     physical = server_memory.get("physical_bytes") or physical
@@ -48,9 +58,10 @@ def preview(config_path: Path, desired: DesiredState, observation: dict | None =
     blocked = frozenset(
         b["name"] for b in observation.get("blocked", []) if b["fingerprint"] == fingerprints.get(b["name"])
     )
-    result = plan(desired, fingerprints, observed, blocked, memory=memory, estimates=planning,
-                  demand=frozenset(observation.get("demand", [])), idle=observation.get("idle_seconds", {}))
-    return Preview(result, memory, physical, observed, estimates)
+    demand = frozenset(observation.get("demand", [])) | ({request} if request else set())
+    result = plan(desired, fingerprints, observed, blocked, memory=memory, estimates=planning, demand=demand,
+                  idle=observation.get("idle_seconds", {}), waited=observation.get("waited_seconds", {}))
+    return Preview(result, memory, physical, observed, estimates, request)
 
 
 def describe(p: Preview, source: str) -> str:
@@ -63,6 +74,8 @@ def describe(p: Preview, source: str) -> str:
         f"  held now {format_size(result.held_bytes)} -> after {format_size(result.after_bytes)} "
         f"(peak {format_size(result.peak_bytes)})",
     ]
+    if p.request is not None:
+        lines.append(_request_summary(p))
     if result.actions:
         lines.append("actions:")
     index = {}
@@ -82,6 +95,22 @@ def describe(p: Preview, source: str) -> str:
                          f"{' = ' + est.describe() if est else ''}; {action.reason}{swap}")
     for verdict in result.unschedulable.values():
         lines.append(f"  unschedulable {verdict.name}: {verdict.message}")
+    for waiting in result.waiting.values():
+        lines.append(f"  waiting {waiting.name} (about {waiting.retry_after:.0f}s): {waiting.message}")
     if not result.actions:
         lines.append("nothing to do: the running workers already match the file")
     return "\n".join(lines)
+
+
+def _request_summary(p: Preview) -> str:
+    """One line: what a request for `p.request` does now (load, evict whom, wait or be refused)."""
+    name, result = p.request, p.plan
+    evicted = [u.name for u in result.unloads() if u.reason == UnloadReason.DEMAND]
+    if name in result.unschedulable:
+        return f"a request for {name} now: refused (503): {result.unschedulable[name].message}"
+    if name in result.waiting:
+        return f"a request for {name} now: waits: {result.waiting[name].message}"
+    if any(load.name == name for load in result.loads()):
+        return f"a request for {name} now: loads it" + (f", evicting {', '.join(evicted)}" if evicted else
+                                                         ", evicting nothing")
+    return f"a request for {name} now: served by its resident worker"

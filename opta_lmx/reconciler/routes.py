@@ -2,7 +2,9 @@
 
 The loop writes it (a worker became ready, a worker drains or exited); the gateway reads it,
 waits on it while a model loads, and counts requests in flight on the route's `Traffic`, the
-same counter the loop reads to drain a worker and to measure idleness.
+same counter the loop reads to drain a worker and to measure idleness. Every request waiting
+for a model is registered here while it waits, so the loop sees how many wait and for how long
+(demand swapping's serve_queue; a load nobody waits for any more is cancelled).
 """
 
 from __future__ import annotations
@@ -35,10 +37,37 @@ class Route:
 class RouteTable:
     """Model name -> Route, with a wait for a route that is still loading (every wait bounded)."""
 
-    def __init__(self, expects_ready: Callable[[str], bool] = lambda _name: False):
+    def __init__(self, expects_ready: Callable[[str], bool] = lambda _name: False,
+                 on_waiters_changed: Callable[[], None] = lambda: None):
         self._routes: dict[str, Route] = {}
         self._changed = asyncio.Condition()
+        self._waiters: dict[str, list[float]] = {}  # model -> when each waiting request began (monotonic)
         self.expects_ready = expects_ready  # whether waiting for `name` is worthwhile (set by the loop)
+        self.on_waiters_changed = on_waiters_changed  # the loop's nudge: a waiter came or went
+
+    def waiters(self, name: str) -> int:
+        """How many requests wait for `name` now (for its route, or for a concurrency slot)."""
+        return len(self._waiters.get(name, ()))
+
+    def waited_seconds(self) -> dict[str, float]:
+        """Per model with waiters, how long the oldest has waited."""
+        now = time.monotonic()
+        return {name: now - min(starts) for name, starts in self._waiters.items() if starts}
+
+    def register(self, name: str) -> float:
+        """A request starts waiting for `name`; pass the returned token to `unregister`."""
+        token = time.monotonic()
+        self._waiters.setdefault(name, []).append(token)
+        return token
+
+    def unregister(self, name: str, token: float) -> None:
+        """The request stopped waiting (served, refused, timed out or its client went away)."""
+        starts = self._waiters.get(name, [])
+        if token in starts:
+            starts.remove(token)
+        if not starts:
+            self._waiters.pop(name, None)
+            self.on_waiters_changed()
 
     def get(self, name: str) -> Route | None:
         return self._routes.get(name)

@@ -3,6 +3,7 @@ and the loop's observation as plain data for `lmx plan`."""
 
 from __future__ import annotations
 
+import datetime
 from typing import TYPE_CHECKING
 
 from opta_lmx.reconciler.ledger import WorkerPhase
@@ -89,7 +90,7 @@ def phase_of(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked: froze
         return Phase.LOADING, "Loading", "starting a worker"
     entry = rec.ledger.get(route.worker_id) if route else None
     if route is not None and entry is not None and entry.fingerprint == fingerprint:
-        return Phase.READY, "Ready", f"serving at {route.address}"
+        return Phase.READY, "Ready", f"serving at {route.address}; {resident_because(model, entry)}"
     draining = [e for e in mine if e.phase == WorkerPhase.DRAINING]
     if draining:
         return Phase.DRAINING, "Draining", draining[0].why
@@ -103,11 +104,24 @@ def phase_of(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked: froze
     verdict = rec.verdicts.get(name)
     if verdict is not None:
         return Phase.UNSCHEDULABLE, "InsufficientMemory", verdict.message
+    waiting = rec.waiting.get(name)
+    if waiting is not None:
+        return Phase.PENDING, "WaitingForSwap", waiting.message
     if model.state == DesiredModelState.UNLOADED:
         return Phase.UNLOADED, "Unloaded", "state is unloaded"
     if model.state == DesiredModelState.ON_DEMAND and name not in rec.demand:
         return Phase.UNLOADED, "Standby", "on-demand: loads when a request asks for it"
     return Phase.PENDING, "Pending", "waiting to be loaded"
+
+
+def resident_because(model: ModelSpec, entry) -> str:
+    """Why a ready model is resident: desired in models.yaml, or demand (with its last request)."""
+    if model.state == DesiredModelState.LOADED:
+        return "resident because desired loaded in models.yaml"
+    last = entry.traffic.last_used
+    stamp = datetime.datetime.fromtimestamp(last, datetime.timezone.utc).strftime("%H:%M:%S UTC")
+    ttl = f", idle_ttl {model.idle_ttl}" if model.idle_ttl is not None else ""
+    return f"resident on demand: last request at {stamp}{ttl}"
 
 
 def observation(rec: Reconciler) -> dict:
@@ -119,7 +133,7 @@ def observation(rec: Reconciler) -> dict:
             "name": entry.model, "worker_id": entry.worker_id, "fingerprint": entry.fingerprint, "ready": True,
             "bytes": rec.worker_bytes(entry) if rec.desired else (entry.measured_bytes or 0),
             "measured_bytes": entry.measured_bytes, "in_flight": entry.traffic.in_flight,
-            "draining": entry.phase in (WorkerPhase.DRAINING, WorkerPhase.STOPPING),
+            "ready_seconds": _ready_seconds(rec, entry, now), "draining": entry.phase in (WorkerPhase.DRAINING, WorkerPhase.STOPPING),
         })
     fingerprints = rec.fingerprints()
     estimates = rec.planning_estimates(fingerprints) if rec.desired else {}
@@ -142,5 +156,12 @@ def observation(rec: Reconciler) -> dict:
             if f.permanent or f.retry_at > now
         ],
         "demand": sorted(rec.demand),
+        "waited_seconds": rec.routes.waited_seconds(),
         "idle_seconds": rec.idle_seconds(now),
     }
+
+
+def _ready_seconds(rec: Reconciler, entry, now: float) -> float:
+    worker = rec.pool.get(entry.worker_id or "")
+    ready_at = getattr(worker, "ready_at", None)
+    return max(0.0, now - ready_at) if ready_at else 0.0

@@ -36,6 +36,8 @@ class ControlLoopView(Protocol):
     document: Document | None
     statuses: Mapping[str, ModelStatus]
     events: EventLog
+    unloads_by_reason: Mapping[str, int]  # workers unloaded so far, by plan.UnloadReason value
+    demand_evictions: Mapping[tuple[str, str], int]  # (evicted model, model it was evicted for) -> count
 
     def converged(self) -> bool: ...
 

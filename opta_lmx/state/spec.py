@@ -178,8 +178,49 @@ class MemorySpec(_Strict):
         return parse_size(self.reserve)
 
 
+def _bounded_duration(low: float, high: float):
+    """A duration between `low` and `high` seconds (both inclusive)."""
+
+    def check(value: int | float | str) -> int | float | str:
+        seconds = parse_duration(value)
+        if not low <= seconds <= high:
+            raise ValueError(f"must be between {low:g}s and {high:g}s, got {seconds:g}s")
+        return value
+
+    return AfterValidator(check)
+
+
+class DemandPolicy(_Strict):
+    """How requests (demand) may swap on-demand models; unset fields come from `defaults.demand`.
+
+    `may_evict`: a request for this model may evict resident on-demand models of no higher
+    priority. `min_residency`: once Ready, this model is not evicted by demand for this long.
+    `serve_queue`: while this model has requests in flight, it keeps serving them this long
+    after another model asked for its memory (and after its min_residency) before it is swapped.
+    """
+
+    may_evict: bool | None = None
+    min_residency: Annotated[int | float | str | None, _bounded_duration(0, 3600)] = None
+    serve_queue: Annotated[int | float | str | None, _bounded_duration(0, 600)] = None
+
+    def merged_over(self, base: "DemandPolicy") -> "DemandPolicy":
+        merged = base.model_dump(exclude_none=True)
+        merged.update(self.model_dump(exclude_none=True))
+        return DemandPolicy(**merged)
+
+    def may_evict_or_default(self) -> bool:
+        return True if self.may_evict is None else self.may_evict
+
+    def min_residency_seconds(self) -> float:
+        return 10.0 if self.min_residency is None else parse_duration(self.min_residency)
+
+    def serve_queue_seconds(self) -> float:
+        return 5.0 if self.serve_queue is None else parse_duration(self.serve_queue)
+
+
 class Defaults(_Strict):
     engine: EngineOptions = Field(default_factory=EngineOptions)
+    demand: DemandPolicy = Field(default_factory=DemandPolicy)
 
 
 class ModelSpec(_Strict):
@@ -194,6 +235,7 @@ class ModelSpec(_Strict):
     engine: EngineOptions = Field(default_factory=EngineOptions)
     memory: Size | None = Field(default=None, description="Overrides the memory estimate")
     max_concurrency: Count | None = None
+    demand: DemandPolicy = Field(default_factory=DemandPolicy, description="Demand swapping policy")
 
     @field_validator("name")
     @classmethod
@@ -250,6 +292,10 @@ class DesiredState(_Strict):
 
     def effective_engine(self, model: ModelSpec) -> EngineOptions:
         return model.engine.merged_over(self.defaults.engine)
+
+    def effective_demand(self, model: ModelSpec) -> DemandPolicy:
+        """The model's demand policy with unset fields taken from `defaults.demand`."""
+        return model.demand.merged_over(self.defaults.demand)
 
 
 def json_schema() -> dict[str, Any]:

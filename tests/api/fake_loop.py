@@ -33,6 +33,8 @@ class FakeLoop:
         self.document: Document | None = None
         self.statuses: dict[str, ModelStatus] = {}
         self.events = EventLog()
+        self.unloads_by_reason: dict[str, int] = {}
+        self.demand_evictions: dict[tuple[str, str], int] = {}
         self.settle = settle
         self.running = running
         self.nudges = 0

@@ -44,3 +44,35 @@ def test_against_an_observation_evicts_the_lower_priority_worker(tmp_path, tiny_
     text = describe(result, "test")
     assert "1. unload a [evicted]" in text and "2. load   b after 1" in text, text
     assert result.plan.held_bytes == result.plan.after_bytes == 600 * MiB
+
+
+def test_a_request_shows_what_it_would_evict_and_who_is_protected(tmp_path, tiny_model, tiny_model_b):
+    state = DesiredState.model_validate({
+        "memory": {"budget": "1000MiB", "reserve": 0},
+        "models": [
+            {"name": "a", "source": str(tiny_model), "memory": "600MiB", "state": "on-demand"},
+            {"name": "b", "source": str(tiny_model_b), "memory": "600MiB", "state": "on-demand",
+             "aliases": ["bee"]},
+            {"name": "hi", "source": str(tiny_model), "memory": "600MiB", "state": "on-demand", "priority": 3},
+        ],
+    })
+    fp = WorkerSpec("a", str(tiny_model), state.effective_engine(state.model("a"))).fingerprint
+    observation = {
+        "memory": {"physical_bytes": 16 * 1024 * MiB, "available_bytes": 8 * 1024 * MiB},
+        "workers": [{"name": "a", "worker_id": "a-1", "fingerprint": fp, "ready": True, "bytes": 600 * MiB,
+                     "in_flight": 0, "ready_seconds": 120.0}],
+        "idle_seconds": {"a": 60.0},
+    }
+    text = describe(preview(tmp_path / "models.yaml", state, observation, request="bee"), "test")
+    assert "a request for b now: loads it, evicting a" in text, text
+    assert "unload a [demand] worker a-1" in text and "evicted by demand for b" in text
+    # The same request while a has just become ready waits for a's min_residency instead.
+    observation["workers"][0]["ready_seconds"] = 4.0
+    text = describe(preview(tmp_path / "models.yaml", state, observation, request="b"), "test")
+    assert "a request for b now: waits: waits for memory: a is resident for 4s of its 10s min_residency" in text
+    # A higher-priority holder is not evicted for a lower one.
+    hi_fp = WorkerSpec("hi", str(tiny_model), state.effective_engine(state.model("hi"))).fingerprint
+    observation["workers"] = [{"name": "hi", "worker_id": "hi-1", "fingerprint": hi_fp, "ready": True,
+                               "bytes": 600 * MiB, "ready_seconds": 120.0}]
+    text = describe(preview(tmp_path / "models.yaml", state, observation, request="b"), "test")
+    assert "refused (503)" in text and "hi (on-demand with priority 3, higher than b's 0)" in text

@@ -32,8 +32,10 @@ def scenarios(draw):
         fingerprint = ("old-" if stale else "new-") + name
         if not stale and any(w.fingerprint == fingerprint for w in observed):
             continue
+        # ready_seconds and in_flight feed demand swapping (min_residency 10s, serve_queue 5s by default)
         observed.append(ObservedWorker(name, f"w{index}", fingerprint, draw(st.booleans()),
-                                       draw(st.integers(1, 60))))
+                                       draw(st.integers(1, 60)), draw(st.sampled_from([0, 0, 2])),
+                                       draw(st.sampled_from([0.0, 7.0, 30.0, 500.0]))))
     estimates = {n: draw(st.integers(0, 60)) for n in NAMES}
     # The loop plans a model that ran before with what it measured (it remembers the larger of
     # estimate and measurement per spec), so an evicted model is never re-admitted on a smaller guess.
@@ -44,14 +46,16 @@ def scenarios(draw):
     blocked = frozenset(draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=2)))
     demand = frozenset(draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=3)))
     idle = {n: draw(st.sampled_from([0, 50, 500])) for n in NAMES}
-    return desired, fingerprints, observed, MemoryFigures(budget), estimates, blocked, demand, idle
+    waited = {n: draw(st.sampled_from([0.0, 3.0, 60.0])) for n in NAMES}
+    return desired, fingerprints, observed, MemoryFigures(budget), estimates, blocked, demand, idle, waited
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(scenarios())
 def test_never_commits_more_than_the_budget(scenario):
-    desired, fingerprints, observed, memory, estimates, blocked, demand, idle = scenario
-    result = plan(desired, fingerprints, observed, blocked, memory=memory, estimates=estimates, demand=demand, idle=idle)
+    desired, fingerprints, observed, memory, estimates, blocked, demand, idle, waited = scenario
+    result = plan(desired, fingerprints, observed, blocked, memory=memory, estimates=estimates, demand=demand, idle=idle,
+                  waited=waited)
     held = sum(w.bytes for w in observed)
     assert result.after_bytes <= memory.budget_bytes
     # Loads that start at once fit beside everything already running.
@@ -64,8 +68,10 @@ def test_never_commits_more_than_the_budget(scenario):
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(scenarios())
 def test_planning_again_on_the_result_plans_nothing(scenario):
-    desired, fingerprints, observed, memory, estimates, blocked, demand, idle = scenario
-    first = plan(desired, fingerprints, observed, blocked, memory=memory, estimates=estimates, demand=demand, idle=idle)
+    desired, fingerprints, observed, memory, estimates, blocked, demand, idle, waited = scenario
+    first = plan(desired, fingerprints, observed, blocked, memory=memory, estimates=estimates, demand=demand, idle=idle,
+                  waited=waited)
     second = plan(desired, fingerprints, apply(observed, first), blocked, memory=memory, estimates=estimates,
-                  demand=demand, idle=idle)
+                  demand=demand, idle=idle,
+                  waited=waited)
     assert second.actions == [], (first.actions, second.actions)
