@@ -168,6 +168,9 @@ def test_restart_after_sigkill_adopts_desired_workers_and_stops_the_rest(serve, 
     assert second.stop() == 0
     assert _wait_gone([pid_a]) == []
     assert list((second.state_dir / "workers" / "records").glob("*.json")) == []
-    assert [p.name for p in (second.state_dir / "workers").iterdir()] == ["records"], "worker dirs left behind"
+    # Only the records folder and the control plane's worker secret (kept: adopted workers' keys derive from it).
+    left = sorted(p.name for p in (second.state_dir / "workers").iterdir())
+    assert left == ["records", "worker.secret"], f"worker dirs left behind: {left}"
+    assert (second.state_dir / "workers" / "worker.secret").stat().st_mode & 0o077 == 0
     logs_dir = second.state_dir / "logs"  # one log per worker process, under the model's name
     assert list((logs_dir / "a").glob("*.log")) and list((logs_dir / "b").glob("*.log"))
