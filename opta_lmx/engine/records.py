@@ -42,6 +42,7 @@ class WorkerRecord:
     run_dir: str
     started_at: float | None = None
     ready_at: float | None = None
+    started_through: str = "cold"  # cold | spare | template (a forked worker's memory is read as PSS)
 
     def process(self) -> psutil.Process | None:
         """The recorded process if it is still the same one (not a reused pid) and not a zombie."""

@@ -153,8 +153,9 @@ class SpareWorkers:
     """
 
     def __init__(self, run_dir: Path, env: dict[str, str], *, count: int = 1,
-                 python: str = sys.executable, refill_delay: float = 5.0, warm_up: bool = True):
-        self.warm_up = warm_up
+                 python: str = sys.executable, refill_delay: float = 5.0,
+                 warm_up_model: Path | None = None):
+        self.warm_up_model = warm_up_model  # a tiny model to load once while waiting (None: skip)
         self.run_dir = Path(run_dir)
         self.env = dict(env)
         self.count = count
@@ -178,7 +179,7 @@ class SpareWorkers:
                 if self._closed or len(self._spares) >= self.count:
                     return
                 spare = Spare(self.run_dir, self.env, python=self._python,
-                              warm_up_model=self.run_dir / "warm-up-model" if self.warm_up else None)
+                              warm_up_model=self.warm_up_model)
                 self._spares.append(spare)
             try:
                 spare.start()

@@ -45,13 +45,13 @@ class WorkerTemplate:
     """One pre-imported template process that forks workers on request."""
 
     def __init__(self, run_dir: Path, env: dict[str, str], *, python: str = sys.executable,
-                 warm_up: bool = True):
+                 warm_up_model: Path | None = None):
         if not fork_supported():
             raise TemplateError("worker templates fork: Linux only (use spares elsewhere)")
         self.id = f"template-{os.urandom(3).hex()}"
         self.run_dir = Path(run_dir)
         self.env = dict(env)
-        self.warm_up = warm_up
+        self.warm_up_model = warm_up_model  # its imports are listed from a warm-up on it (None: skip)
         self._python = python
         self._proc: subprocess.Popen[bytes] | None = None
         self._channel: socket.socket | None = None
@@ -83,8 +83,8 @@ class WorkerTemplate:
         (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         command = [self._python, "-m", "opta_lmx.engine.template_main", "--socket-fd", str(theirs.fileno())]
-        if self.warm_up:
-            command += ["--warm-up-model", str(self.run_dir / "warm-up-model")]
+        if self.warm_up_model is not None:
+            command += ["--warm-up-model", str(self.warm_up_model)]
         self.waiting.clear()
         try:
             with open(self.run_dir / "template.log", "ab", buffering=0) as log_file:

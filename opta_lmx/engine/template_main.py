@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     channel = socket.socket(fileno=args.socket_fd)
     worker_main._preimport()
-    if args.warm_up_model:
+    if worker_main.warm_up_model_usable(args.warm_up_model):
         try:
             _warm_imports(args.warm_up_model)
         except Exception as error:  # still a template: the imports are done
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()  # keep the imported objects out of the children's collections: pages stay shared
     signal.signal(signal.SIGCHLD, _reap)
+    print("template: waiting", flush=True)
     channel.sendall(b'{"waiting": true}\n')
     _serve_requests(channel)
     return 0

@@ -116,6 +116,7 @@ class Worker:
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.spare_id: str | None = None  # the spare or template this worker was started through
+        self.started_through = "cold"  # cold | spare | template (engine/prepared.py)
         self._wake: Callable[[], None] | None = None  # wakes wait_ready when the worker announces
         self._served_announced = False
         self._announces = False  # started through a spare or template: ready only once it says so
@@ -135,6 +136,7 @@ class Worker:
         worker.create_time = record.create_time
         worker.started_at = record.started_at
         worker.ready_at = record.ready_at
+        worker.started_through = record.started_through
         threading.Thread(target=worker._wait_for_exit, name=f"wait-{worker.id}", daemon=True).start()
         return worker
 
@@ -146,7 +148,7 @@ class Worker:
             source=self.spec.source, engine=self.spec.engine.model_dump(mode="json", exclude_none=True),
             pid=self.pid, create_time=self.create_time, host=self.host, port=self.port,
             address=self.address, log_path=str(self.log_path), run_dir=str(self.run_dir),
-            started_at=self.started_at, ready_at=self.ready_at,
+            started_at=self.started_at, ready_at=self.ready_at, started_through=self.started_through,
         )
 
     @property
@@ -240,6 +242,7 @@ class Worker:
             self._adopted = psutil.Process(launched.pid)
         self.create_time = launched.create_time
         self.spare_id = launched.source_id
+        self.started_through = "spare" if launched.popen is not None else "template"
         self._announces = True
         threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
 
@@ -342,13 +345,19 @@ class Worker:
 
     # -- observation --------------------------------------------------------------
     def memory_bytes(self) -> int | None:
-        """Resident memory of the worker and its children (what unloading gives back)."""
+        """Resident memory of the worker and its children (what unloading gives back).
+
+        A worker forked from the template shares its imported pages: RSS would count them once
+        per worker, so its proportional share (PSS) is read instead."""
         if not self.alive():
             return None
         total = 0
         for proc in [*_try_process(self.pid), *_children(self.pid)]:
             try:
-                total += proc.memory_info().rss
+                if self.started_through == "template":
+                    total += getattr(proc.memory_full_info(), "pss", 0) or proc.memory_info().rss
+                else:
+                    total += proc.memory_info().rss
             except psutil.Error:
                 pass
         return total

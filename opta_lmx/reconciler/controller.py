@@ -151,7 +151,8 @@ class Reconciler:
         observed = observing.observe(self, fingerprints)
         physical, available = self.memory_probe()
         self.physical_bytes = physical
-        self.memory = memory_figures(self.desired, physical, available)
+        self.pool.configure_starts(self.desired.engine_start)  # fast starts (engine/prepared.py)
+        self.memory = memory_figures(self.desired, physical, available, self.pool.fixed_bytes())
         blocked = self.ledger.blocked(fingerprints, now)
         result = plan(
             self.desired, fingerprints, observed, blocked, memory=self.memory,

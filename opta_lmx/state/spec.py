@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -109,6 +109,14 @@ class MemorySpec(_Strict):
         return parse_size(self.reserve)
 
 
+class EngineStart(_Strict):
+    """How new workers start (docs/models-yaml.md): `auto` forks from a pre-imported template on
+    Linux and uses waiting spare processes elsewhere; `cold` starts a fresh process every time."""
+
+    mode: Literal["auto", "template", "spare", "cold"] = "auto"
+    spares: int = Field(default=1, ge=1, le=4, description="Spare processes kept waiting (mode spare)")
+
+
 class Defaults(_Strict):
     engine: EngineOptions = Field(default_factory=EngineOptions)
 
@@ -147,6 +155,7 @@ class DesiredState(_Strict):
 
     memory: MemorySpec = Field(default_factory=MemorySpec)
     defaults: Defaults = Field(default_factory=Defaults)
+    engine_start: EngineStart = Field(default_factory=EngineStart)
     models: list[ModelSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")

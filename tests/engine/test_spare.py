@@ -61,7 +61,7 @@ def ask(address: str, name: str) -> httpx.Response:
 
 
 def test_a_spare_that_dies_is_replaced(tmp_path):
-    spares = SpareWorkers(tmp_path / "spares", worker_environment(), count=1, warm_up=False)
+    spares = SpareWorkers(tmp_path / "spares", worker_environment(), count=1)
     try:
         spares.fill()
         first = waiting_spare(spares)
@@ -189,7 +189,7 @@ def test_control_plane_death_leaves_no_spare_and_its_worker_is_adopted(tmp_path,
 
 @pytest.mark.skipif(not fork_supported(), reason="Linux only")
 def test_a_template_that_dies_is_restarted(tmp_path):
-    template = WorkerTemplate(tmp_path / "template", worker_environment(), warm_up=False)
+    template = WorkerTemplate(tmp_path / "template", worker_environment())
     try:
         template.ensure()
         wait_for(template.waiting.is_set, what="the template")
