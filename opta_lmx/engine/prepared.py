@@ -76,10 +76,11 @@ class PreparedStarts:
                     self.template = WorkerTemplate(self.run_dir / "template", self._env, python=self._python,
                                                    warm_up_model=self.warm_up_model)
                 self.template.ensure()
-            elif self.mode == SPARE:
-                if self.spares is None:
-                    self.spares = SpareWorkers(self.run_dir / "spares", self._env, count=self._spares_count,
-                                               python=self._python, warm_up_model=self.warm_up_model)
+            elif self.mode == SPARE and self.spares is None:
+                # Once: SpareWorkers refills by itself, after a taken spare's worker serves (so
+                # the refill's imports do not slow that load) and when a waiting one dies.
+                self.spares = SpareWorkers(self.run_dir / "spares", self._env, count=self._spares_count,
+                                           python=self._python, warm_up_model=self.warm_up_model)
                 self.spares.fill()
         except (OSError, TemplateError) as error:
             log.warning("could not prepare fast starts (workers start cold): %s", error)

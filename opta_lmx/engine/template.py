@@ -153,8 +153,9 @@ class WorkerTemplate:
             for sig in (None, signal.SIGTERM, signal.SIGKILL):
                 if sig is not None:
                     try:
-                        os.kill(proc.pid, sig)  # the template only: its workers are in their own sessions
-                    except ProcessLookupError:
+                        # Its group: the template and a warm-up child; workers are in their own sessions.
+                        os.killpg(proc.pid, sig)
+                    except (ProcessLookupError, PermissionError):
                         pass
                 try:
                     proc.wait(timeout=grace / 3)

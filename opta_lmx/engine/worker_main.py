@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.list_modules, "w") as handle:
             json.dump(sorted(sys.modules), handle)
         return 0
+    print("spare: waiting", flush=True)
     _announce(fd, WAITING)
     try:
         assignment = _read_assignment()
