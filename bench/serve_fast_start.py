@@ -130,7 +130,8 @@ def run_mode(root: Path, mode: str, models: dict, repeats: int, out: dict) -> No
                     return False
 
             times["new_model"].append(timed_edit(server, big + extra, answered))
-            out.setdefault("new_worker_uss_beyond_weights_mib", []).append(uss_beyond(status(server, name)["pid"], 0))
+            extra_uss = uss_beyond(status(server, name)["pid"], sum(model_files(tiny).values()))
+            out.setdefault("new_worker_uss_beyond_weights_mib", []).append(extra_uss)
             server.write_config(big)
             server.wait_for(lambda s: not status(s, name), 60, f"{name} removed")
             print(f"  {mode} repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
