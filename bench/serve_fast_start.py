@@ -9,7 +9,7 @@ float32; `--quick`: the `small` size). Timed, from saving the file (rename, as e
 - a new model: a fresh tiny model appended as a new entry, until its first answer (then it is
   removed again).
 
-Baselines in the same run: vllm-mlx's registry (`--models-config`, budget for one) swapping the
+Baselines, interleaved with every repeat of every mode: vllm-mlx's registry (`--models-config`, budget for one) swapping the
 same two files + 1-token answer; a bare fresh process that imports mlx-lm, loads the tiny model
 and answers; and the same load + answer inside this (already-imported) process. Memory: USS
 of each worker after its first answer (beyond its weights) and of the waiting template/spare.
@@ -86,7 +86,7 @@ def uss_beyond(pid: int, weights: int) -> int:
     return round((psutil.Process(pid).memory_full_info().uss - weights) / MiB)
 
 
-def run_mode(root: Path, mode: str, models: dict, repeats: int, out: dict) -> None:
+def run_mode(root: Path, mode: str, models: dict, repeats: int, out: dict, baselines) -> None:
     a, b, weights, model_bytes = models["a"], models["b"], models["weights"], models["model_bytes"]
     budgets = {"one": 1200 * MiB + model_bytes * 3 // 2, "both": 1200 * MiB + model_bytes * 5 // 2}
     if mode == "cold":
@@ -134,6 +134,7 @@ def run_mode(root: Path, mode: str, models: dict, repeats: int, out: dict) -> No
             out.setdefault("new_worker_uss_beyond_weights_mib", []).append(extra_uss)
             server.write_config(big)
             server.wait_for(lambda s: not status(s, name), 60, f"{name} removed")
+            baselines()  # the registry and a bare process, between this mode's repeats (same machine load)
             print(f"  {mode} repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
                   flush=True)
         out["times"] = {k: {"median_s": round(statistics.median(v), 3), "all_s": [round(x, 3) for x in v]}
@@ -177,17 +178,23 @@ def main() -> None:
         models = {"a": a, "b": b, "weights": weights, "model_bytes": weights + 900 * MiB,
                   "tiny": [make_model(root / f"tiny-{i}", size="tiny", seed=10 + i) for i in range(args.repeats)]}
         result["weights_mb"] = round(weights / 1e6)
+        in_process_seconds(models["tiny"][0])  # import mlx-lm and its model code once
         registry = Registry(root, a, b, weights / 1024**3 * 1.3)
+        samples = {"registry_swap_s": [], "bare_tiny_s": [], "in_process_tiny_s": []}
+
+        def baselines() -> None:
+            tiny = models["tiny"][len(samples["bare_tiny_s"]) % args.repeats]
+            samples["registry_swap_s"].append(round(registry.swap(), 3))
+            samples["bare_tiny_s"].append(round(bare_seconds(tiny), 3))
+            samples["in_process_tiny_s"].append(round(in_process_seconds(tiny), 3))
+
         try:
-            result["registry_swap_s"] = [round(registry.swap(), 3) for _ in range(args.repeats)]
+            for mode in args.modes:
+                result["modes"][mode] = {}
+                run_mode(root, mode, models, args.repeats, result["modes"][mode], baselines)
         finally:
             registry.stop()
-        result["bare_tiny_s"] = [round(bare_seconds(t), 3) for t in models["tiny"]]
-        in_process_seconds(models["tiny"][0])  # import mlx-lm and its model code once
-        result["in_process_tiny_s"] = [round(in_process_seconds(t), 3) for t in models["tiny"]]
-        for mode in args.modes:
-            result["modes"][mode] = {}
-            run_mode(root, mode, models, args.repeats, result["modes"][mode])
+        result.update(samples)
     summarise(result)
     save("serve_fast_start-quick" if args.quick else "serve_fast_start", {**result, "repo": str(REPO)})
 
