@@ -148,8 +148,8 @@ class WorkerPool:
 
     async def stop_all(self, grace: float) -> None:
         """Stop every worker, and the template or spares (nothing outlives the control plane)."""
-        await asyncio.to_thread(self.prepared.close)
-        await asyncio.gather(*(self.stop(w, grace) for w in self.workers()), return_exceptions=True)
+        await asyncio.gather(asyncio.to_thread(self.prepared.close), *(self.stop(w, grace) for w in self.workers()),
+                             return_exceptions=True)
 
     def stop_all_sync(self, grace: float) -> None:
         self.prepared.close()

@@ -136,6 +136,13 @@ class WorkerTemplate:
         return Launched(pid, process_create_time(pid) or time.time(), None, self.id)
 
     def _close_channel(self) -> None:
+        # Shut the socket down first: a thread blocked in `_await_waiting`'s readline holds the
+        # reader's lock, so closing the reader alone would wait for it forever (template warming up).
+        try:
+            if self._channel is not None:
+                self._channel.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         for closable in (self._reader, self._channel):
             try:
                 if closable is not None:
