@@ -242,5 +242,6 @@ class SpareWorkers:
             spares, self._spares = self._spares, []
         for spare in spares:
             spare.stop(grace)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 

@@ -169,4 +169,4 @@ class WorkerTemplate:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        shutil.rmtree(self.run_dir / "home", ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)  # its HOME and log: nothing piles up in the state dir
