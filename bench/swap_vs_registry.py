@@ -45,7 +45,7 @@ from opta_lmx.engine.worker import Worker, WorkerSpec
 
 # Issue 10's models: the `medium` shape with 8 layers (about 430 MB in float32).
 SIZES.setdefault("swap", {**SIZES["medium"], "num_hidden_layers": 8})
-PORTS = iter(range(18130, 18150))
+PORTS = iter(range(18230, 18240))
 REGISTRY = """manager:
   memory_budget_gb: {budget}
   contention_policy: {{strategy: wait_then_preempt, wait_timeout_s: 30, preempt_after_s: 0}}
@@ -182,8 +182,9 @@ async def run(root: Path, size: str, repeats: int) -> dict:
     weight_bytes = sum(model_files(a).values())
     each_gb = weight_bytes / 1024**3 * 1.3
     registry = Registry(root, a, b, each_gb)
-    spare_pool = SpareWorkers(root / "spares", worker_environment(), count=1, refill_delay=3.0)
-    template = WorkerTemplate(root / "template", worker_environment())
+    warm_up = make_model(root / "warm-up-model", size="tiny")  # what `lmx serve` gives them
+    spare_pool = SpareWorkers(root / "spares", worker_environment(), count=1, refill_delay=3.0, warm_up_model=warm_up)
+    template = WorkerTemplate(root / "template", worker_environment(), warm_up_model=warm_up)
     template.ensure()
     models = {"a": a, "b": b}
     chains = [Engine(root, models, template=template), Engine(root, models, spares=spare_pool), Engine(root, models)]

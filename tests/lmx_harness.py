@@ -27,18 +27,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_processes(state_dir: Path) -> list[psutil.Process]:
-    """vllm-mlx worker processes started for `state_dir` (they run with HOME under it)."""
+PREPARED_MODULES = ("opta_lmx.engine.worker_main", "opta_lmx.engine.template_main")
+
+
+def worker_processes(state_dir: Path, waiting: bool = True) -> list[psutil.Process]:
+    """Processes started for `state_dir` (they run with HOME under it): vllm-mlx workers, and
+    the template and spares that start them fast (engine/prepared.py) and the workers those made.
+    `waiting=False` leaves out a template or spare that serves no model (listens on no port)."""
     found = []
     marker = str(state_dir)
     for proc in psutil.process_iter(["cmdline", "environ"]):
         try:
             cmdline = proc.info["cmdline"] or []
-            if "vllm_mlx.cli" not in cmdline:
+            prepared = any(module in cmdline for module in PREPARED_MODULES)
+            if "vllm_mlx.cli" not in cmdline and not prepared:
                 continue
-            env = proc.environ()
-            if env.get("HOME", "").startswith(marker):
-                found.append(proc)
+            if not proc.environ().get("HOME", "").startswith(marker):
+                continue
+            if prepared and not waiting and not any(
+                    c.status == psutil.CONN_LISTEN for c in proc.net_connections(kind="tcp")):
+                continue
+            found.append(proc)
         except psutil.Error:
             continue
     return found

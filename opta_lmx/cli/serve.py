@@ -55,6 +55,18 @@ def ensure_default_config() -> Path:
     return config
 
 
+def warm_up_model(state_dir: Path) -> Path | None:
+    """A tiny generated model that spares and the template load once while they wait, so a
+    worker's lazy imports are done before it is needed (the engine may not import devmodel)."""
+    from opta_lmx.devmodel import make_model
+
+    try:
+        return make_model(state_dir / "warm-up-model", size="tiny")  # at once when it exists
+    except (OSError, ValueError) as error:
+        log.warning("no warm-up model (fast starts skip warming up): %s", error)
+        return None
+
+
 def _server_class():
     import uvicorn
 
@@ -143,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"  worker logs:   {log_dir}  (lmx logs MODEL)", flush=True)
 
     ensure_secret(state_dir / "workers")  # each worker's key derives from it; the gateway sends that key
-    pool = WorkerPool(state_dir / "workers", log_dir=log_dir)
+    pool = WorkerPool(state_dir / "workers", log_dir=log_dir, warm_up_model=warm_up_model(state_dir))
     reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
 
     store = ModelsStore(config, git_commit=args.git_commit)

@@ -9,8 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from opta_lmx.engine.prepared import PreparedStarts
 from opta_lmx.engine.records import WorkerRecords
+from opta_lmx.engine.template import TemplateError
 from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
+from opta_lmx.state.spec import EngineStart
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,10 @@ class Pool(Protocol):
 
     def add_exit_listener(self, listener: Callable[[Worker], None]) -> None: ...
 
+    def configure_starts(self, wanted: EngineStart | None) -> None: ...
+
+    def fixed_bytes(self) -> int: ...
+
 
 class WorkerPool:
     """The pool of real worker processes (implements `Pool`)."""
@@ -45,6 +52,7 @@ class WorkerPool:
         *,
         worker_env: dict[str, str] | None = None,
         log_dir: Path | None = None,
+        warm_up_model: Path | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,6 +63,16 @@ class WorkerPool:
         self._exit_listeners: list[Callable[[Worker], None]] = []
         self._worker_env = worker_env or {}
         self._stopping: set[asyncio.Future] = set()  # stops of cancelled starts, kept until done
+        # The template or spares that start workers faster (cold until configure_starts).
+        self.prepared = PreparedStarts(self.run_dir, self._worker_env, warm_up_model=warm_up_model)
+
+    def configure_starts(self, wanted: EngineStart | None) -> None:
+        """models.yaml's `engine_start`, applied every pass (also restarts what died)."""
+        self.prepared.configure(wanted)
+
+    def fixed_bytes(self) -> int:
+        """Memory the waiting template or spares hold: a fixed cost in the plan."""
+        return self.prepared.fixed_bytes()
 
     def workers(self) -> list[Worker]:
         return list(self._workers.values())
@@ -67,7 +85,7 @@ class WorkerPool:
         worker = Worker(spec, run_dir=self.run_dir, env=self._worker_env, on_exit=self._exited, log_dir=self.log_dir)
         self._workers[worker.id] = worker
         try:
-            worker.spawn()
+            self._spawn(worker)
             self.records.write(worker.record())  # before it is ready: a crash now still leaves no orphan
             await worker.wait_ready(ready_timeout)
             self.records.write(worker.record())
@@ -83,6 +101,17 @@ class WorkerPool:
             await asyncio.shield(stopping)
             raise
         return worker
+
+    def _spawn(self, worker: Worker) -> None:
+        """Through the template or a waiting spare when one suits, else cold."""
+        prepared = self.prepared.take(worker.environment())
+        if prepared is not None:
+            try:
+                worker.spawn(prepared)
+                return
+            except (TemplateError, OSError) as error:  # the template or spare died meanwhile
+                log.warning("worker %s starts cold: %s", worker.id, error)
+        worker.spawn()
 
     def recover(self) -> list[Worker]:
         """Workers a previous (killed) control plane left running, rebuilt from their records.
@@ -121,9 +150,12 @@ class WorkerPool:
             shutil.rmtree(worker.run_dir, ignore_errors=True)
 
     async def stop_all(self, grace: float) -> None:
-        await asyncio.gather(*(self.stop(w, grace) for w in self.workers()), return_exceptions=True)
+        """Stop every worker, and the template or spares (nothing outlives the control plane)."""
+        await asyncio.gather(asyncio.to_thread(self.prepared.close), *(self.stop(w, grace) for w in self.workers()),
+                             return_exceptions=True)
 
     def stop_all_sync(self, grace: float) -> None:
+        self.prepared.close()
         for worker in self.workers():
             worker.stop_sync(grace)
             self._drop(worker)

@@ -48,6 +48,7 @@ class WorkerRecord:
     # Set when the file could not be read as a record of this version (never written): the
     # worker it names is not adopted but stopped, if its pid is still the recorded process.
     problem: str | None = None
+    started_through: str = "cold"  # cold | spare | template (a forked worker's memory is read as PSS)
 
     def process(self) -> psutil.Process | None:
         """The recorded process if it is still the same one (not a reused pid) and not a zombie."""

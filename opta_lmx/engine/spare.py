@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from opta_lmx.engine.worker_auth import KEY_VARIABLE
 from opta_lmx.engine.announce import Announcements, Launched
 from opta_lmx.engine.records import process_create_time
 from opta_lmx.engine.worker_main import SERVING
@@ -33,7 +34,7 @@ from opta_lmx.engine.worker_main import SERVING
 log = logging.getLogger(__name__)
 
 #: Variables that differ per worker and are applied at assignment, not at import.
-PER_WORKER_VARIABLES = frozenset({"HOME"})
+PER_WORKER_VARIABLES = frozenset({"HOME", KEY_VARIABLE})  # its own HOME, and its own key (worker_auth)
 #: A spare that dies this soon after starting makes the next replacement wait (crash loop).
 RESTART_BACKOFF = (1.0, 60.0)
 
@@ -153,8 +154,9 @@ class SpareWorkers:
     """
 
     def __init__(self, run_dir: Path, env: dict[str, str], *, count: int = 1,
-                 python: str = sys.executable, refill_delay: float = 5.0, warm_up: bool = True):
-        self.warm_up = warm_up
+                 python: str = sys.executable, refill_delay: float = 5.0,
+                 warm_up_model: Path | None = None):
+        self.warm_up_model = warm_up_model  # a tiny model to load once while waiting (None: skip)
         self.run_dir = Path(run_dir)
         self.env = dict(env)
         self.count = count
@@ -178,7 +180,7 @@ class SpareWorkers:
                 if self._closed or len(self._spares) >= self.count:
                     return
                 spare = Spare(self.run_dir, self.env, python=self._python,
-                              warm_up_model=self.run_dir / "warm-up-model" if self.warm_up else None)
+                              warm_up_model=self.warm_up_model)
                 self._spares.append(spare)
             try:
                 spare.start()
@@ -241,5 +243,6 @@ class SpareWorkers:
             spares, self._spares = self._spares, []
         for spare in spares:
             spare.stop(grace)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 

@@ -45,13 +45,13 @@ class WorkerTemplate:
     """One pre-imported template process that forks workers on request."""
 
     def __init__(self, run_dir: Path, env: dict[str, str], *, python: str = sys.executable,
-                 warm_up: bool = True):
+                 warm_up_model: Path | None = None):
         if not fork_supported():
             raise TemplateError("worker templates fork: Linux only (use spares elsewhere)")
         self.id = f"template-{os.urandom(3).hex()}"
         self.run_dir = Path(run_dir)
         self.env = dict(env)
-        self.warm_up = warm_up
+        self.warm_up_model = warm_up_model  # its imports are listed from a warm-up on it (None: skip)
         self._python = python
         self._proc: subprocess.Popen[bytes] | None = None
         self._channel: socket.socket | None = None
@@ -83,8 +83,8 @@ class WorkerTemplate:
         (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         command = [self._python, "-m", "opta_lmx.engine.template_main", "--socket-fd", str(theirs.fileno())]
-        if self.warm_up:
-            command += ["--warm-up-model", str(self.run_dir / "warm-up-model")]
+        if self.warm_up_model is not None:
+            command += ["--warm-up-model", str(self.warm_up_model)]
         self.waiting.clear()
         try:
             with open(self.run_dir / "template.log", "ab", buffering=0) as log_file:
@@ -136,6 +136,13 @@ class WorkerTemplate:
         return Launched(pid, process_create_time(pid) or time.time(), None, self.id)
 
     def _close_channel(self) -> None:
+        # Shut the socket down first: a thread blocked in `_await_waiting`'s readline holds the
+        # reader's lock, so closing the reader alone would wait for it forever (template warming up).
+        try:
+            if self._channel is not None:
+                self._channel.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         for closable in (self._reader, self._channel):
             try:
                 if closable is not None:
@@ -153,12 +160,13 @@ class WorkerTemplate:
             for sig in (None, signal.SIGTERM, signal.SIGKILL):
                 if sig is not None:
                     try:
-                        os.kill(proc.pid, sig)  # the template only: its workers are in their own sessions
-                    except ProcessLookupError:
+                        # Its group: the template and a warm-up child; workers are in their own sessions.
+                        os.killpg(proc.pid, sig)
+                    except (ProcessLookupError, PermissionError):
                         pass
                 try:
                     proc.wait(timeout=grace / 3)
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        shutil.rmtree(self.run_dir / "home", ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)  # its HOME and log: nothing piles up in the state dir

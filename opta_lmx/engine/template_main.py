@@ -21,9 +21,12 @@ import argparse
 import gc
 import json
 import os
+import select
 import signal
 import socket
 import sys
+import threading
+from collections.abc import Callable
 
 from opta_lmx.engine import worker_main
 
@@ -114,21 +117,47 @@ def _serve_requests(channel: socket.socket) -> None:
             _fork_worker(channel, assignment, fds.pop(0))
 
 
+def _end_if_abandoned(channel: socket.socket) -> Callable[[], None]:
+    """While the template warms up (seconds), end it and its warm-up child if the control plane
+    dies: nothing is sent before `waiting`, so the socket turning readable means end of file.
+    Returns the function that stops watching (no thread may run when the template forks)."""
+    stop_read, stop_write = os.pipe()
+
+    def watch() -> None:
+        readable, _, _ = select.select([channel, stop_read], [], [])
+        if stop_read not in readable:
+            os.killpg(0, signal.SIGKILL)  # its own group (start_new_session): the template and the warm-up
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+
+    def stop() -> None:
+        os.write(stop_write, b"x")
+        watcher.join()
+        os.close(stop_read)
+        os.close(stop_write)
+
+    return stop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="opta_lmx.engine.template_main")
     parser.add_argument("--socket-fd", type=int, required=True)
     parser.add_argument("--warm-up-model", default=None)
     args = parser.parse_args(argv)
     channel = socket.socket(fileno=args.socket_fd)
+    stop_watching = _end_if_abandoned(channel)
     worker_main._preimport()
-    if args.warm_up_model:
+    if worker_main.warm_up_model_usable(args.warm_up_model):
         try:
             _warm_imports(args.warm_up_model)
         except Exception as error:  # still a template: the imports are done
             print(f"warm-up failed (the template still forks): {error!r}", file=sys.stderr, flush=True)
+    stop_watching()
     gc.collect()
     gc.freeze()  # keep the imported objects out of the children's collections: pages stay shared
     signal.signal(signal.SIGCHLD, _reap)
+    print("template: waiting", flush=True)
     channel.sendall(b'{"waiting": true}\n')
     _serve_requests(channel)
     return 0

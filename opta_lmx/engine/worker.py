@@ -27,6 +27,7 @@ import httpx
 import psutil
 
 from opta_lmx.engine.options import serve_args
+from opta_lmx.engine.process_group import any_alive, children, group_members, signal_group, try_process
 from opta_lmx.engine.records import WorkerRecord, process_create_time
 from opta_lmx.engine.worker_main import SERVING
 from opta_lmx.engine.worker_auth import KEY_VARIABLE, LAUNCHER, read_secret, worker_key
@@ -135,6 +136,7 @@ class Worker:
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.spare_id: str | None = None  # the spare or template this worker was started through
+        self.started_through = "cold"  # cold | spare | template (engine/prepared.py)
         self._wake: Callable[[], None] | None = None  # wakes wait_ready when the worker announces
         self._served_announced = False
         self._announces = False  # started through a spare or template: ready only once it says so
@@ -161,6 +163,7 @@ class Worker:
         worker.started_at = record.started_at
         worker.ready_at = record.ready_at
         worker.unadoptable = record.problem
+        worker.started_through = record.started_through
         threading.Thread(target=worker._wait_for_exit, name=f"wait-{worker.id}", daemon=True).start()
         return worker
 
@@ -172,7 +175,7 @@ class Worker:
             source=self.spec.source, engine=self.spec.engine.model_dump(mode="json", exclude_none=True),
             pid=self.pid, create_time=self.create_time, host=self.host, port=self.port,
             address=self.address, log_path=str(self.log_path), run_dir=str(self.run_dir),
-            started_at=self.started_at, ready_at=self.ready_at,
+            started_at=self.started_at, ready_at=self.ready_at, started_through=self.started_through,
         )
 
     @property
@@ -194,7 +197,7 @@ class Worker:
         if self._proc is not None:
             return self._proc.poll() is None
         if self._adopted is not None:
-            return _any_alive([self._adopted])
+            return any_alive([self._adopted])
         return False
 
     @property
@@ -285,6 +288,7 @@ class Worker:
             self._adopted = psutil.Process(launched.pid)
         self.create_time = launched.create_time
         self.spare_id = launched.source_id
+        self.started_through = "spare" if launched.popen is not None else "template"
         self._announces = True
         threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
 
@@ -301,7 +305,7 @@ class Worker:
             assert self._adopted is not None
             # Not our child: no wait() to block in, so poll (gently: this runs for weeks).
             # Zombies count as gone; is_running() also checks the create time (pid reuse).
-            while _any_alive([self._adopted]):
+            while any_alive([self._adopted]):
                 time.sleep(0.5)
             code = None
         if not self._stopping:
@@ -369,14 +373,14 @@ class Worker:
         if self.pid is None or (self._adopted is not None and not self.alive()):
             return  # an adopted pid that is gone may be reused by now: never signal it
         pgid = self.pid  # started with start_new_session: its pid is its process group id
-        members = _group_members(pgid)
-        _signal_group(pgid, signal.SIGTERM)
+        members = group_members(pgid)
+        signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (self.alive() or _any_alive(members)):
+        while time.monotonic() < deadline and (self.alive() or any_alive(members)):
             time.sleep(0.05)
-        if self.alive() or _any_alive(members):
+        if self.alive() or any_alive(members):
             log.warning("worker %s did not stop within %.1fs; killing it", self.id, grace)
-            _signal_group(pgid, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
             for proc in members:
                 try:
                     proc.kill()
@@ -387,13 +391,19 @@ class Worker:
 
     # -- observation --------------------------------------------------------------
     def memory_bytes(self) -> int | None:
-        """Resident memory of the worker and its children (what unloading gives back)."""
+        """Resident memory of the worker and its children (what unloading gives back).
+
+        A worker forked from the template shares its imported pages: RSS would count them once
+        per worker, so its proportional share (PSS) is read instead."""
         if not self.alive():
             return None
         total = 0
-        for proc in [*_try_process(self.pid), *_children(self.pid)]:
+        for proc in [*try_process(self.pid), *children(self.pid)]:
             try:
-                total += proc.memory_info().rss
+                if self.started_through == "template":
+                    total += getattr(proc.memory_full_info(), "pss", 0) or proc.memory_info().rss
+                else:
+                    total += proc.memory_info().rss
             except psutil.Error:
                 pass
         return total
@@ -407,41 +417,3 @@ class Worker:
                 return handle.read().decode("utf-8", "replace")
         except OSError:
             return ""
-
-
-def _children(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _group_members(pgid: int) -> list[psutil.Process]:
-    members = []
-    for proc in [*_try_process(pgid), *_children(pgid)]:
-        members.append(proc)
-    return members
-
-
-def _try_process(pid: int) -> list[psutil.Process]:
-    try:
-        return [psutil.Process(pid)]
-    except psutil.Error:
-        return []
-
-
-def _any_alive(processes: list[psutil.Process]) -> bool:
-    for proc in processes:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.Error:
-            continue
-    return False
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

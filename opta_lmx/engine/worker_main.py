@@ -45,6 +45,12 @@ def _preimport() -> None:
     import vllm_mlx.utils.download  # noqa: F401
 
 
+def warm_up_model_usable(model_path: str | None) -> bool:
+    """Whether a warm-up model was given and exists (the command line generates it: the engine
+    must not import the generated-model tools). Without one, warming up is skipped."""
+    return bool(model_path) and os.path.isfile(os.path.join(model_path, "config.json"))
+
+
 def _warm_up(model_path: str) -> None:
     """Load a tiny model through vllm-mlx's own path and answer once, then drop it.
 
@@ -60,9 +66,6 @@ def _warm_up(model_path: str) -> None:
     from vllm_mlx.engine.simple import SimpleEngine
     from vllm_mlx.utils.download import DownloadConfig, ensure_model_downloaded
 
-    from opta_lmx.devmodel import make_model
-
-    make_model(model_path, size="tiny")  # at once if a previous spare made it
     resolved = ensure_model_downloaded(model_path, config=DownloadConfig(offline=True), is_mllm=False)
     resolve_mllm_route(model_path, str(resolved), force_mllm=False)
 
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if fd is not None:
         os.set_inheritable(fd, False)
     _preimport()
-    if args.warm_up_model:
+    if warm_up_model_usable(args.warm_up_model):
         try:
             _warm_up(args.warm_up_model)
         except Exception as error:  # a spare that did not warm up still saves the imports
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.list_modules, "w") as handle:
             json.dump(sorted(sys.modules), handle)
         return 0
+    print("spare: waiting", flush=True)
     _announce(fd, WAITING)
     try:
         assignment = _read_assignment()

@@ -41,8 +41,12 @@ def worker_spec(config_path: Path, desired: DesiredState, model: ModelSpec) -> W
                       engine=desired.effective_engine(model))
 
 
-def memory_figures(desired: DesiredState, physical: int, available: int | None) -> MemoryFigures:
-    return MemoryFigures(desired.memory.budget_bytes(physical), desired.memory.reserve_bytes(), available)
+def memory_figures(desired: DesiredState, physical: int, available: int | None,
+                   fixed_bytes: int = 0) -> MemoryFigures:
+    """The budget left for workers: `fixed_bytes` (the engine's waiting template or spares,
+    measured) comes off the top, since they hold that memory whatever runs."""
+    budget = max(desired.memory.budget_bytes(physical) - fixed_bytes, 0)
+    return MemoryFigures(budget, desired.memory.reserve_bytes(), available)
 
 
 def planning_bytes(estimate: MemoryEstimate, measured_max: int) -> int:

@@ -164,7 +164,8 @@ class Reconciler:
         observed = with_traffic(self, observing.observe(self, fingerprints), now)
         physical, available = self.memory_probe()
         self.physical_bytes = physical
-        self.memory = memory_figures(self.desired, physical, available)
+        self.pool.configure_starts(self.desired.engine_start)  # fast starts (engine/prepared.py)
+        self.memory = memory_figures(self.desired, physical, available, self.pool.fixed_bytes())
         estimates = self.planning_estimates(fingerprints)  # starts reading hub models' sizes, off the loop
         blocked = self.ledger.blocked(fingerprints, now) | self.downloads.sizing()
         result = plan(

@@ -12,7 +12,7 @@ import enum
 import functools
 import re
 import unicodedata
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -218,6 +218,14 @@ class DemandPolicy(_Strict):
         return 5.0 if self.serve_queue is None else parse_duration(self.serve_queue)
 
 
+class EngineStart(_Strict):
+    """How new workers start (docs/models-yaml.md): `auto` forks from a pre-imported template on
+    Linux and uses waiting spare processes elsewhere; `cold` starts a fresh process every time."""
+
+    mode: Literal["auto", "template", "spare", "cold"] = "auto"
+    spares: int = Field(default=1, ge=1, le=4, description="Spare processes kept waiting (mode spare)")
+
+
 class Defaults(_Strict):
     engine: EngineOptions = Field(default_factory=EngineOptions)
     demand: DemandPolicy = Field(default_factory=DemandPolicy)
@@ -266,6 +274,7 @@ class DesiredState(_Strict):
 
     memory: MemorySpec = Field(default_factory=MemorySpec)
     defaults: Defaults = Field(default_factory=Defaults)
+    engine_start: EngineStart = Field(default_factory=EngineStart)
     models: list[ModelSpec] = Field(default_factory=list, max_length=512)
 
     @model_validator(mode="after")

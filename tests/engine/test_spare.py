@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def ask(address: str, name: str) -> httpx.Response:
 
 
 def test_a_spare_that_dies_is_replaced(tmp_path):
-    spares = SpareWorkers(tmp_path / "spares", worker_environment(), count=1, warm_up=False)
+    spares = SpareWorkers(tmp_path / "spares", worker_environment(), count=1)
     try:
         spares.fill()
         first = waiting_spare(spares)
@@ -189,7 +190,7 @@ def test_control_plane_death_leaves_no_spare_and_its_worker_is_adopted(tmp_path,
 
 @pytest.mark.skipif(not fork_supported(), reason="Linux only")
 def test_a_template_that_dies_is_restarted(tmp_path):
-    template = WorkerTemplate(tmp_path / "template", worker_environment(), warm_up=False)
+    template = WorkerTemplate(tmp_path / "template", worker_environment())
     try:
         template.ensure()
         wait_for(template.waiting.is_set, what="the template")
@@ -203,3 +204,16 @@ def test_a_template_that_dies_is_restarted(tmp_path):
     finally:
         template.close()
     assert gone(first) and gone(second)
+
+
+@pytest.mark.skipif(not fork_supported(), reason="Linux only")
+def test_a_template_closed_while_it_warms_up_stops_at_once_with_its_warm_up(tmp_path, tiny_model):
+    template = WorkerTemplate(tmp_path / "template", worker_environment(), warm_up_model=tiny_model)
+    template.ensure()
+    first = template.pid
+    warm_up = wait_for(lambda: psutil.Process(first).children(), timeout=60, what="the warm-up child")
+    closer = threading.Thread(target=template.close)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "close() hung on a template that was still warming up"
+    wait_for(lambda: gone(first) and all(gone(c.pid) for c in warm_up), timeout=10, what="template and warm-up gone")

@@ -70,6 +70,12 @@ class FakePool:
     def forget(self, worker):
         self._workers.pop(worker.id, None)
 
+    def configure_starts(self, wanted):
+        self.engine_start = wanted
+
+    def fixed_bytes(self):
+        return 0
+
     async def stop_all(self, grace):
         for worker in self.workers():
             await self.stop(worker, grace)
