@@ -40,6 +40,7 @@ class Settings:
     log_level: str = "INFO"  # LMX_LOG_LEVEL
     log_format: str = "human"  # LMX_LOG_FORMAT
     git_commit: bool = False  # LMX_GIT_COMMIT
+    engine_start: str | None = None  # LMX_ENGINE_START: the start mode where models.yaml names none
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -59,6 +60,7 @@ class Settings:
             log_level=get("LMX_LOG_LEVEL") or cls.log_level,
             log_format=get("LMX_LOG_FORMAT") or cls.log_format,
             git_commit=(get("LMX_GIT_COMMIT") or "").lower() in _TRUE,
+            engine_start=get("LMX_ENGINE_START"),
         )
 
     @property

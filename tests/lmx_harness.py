@@ -56,6 +56,9 @@ def worker_processes(state_dir: Path, waiting: bool = True) -> list[psutil.Proce
 def lmx_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["HF_HUB_OFFLINE"] = "1"
+    # Short-lived test servers start cold unless their models.yaml names a mode (the fast-start
+    # tests do): a template or spare each server never uses would double the suite's CPU.
+    env.setdefault("LMX_ENGINE_START", "cold")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env

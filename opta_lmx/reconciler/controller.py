@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from opta_lmx import settings as lmx_settings
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.memory import MemoryEstimate
 from opta_lmx.engine.pool import Pool
@@ -35,7 +36,7 @@ from opta_lmx.reconciler.routes import Route, RouteTable
 from opta_lmx.reconciler.supervision import Supervisor
 from opta_lmx.reconciler.view import LoopHealth
 from opta_lmx.state.document import Document
-from opta_lmx.state.spec import DesiredModelState, DesiredState, ModelSpec
+from opta_lmx.state.spec import DesiredModelState, DesiredState, EngineStart, ModelSpec
 from opta_lmx.state.status import ConfigStatus, EventLog, ModelStatus, Phase
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class Reconciler:
         observed = with_traffic(self, observing.observe(self, fingerprints), now)
         physical, available = self.memory_probe()
         self.physical_bytes = physical
-        self.pool.configure_starts(self.desired.engine_start)  # fast starts (engine/prepared.py)
+        self.pool.configure_starts(engine_start(self.desired))  # fast starts (engine/prepared.py)
         self.memory = memory_figures(self.desired, physical, available, self.pool.fixed_bytes())
         estimates = self.planning_estimates(fingerprints)  # starts reading hub models' sizes, off the loop
         blocked = self.ledger.blocked(fingerprints, now) | self.downloads.sizing()
@@ -332,3 +333,21 @@ def count_unloads(rec: Reconciler, result: Plan) -> None:
         if action.reason.value == "demand":
             for name in [load.name for load in result.loads() if action.worker_id in load.after] or ["?"]:
                 rec.demand_evictions[(action.name, name)] += 1
+
+
+def engine_start(desired: DesiredState) -> EngineStart:
+    """models.yaml's `engine_start`; where the file names none, LMX_ENGINE_START's mode, else `auto`.
+
+    The suite sets LMX_ENGINE_START=cold so that each of its many short-lived servers does not
+    pay for a template it never uses; the fast-start tests name their mode in models.yaml.
+    """
+    if "engine_start" in desired.model_fields_set:
+        return desired.engine_start
+    mode = lmx_settings.current().engine_start
+    if not mode:
+        return desired.engine_start
+    try:
+        return EngineStart(mode=mode)
+    except ValueError:
+        log.warning("LMX_ENGINE_START=%r is not one of auto, template, spare, cold; using auto", mode)
+        return desired.engine_start

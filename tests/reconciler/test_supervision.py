@@ -210,3 +210,16 @@ def test_the_reconciler_offers_everything_the_api_view_names(tmp_path):
         n for n in vars(ControlLoopView) if not n.startswith("_") and callable(getattr(ControlLoopView, n))}
     assert {"health", "nudge", "accept_now", "statuses"} <= members
     assert [m for m in sorted(members) if not hasattr(reconciler, m)] == []
+
+
+def test_engine_start_comes_from_the_file_else_lmx_engine_start(monkeypatch):
+    from opta_lmx.reconciler.controller import engine_start
+    from opta_lmx.state.spec import DesiredState
+
+    monkeypatch.delenv("LMX_ENGINE_START", raising=False)
+    assert engine_start(DesiredState()).mode == "auto"
+    monkeypatch.setenv("LMX_ENGINE_START", "cold")
+    assert engine_start(DesiredState()).mode == "cold"
+    assert engine_start(DesiredState(engine_start={"mode": "spare"})).mode == "spare"  # the file wins
+    monkeypatch.setenv("LMX_ENGINE_START", "warp")
+    assert engine_start(DesiredState()).mode == "auto"  # a bad value is ignored, with a warning
