@@ -142,8 +142,11 @@ class SlowToStopWorker:
         self.spec, self.id, self.run_dir = spec, f"{spec.name}-slow", run_dir
         self.stopped = False
 
-    def spawn(self):
+    def spawn(self, prepared=None):
         return None
+
+    def environment(self):
+        return {}
 
     def record(self):
         return WorkerRecord(worker_id=self.id, name=self.spec.name, fingerprint="f", source="/tmp", engine={},
