@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 MiB = 1024**2
@@ -79,3 +80,10 @@ class FakePool:
     async def stop_all(self, grace):
         for worker in self.workers():
             await self.stop(worker, grace)
+
+
+async def until(condition, bound=20.0):
+    """Poll until `condition()` holds; a bound, not a measurement: the test fails if it never does."""
+    async with asyncio.timeout(bound):
+        while not condition():
+            await asyncio.sleep(0.01)

@@ -14,9 +14,8 @@ from opta_lmx.engine import pool as pool_module
 from opta_lmx.engine.pool import WorkerPool
 from opta_lmx.engine.records import WorkerRecord
 from opta_lmx.reconciler.controller import LoopSettings, Reconciler
-from opta_lmx.reconciler.ledger import WorkerPhase
 from opta_lmx.state.status import Phase
-from tests.reconciler.fakes import FakePool, FakeWorker, MiB
+from tests.reconciler.fakes import FakePool, FakeWorker, MiB, until
 
 MODEL_A = "models:\n  - {name: a, source: /tmp, memory: 10MiB}\n"
 SETTINGS = LoopSettings(backoff_base=1, backoff_max=4, pass_backoff_base=0.05, pass_backoff_max=0.2,
@@ -28,13 +27,6 @@ def make(tmp_path, pool=None):
     pool = pool or FakePool()
     return Reconciler(tmp_path / "models.yaml", pool, settings=SETTINGS,
                       memory_probe=lambda: (16_000 * MiB, 10_000 * MiB)), pool
-
-
-async def until(condition, bound=20.0):
-    """Poll until `condition()` holds; a bound, not a measurement: the test fails if it never does."""
-    async with asyncio.timeout(bound):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def gate_route_setting(reconciler) -> asyncio.Event:
