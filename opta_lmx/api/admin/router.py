@@ -59,6 +59,13 @@ async def _edit(request: Request, endpoint: str, mutate, *, subject="config", gu
                                          create=_flag(request, "create"))
 
 
+async def _edit_model(request: Request, verb: str, name: str, mutate) -> JSONResponse:
+    """Edit one entry, then answer (waiting for it to settle if `?wait` asks)."""
+    timeout = wait_query(dict(request.query_params)).seconds()
+    result, generation = await _edit(request, f"{verb} /admin/models/{name}", mutate, subject=name)
+    return _send(await _service(request).answer(result, generation, name, timeout))
+
+
 async def _json(request: Request) -> dict:
     return json_object(await read_body(request))
 
@@ -86,10 +93,7 @@ async def put_model(name: str, request: Request) -> JSONResponse:
         raise APIError(422, f"the body names `{spec['name']}` but the URL names `{name}`; rename by "
                             "DELETE and PUT", "name_mismatch", param="name")
     spec = {"name": name, **{k: v for k, v in spec.items() if k != "name"}}
-    timeout = wait_query(dict(request.query_params)).seconds()
-    result, generation = await _edit(request, f"PUT /admin/models/{name}",
-                                     lambda tree: edits.put_model(tree, name, spec), subject=name)
-    return _send(await _service(request).answer(result, generation, name, timeout))
+    return await _edit_model(request, "PUT", name, lambda tree: edits.put_model(tree, name, spec))
 
 
 @router.patch("/models/{name}", openapi_extra=docs.PATCH_MODEL)
@@ -99,18 +103,12 @@ async def patch_model(name: str, request: Request) -> JSONResponse:
     if patch.get("name", name) != name:
         raise APIError(422, "a model cannot be renamed by PATCH; DELETE it and PUT the new name",
                        "name_mismatch", param="name")
-    timeout = wait_query(dict(request.query_params)).seconds()
-    result, generation = await _edit(request, f"PATCH /admin/models/{name}",
-                                     lambda tree: edits.patch_model(tree, name, patch), subject=name)
-    return _send(await _service(request).answer(result, generation, name, timeout))
+    return await _edit_model(request, "PATCH", name, lambda tree: edits.patch_model(tree, name, patch))
 
 
 @router.delete("/models/{name}", openapi_extra=docs.DELETE_MODEL)
 async def delete_model(name: str, request: Request) -> JSONResponse:
-    timeout = wait_query(dict(request.query_params)).seconds()
-    result, generation = await _edit(request, f"DELETE /admin/models/{name}",
-                                     lambda tree: edits.delete_model(tree, name), subject=name)
-    return _send(await _service(request).answer(result, generation, name, timeout))
+    return await _edit_model(request, "DELETE", name, lambda tree: edits.delete_model(tree, name))
 
 
 # -- imperative verbs, each one desired-state edit ----------------------------------------
