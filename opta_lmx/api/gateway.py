@@ -52,9 +52,8 @@ INFERENCE_PATHS = (
     "/v1/embeddings",
     *EXTRA_POST_PATHS,
 )
-# Hop-by-hop headers (RFC 9110 7.6.1) and ones the upstream request recomputes.
-_DROP_REQUEST = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-                           "upgrade", "proxy-connection", "authorization", "x-admin-key"})
+# Hop-by-hop response headers (RFC 9110 7.6.1) and ones the relay recomputes; the request's are
+# dropped by engine/worker_auth.upstream_headers, which also strips the client's credentials.
 _DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                             "server", "date"})
 _USAGE_CHUNKS = 8  # last chunks of a response kept to read its token usage at the end
@@ -65,8 +64,7 @@ Disconnected = Callable[[], Awaitable[bool]]
 def worker_headers(app_state, address: str, client_headers) -> list[tuple[str, str]]:
     """What a relayed request carries upstream: never the client's keys or cookies; the worker's own key."""
     secret = getattr(app_state, "worker_secret", None)
-    kept = [(k, v) for k, v in client_headers if k.lower() not in _DROP_REQUEST]
-    return upstream_headers(kept, worker_key(secret, address) if secret else None)
+    return upstream_headers(client_headers, worker_key(secret, address) if secret else None)
 
 
 @dataclass

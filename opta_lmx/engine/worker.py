@@ -141,6 +141,7 @@ class Worker:
         self._served_announced = False
         self._announces = False  # started through a spare or template: ready only once it says so
         self.unadoptable: str | None = None  # why a previous run's worker must be stopped, not adopted
+        self._api_key: str | None = None
 
     # -- identity -----------------------------------------------------------------
     @classmethod
@@ -220,9 +221,13 @@ class Worker:
         ]
 
     def api_key(self) -> str | None:
-        """This worker's key (engine/worker_auth.py), or None if the control plane made no secret."""
-        secret = read_secret(self.run_dir.parent)
-        return worker_key(secret, self.address) if secret else None
+        """This worker's key (engine/worker_auth.py), or None if the control plane made no secret.
+
+        Kept once found: the loop asks on every measurement, and a secret, once made, never changes."""
+        if self._api_key is None:
+            secret = read_secret(self.run_dir.parent)
+            self._api_key = worker_key(secret, self.address) if secret else None
+        return self._api_key
 
     def environment(self) -> dict[str, str]:
         # No LMX_* variable (the gateway's keys among them) reaches a worker or the model code it runs.
