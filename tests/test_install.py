@@ -7,10 +7,9 @@ import fnmatch
 import re
 import shlex
 import sys
+import tomllib
 
 import pytest
-
-tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 from opta_lmx.cli import build_parser, main
 from opta_lmx.cli.serve import DEFAULT_MODELS_YAML

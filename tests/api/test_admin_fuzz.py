@@ -18,9 +18,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import schemathesis  # a declared test dependency: missing, the fuzz fails rather than skips
 from hypothesis import HealthCheck, settings
-
-schemathesis = pytest.importorskip("schemathesis")
 
 from opta_lmx.state.store import ModelsStore  # noqa: E402
 from tests.api.fake_loop import FakeLoop, admin_app  # noqa: E402
