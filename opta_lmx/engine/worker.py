@@ -261,9 +261,10 @@ class Worker:
             return
         log_file = open(self.log_path, "ab", buffering=0)
         self.started_at = time.time()
-        log.info("starting worker %s: %s", self.id, " ".join(self.command()))
+        command = self.command()  # logged from `vllm_mlx.cli` on: the launcher's code is noise
+        log.info("starting worker %s: %s", self.id, " ".join(command[command.index("vllm_mlx.cli"):]))
         self._proc = subprocess.Popen(
-            self.command(),
+            command,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
