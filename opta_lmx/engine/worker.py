@@ -262,7 +262,8 @@ class Worker:
         log_file = open(self.log_path, "ab", buffering=0)
         self.started_at = time.time()
         command = self.command()  # logged from `vllm_mlx.cli` on: the launcher's code is noise
-        log.info("starting worker %s: %s", self.id, " ".join(command[command.index("vllm_mlx.cli"):]))
+        shown = command[command.index("vllm_mlx.cli"):] if "vllm_mlx.cli" in command else command
+        log.info("starting worker %s: %s", self.id, " ".join(shown))
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
