@@ -268,7 +268,8 @@ async def health(request: Request) -> dict:
     return await _service(request).health()
 
 
-@probes.get("/readyz")
+@probes.get("/readyz", responses={503: {"description": "Not ready: `reasons` says why (no valid "
+                                            "models.yaml yet, not converged, the loop stopped)"}})
 async def readyz(request: Request) -> JSONResponse:
     """Ready once the loop runs, a valid desired state is in force and every model is as desired."""
     body = _service(request).readiness()
