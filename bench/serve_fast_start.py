@@ -26,13 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 import swap_vs_registry
 from _common import REPO, lmx_env, save
 from first_answer import bare_seconds
-from swap_vs_registry import Registry
+from swap_vs_registry import CLIENT, Registry
 
 from opta_lmx.devmodel import make_model, model_files
 from opta_lmx.engine.template import fork_supported
@@ -48,14 +47,14 @@ def config_text(mode: str, source: Path, budget: int, model_bytes: int, extra: s
 
 
 def status(server: Server, name: str) -> dict:
-    for model in server.admin_models()["models"]:
+    for model in CLIENT.get(server.base_url + "/admin/models").json()["models"]:
         if model["name"] == name:
             return model["status"] or {}
     return {}
 
 
 def answer(server: Server, name: str) -> None:
-    response = httpx.post(server.base_url + "/v1/chat/completions", timeout=600, json={
+    response = CLIENT.post(server.base_url + "/v1/chat/completions", json={
         "model": name, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1})
     assert response.status_code == 200 and response.json()["model"] == name, response.text
 

@@ -369,7 +369,11 @@ class Worker:
             return False
 
     async def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left after `grace` seconds."""
+        """SIGTERM the process group, then SIGKILL whatever is left after `grace` seconds.
+
+        `grace=0` kills at once, without SIGTERM: for a drained worker (nothing in flight), whose
+        graceful shutdown would only save a prefix cache into its own HOME, which no later worker
+        reads (the pool deletes it). Measured: 0.2 s sooner per unload (docs/reconciler.md)."""
         self._stopping = True
         if self.pid is None:
             return
@@ -381,12 +385,14 @@ class Worker:
             return  # an adopted pid that is gone may be reused by now: never signal it
         pgid = self.pid  # started with start_new_session: its pid is its process group id
         members = group_members(pgid)
-        signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (self.alive() or any_alive(members)):
-            time.sleep(0.05)
+        if grace > 0:
+            signal_group(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and (self.alive() or any_alive(members)):
+                time.sleep(0.05)
+            if self.alive() or any_alive(members):
+                log.warning("worker %s did not stop within %.1fs; killing it", self.id, grace)
         if self.alive() or any_alive(members):
-            log.warning("worker %s did not stop within %.1fs; killing it", self.id, grace)
             signal_group(pgid, signal.SIGKILL)
             for proc in members:
                 try:
@@ -395,6 +401,9 @@ class Worker:
                     pass
             if self._proc is not None:
                 self._proc.wait(timeout=5)
+            deadline = time.monotonic() + 5.0  # the kernel returns its memory as the process goes
+            while time.monotonic() < deadline and (self.alive() or any_alive(members)):
+                time.sleep(0.005)
 
     # -- observation --------------------------------------------------------------
     def memory_bytes(self) -> int | None:

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 WAITING = "waiting"
 SERVING = "serving"
@@ -106,7 +107,14 @@ def _become(assignment: dict) -> None:
     os.close(devnull)
 
 
-def _announce_when_serving(fd: int | None) -> None:
+def milestone(what: str, since: float | None = None) -> None:
+    """One timestamped line in the worker's log: where a start's time goes (bench/swap_timeline.py)."""
+    now = time.time()
+    after = f" ({now - since:.3f}s after assignment)" if since is not None else ""
+    print(f"lmx-worker: {what} at {now:.3f}{after}", flush=True)
+
+
+def _announce_when_serving(fd: int | None, assigned: float | None = None) -> None:
     """Make vllm-mlx's `uvicorn.run(app, ...)` announce once the server listens."""
     import uvicorn
 
@@ -115,8 +123,10 @@ def _announce_when_serving(fd: int | None) -> None:
             await super().startup(sockets=sockets)
             if self.started:
                 _announce(fd, SERVING)
+                milestone("serving", assigned)
 
     def run(app, **kwargs) -> None:
+        milestone("model loaded", assigned)  # vllm-mlx loads the model before it runs uvicorn
         server = AnnouncingServer(uvicorn.Config(app, **kwargs))
         server.run()
         if not server.started:
@@ -164,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(assignment: dict, announce_fd: int | None) -> None:
     """Become the assigned worker and run `vllm-mlx serve` until it stops."""
+    assigned = time.time()
     _become(assignment)
-    _announce_when_serving(announce_fd)
+    milestone("assigned", None)
+    _announce_when_serving(announce_fd, assigned)
     import vllm_mlx.cli
 
     sys.argv = ["vllm-mlx", *assignment["argv"]]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.download import DownloadError
 from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
+from opta_lmx.reconciler import statuses
 from opta_lmx.reconciler.ledger import WorkerEntry, WorkerPhase
 from opta_lmx.reconciler.plan import LoadModel, UnloadModel, UnloadReason
 from opta_lmx.reconciler.routes import Route
@@ -46,6 +47,8 @@ class Actions:
         self.rec = rec
         self.tasks: dict[str, asyncio.Task] = {}  # "load:<name>" or "unload:<worker id>" -> task
         self._background: set[asyncio.Task] = set()
+        self.freed = asyncio.Event()  # set when a ledger entry leaves: loads waiting for memory re-check
+        rec.ledger.on_gone = self.freed.set
 
     def apply(self, actions) -> None:
         """Start each action; one that raises fails alone (a load backs off), the others still start."""
@@ -114,6 +117,7 @@ class Actions:
             log.info("model %s ready at %s in %.1fs", name, worker.address, worker.load_seconds or 0)
             self._measure_later(entry, worker)
             await self.route_ready(entry, worker)
+            statuses.refresh_status(rec, name)  # Ready in status now, not after the next pass
         except asyncio.CancelledError:
             self._end_load(entry)
             return
@@ -150,7 +154,12 @@ class Actions:
                 raise WorkerStartError(
                     f"memory was not freed within {rec.settings.memory_wait_timeout:.0f}s", permanent=False
                 )
-            await asyncio.sleep(0.05)
+            self.freed.clear()  # woken the moment an unload ends (was: the next 50 ms poll)
+            try:
+                async with asyncio.timeout(0.05):
+                    await self.freed.wait()
+            except TimeoutError:
+                pass
         rec.statuses.setdefault(entry.model, ModelStatus()).phase = Phase.LOADING
         rec.ledger.move(entry, WorkerPhase.LOADING, ("Loading", f"loading {spec.source} (memory freed)"))
 
@@ -198,7 +207,8 @@ class Actions:
         self.tasks[key] = asyncio.create_task(self._unload(entry, worker), name=key)
 
     async def _unload(self, entry: WorkerEntry, worker: Worker | None) -> None:
-        """Drain (in-flight requests finish, bounded by drain_timeout), then stop (bounded by stop_grace)."""
+        """Drain (in-flight requests finish, bounded by drain_timeout), then stop: at once once drained,
+        else SIGTERM bounded by stop_grace."""
         rec, name, traffic = self.rec, entry.model, entry.traffic
         try:
             if traffic.in_flight:
@@ -210,8 +220,8 @@ class Actions:
                     rec.events.record(name, "DrainTimeout", f"{traffic.in_flight} request(s) still in flight after "
                                       f"{rec.settings.drain_timeout:.0f}s; stopping anyway", kind="Warning")
             rec.ledger.move(entry, WorkerPhase.STOPPING)
-            if worker is not None:
-                await rec.pool.stop(worker, rec.settings.stop_grace)
+            if worker is not None:  # drained: nothing to finish or save, so no SIGTERM (Worker.stop)
+                await rec.pool.stop(worker, 0.0 if not traffic.in_flight else rec.settings.stop_grace)
             rec.ledger.move(entry, WorkerPhase.GONE, ("Unloaded", f"worker {entry.worker_id} stopped"))
         finally:
             if entry.phase != WorkerPhase.GONE:

@@ -52,7 +52,8 @@ class LoopSettings:
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     stable_after: float = 120.0  # a worker up this long resets its crash backoff
-    watch_debounce_ms: int = 100
+    watch_debounce_ms: int = 100  # a burst of changes is grouped for at most this long...
+    watch_step_ms: int = 10  # ...and reported once none came for this long (watchfiles' `step`; was 50)
     drain_timeout: float = 30.0  # in-flight requests of a worker being unloaded get this long
     memory_wait_timeout: float = 300.0  # a load waiting for unloads to free memory gives up after this
     demand_ttl: float = 120.0  # an on-demand request counts as demand this long (its wait bound)
@@ -146,8 +147,10 @@ class Reconciler:
                 await self._reconcile_once()
         finally:
             self.passes += 1
+            took = time.perf_counter() - started
+            log.debug("pass %d took %.3fs", self.passes, took)
             for listener in self.pass_listeners:
-                listener(time.perf_counter() - started)
+                listener(took)
 
     async def _reconcile_once(self) -> None:
         await observing.read_desired(self)

@@ -127,6 +127,7 @@ class Ledger:
     backoff: Backoff = field(default_factory=Backoff)
     entries: dict[str, WorkerEntry] = field(default_factory=dict)  # by entry key
     failures: dict[str, Failure] = field(default_factory=dict)  # by model
+    on_gone: Callable[[], None] | None = None  # called when an entry leaves (a load waiting for memory wakes)
 
     # -- entries --------------------------------------------------------------------
     def begin_load(self, model: str, fingerprint: str, waiting_for: str, event: tuple[str, str] | None,
@@ -166,6 +167,8 @@ class Ledger:
             self.entries[entry.key] = entry
         if event is not None:
             self.events.record(entry.model, *event, kind=kind)
+        if phase == WorkerPhase.GONE and self.on_gone is not None:
+            self.on_gone()
 
     def get(self, key: str) -> WorkerEntry | None:
         return self.entries.get(key)

@@ -20,38 +20,54 @@ def update_statuses(rec: Reconciler, fingerprints: dict[str, str], blocked: froz
     now = rec.clock()
     desired_names = {m.name for m in rec.desired.models}
     for model in rec.desired.models:
-        status = rec.statuses.setdefault(model.name, ModelStatus())
-        phase, reason, message = phase_of(rec, model, fingerprints[model.name], blocked)
-        route = rec.routes.get(model.name)
-        worker = rec.pool.get(route.worker_id) if route else None
-        if phase != status.phase and phase == Phase.UNSCHEDULABLE:  # the other phases have their own events
-            rec.events.record(model.name, reason, message, kind="Warning")
-        status.phase = phase
-        status.reason, status.message = reason, message
-        status.pid = worker.pid if worker else None
-        status.address = worker.address if worker else None
-        status.started_at = worker.started_at if worker else None
-        status.estimated_bytes = rec.estimate(model).total_bytes
-        entry = rec.ledger.get(route.worker_id) if route else None
-        status.measured_bytes = entry.measured_bytes if entry else None
-        status.download = rec.downloads.status_of(model.name)
-        status.observed_generation = rec.generation
-        status.set_condition("Ready", phase == Phase.READY, reason, message, rec.generation, now)
-        verdict = rec.verdicts.get(model.name)
-        if verdict is not None:
-            scheduled = (False, "InsufficientMemory", verdict.message)
-        elif phase == Phase.UNLOADED:
-            scheduled = (False, "NotWanted", message)
-        else:
-            scheduled = (True, "Fits", f"planned at {format_size(_planned_bytes(rec, model))} "
-                         f"within the {format_size(rec.memory.budget_bytes)} budget")
-        status.set_condition("Scheduled", *scheduled, rec.generation, now)
+        _update_status(rec, model, fingerprints[model.name], blocked, now)
     for name in list(rec.statuses):
         if name not in desired_names:
             if any(e.worker_id for e in rec.ledger.of(name)):
                 rec.statuses[name].phase = Phase.UNLOADING
             else:
                 del rec.statuses[name]
+
+
+def refresh_status(rec: Reconciler, name: str) -> None:
+    """One model's status now, between passes: a worker that just became Ready shows so at once,
+    not after the next pass (the phase a client polls for, and the pid it reads)."""
+    model = rec.desired.model(name) if rec.desired else None
+    if model is None:
+        return
+    fingerprint = rec.worker_spec(model).fingerprint
+    now = rec.clock()
+    blocked = rec.ledger.blocked({name: fingerprint}, now) | rec.downloads.sizing()
+    _update_status(rec, model, fingerprint, blocked, now)
+
+
+def _update_status(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked: frozenset[str], now: float) -> None:
+    status = rec.statuses.setdefault(model.name, ModelStatus())
+    phase, reason, message = phase_of(rec, model, fingerprint, blocked)
+    route = rec.routes.get(model.name)
+    worker = rec.pool.get(route.worker_id) if route else None
+    if phase != status.phase and phase == Phase.UNSCHEDULABLE:  # the other phases have their own events
+        rec.events.record(model.name, reason, message, kind="Warning")
+    status.phase = phase
+    status.reason, status.message = reason, message
+    status.pid = worker.pid if worker else None
+    status.address = worker.address if worker else None
+    status.started_at = worker.started_at if worker else None
+    status.estimated_bytes = rec.estimate(model).total_bytes
+    entry = rec.ledger.get(route.worker_id) if route else None
+    status.measured_bytes = entry.measured_bytes if entry else None
+    status.download = rec.downloads.status_of(model.name)
+    status.observed_generation = rec.generation
+    status.set_condition("Ready", phase == Phase.READY, reason, message, rec.generation, now)
+    verdict = rec.verdicts.get(model.name)
+    if verdict is not None:
+        scheduled = (False, "InsufficientMemory", verdict.message)
+    elif phase == Phase.UNLOADED:
+        scheduled = (False, "NotWanted", message)
+    else:
+        scheduled = (True, "Fits", f"planned at {format_size(_planned_bytes(rec, model))} "
+                     f"within the {format_size(rec.memory.budget_bytes)} budget")
+    status.set_condition("Scheduled", *scheduled, rec.generation, now)
 
 
 def show_download(rec: Reconciler, name: str) -> None:

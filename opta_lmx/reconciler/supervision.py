@@ -143,7 +143,7 @@ class Supervisor:
                 *watched,
                 watch_filter=lambda _change, path: Path(path).name in names,
                 debounce=self.rec.settings.watch_debounce_ms,
-                step=50,
+                step=self.rec.settings.watch_step_ms,
                 recursive=False,
             ):
                 self.rec.nudge()
