@@ -88,6 +88,8 @@ def one_swap(server, mode: str, current: Path, other: Path, budget: int, model_b
             cpu = {pid: round(cpu_seconds(pid) - before, 3) for pid, before in cpu_before.items()}
             answer(server, "m")
             marks["client: answer returned"] = time.time()
+            answer(server, "m")
+            marks["client: second answer returned (not part of the swap)"] = time.time()
             break
         time.sleep(0.01)
     time.sleep(1.0)  # let the old worker's exit and the last events land

@@ -18,6 +18,7 @@ import httpx
 import psutil
 
 from opta_lmx.engine.files import UnreadableFile, read_regular_file
+from opta_lmx.engine.worker_auth import loopback_client
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import EngineOptions
 
@@ -238,7 +239,7 @@ async def mlx_memory_bytes(address: str, client: httpx.AsyncClient | None = None
     headers = {"Authorization": f"Bearer {key}"} if key else None
     try:
         if client is None:
-            async with httpx.AsyncClient(timeout=2.0) as own:
+            async with loopback_client(2.0) as own:
                 response = await own.get(f"{address}/v1/status", headers=headers)
         else:
             response = await client.get(f"{address}/v1/status", timeout=2.0, headers=headers)

@@ -30,7 +30,7 @@ from opta_lmx.engine.options import serve_args
 from opta_lmx.engine.process_group import any_alive, children, group_members, signal_group, try_process
 from opta_lmx.engine.records import WorkerRecord, process_create_time
 from opta_lmx.engine.worker_main import SERVING
-from opta_lmx.engine.worker_auth import KEY_VARIABLE, LAUNCHER, read_secret, worker_key
+from opta_lmx.engine.worker_auth import KEY_VARIABLE, LAUNCHER, loopback_client, read_secret, worker_key
 from opta_lmx.engine.worker_log import (  # noqa: F401 (rotate_log, LOG_* re-exported)
     LOG_KEEP,
     LOG_MAX_BYTES,
@@ -328,7 +328,7 @@ class Worker:
         self._wake = lambda: loop.call_soon_threadsafe(announced.set)
         if self._served_announced:
             announced.set()
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with loopback_client(2.0) as client:
             while True:
                 if not self.alive():
                     tail = self.log_tail()
@@ -357,7 +357,7 @@ class Worker:
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         """Whether the worker answers /health with its model loaded (used to adopt it)."""
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with loopback_client(timeout) as client:
             return await self._serves(client)
 
     async def _serves(self, client: httpx.AsyncClient) -> bool:
