@@ -38,6 +38,7 @@ class FakePool:
         self.clock = lambda: 1.0
         self._workers = {}
         self.started, self.stopped = [], []
+        self.graces: list[float] = []  # the grace each stop was given (0: killed at once, drained)
         self.attempts = 0
         self.start_error: BaseException | None = None
 
@@ -63,7 +64,8 @@ class FakePool:
         self.started.append(spec.name)
         return worker
 
-    async def stop(self, worker, _grace):
+    async def stop(self, worker, grace):
+        self.graces.append(grace)
         worker.stopping, worker._alive = True, False
         self._workers.pop(worker.id, None)
         self.stopped.append(worker.spec.name)

@@ -121,3 +121,16 @@ def test_planning_bytes(estimate, measured_max, expected):
 )
 def test_held_bytes(current, old_override, measured, measured_max, expected):
     assert held_bytes(current, old_override, measured, measured_max) == expected
+
+
+def test_an_entry_that_leaves_wakes_whoever_waits_for_memory():
+    gone = []
+    ledger = Ledger(EventLog(), on_gone=lambda: gone.append(True))
+    entry = ledger.begin_load("a", "fp", "", None)
+    ledger.move(entry, P.READY, worker=_worker("w1"))
+    assert gone == []
+    ledger.move(entry, P.DRAINING)
+    ledger.move(entry, P.STOPPING)
+    assert gone == []
+    ledger.move(entry, P.GONE)
+    assert gone == [True] and list(ledger) == []

@@ -7,7 +7,7 @@ import asyncio
 
 from opta_lmx.reconciler.controller import LoopSettings, Reconciler
 from opta_lmx.state.status import Phase
-from tests.reconciler.fakes import FakePool, MiB
+from tests.reconciler.fakes import FakePool, MiB, until
 
 
 def make(tmp_path, text, available=[10_000 * MiB]):
@@ -72,6 +72,42 @@ def test_unload_waits_for_requests_in_flight(tmp_path):
         route.traffic.end()
         await settle(reconciler)
         assert pool.stopped == ["a"]
+        assert pool.graces == [0.0]  # drained: killed at once, no graceful shutdown to wait for
+        await reconciler.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_still_busy_after_the_drain_timeout_gets_sigterm_and_the_stop_grace(tmp_path):
+    (tmp_path / "models.yaml").write_text("models:\n  - {name: a, source: /tmp, memory: 10MiB}\n")
+    pool = FakePool()
+    reconciler = Reconciler(tmp_path / "models.yaml", pool, settings=LoopSettings(drain_timeout=0.1, stop_grace=7.0),
+                            memory_probe=lambda: (16_000 * MiB, 10_000 * MiB))
+
+    async def scenario():
+        await settle(reconciler)
+        reconciler.route("a").traffic.begin()  # never ends
+        (tmp_path / "models.yaml").write_text("models: []\n")
+        await settle(reconciler)
+        assert pool.stopped == ["a"] and pool.graces == [7.0]
+        assert "DrainTimeout" in [e.reason for e in reconciler.events.since()]
+        await reconciler.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_ready_worker_shows_in_status_before_the_next_pass(tmp_path):
+    reconciler, pool = make(tmp_path, "models:\n  - {name: a, source: /tmp, memory: 10MiB}\n")
+
+    async def scenario():
+        await reconciler.reconcile_once()  # starts the load; its status says Loading
+        assert reconciler.statuses["a"].phase == Phase.LOADING
+        passes = reconciler.passes
+        await until(lambda: not reconciler.actions.tasks)
+        assert reconciler.passes == passes  # no pass ran meanwhile...
+        status = reconciler.statuses["a"]  # ...and yet the status shows the worker that serves
+        assert status.phase == Phase.READY and status.pid == pool.workers()[0].pid
+        assert [c.status for c in status.conditions if c.type == "Ready"] == ["True"]
         await reconciler.shutdown()
 
     asyncio.run(scenario())
