@@ -68,9 +68,26 @@ def prepared_waiting(server: Server, mode: str) -> bool:
 
 
 def settle(server: Server, mode: str) -> None:
-    """Wait until the template or a spare waits (a spare refills after a take), then let the CPU calm."""
+    """Wait until the template or a spare waits, then until this server's processes are idle: a
+    spare refills after each take (seconds of imports and a warm-up), and a refill still running
+    would be timed as part of the next swap (the logs of spares already taken also say `waiting`)."""
     server.wait_for(lambda s: prepared_waiting(s, mode), 600, f"{mode} waiting")
-    time.sleep(2.0)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        processes = [psutil.Process(server.proc.pid), *worker_processes(server.state_dir)]
+        before = sum(_cpu(p) for p in processes)
+        time.sleep(1.0)
+        if sum(_cpu(p) for p in processes) - before < 0.05:  # under 5% of a core over a second
+            return
+    raise RuntimeError("the server's processes did not go idle within 120 s")
+
+
+def _cpu(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+        return times.user + times.system + times.children_user + times.children_system
+    except psutil.Error:
+        return 0.0
 
 
 def timed_edit(server: Server, text: str, done) -> float:

@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--size", default="small")
     parser.add_argument("--mode", default="template")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--budgets", nargs="+", default=["one", "both"], choices=["one", "both"])
     args = parser.parse_args()
     os.environ.update(lmx_env())
     result: dict = {"size": args.size, "mode": args.mode, "swaps": {}}
@@ -128,7 +129,7 @@ def main() -> None:
             server.wait_ready("m", timeout=600)
             current = a
             for _ in range(args.repeats):
-                for budget in ("one", "both"):
+                for budget in args.budgets:
                     server.write_config(config_text(args.mode, current, budgets[budget], model_bytes))
                     other = b if current == a else a
                     swap = one_swap(server, args.mode, current, other, budgets[budget], model_bytes)
