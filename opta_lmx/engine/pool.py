@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 from opta_lmx.engine.prepared import PreparedStarts
 from opta_lmx.engine.records import WorkerRecords
 from opta_lmx.engine.template import TemplateError
-from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
+from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError, release_port
 from opta_lmx.state.spec import EngineStart
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,8 @@ class WorkerPool:
     def _drop(self, worker: Worker) -> None:
         self._workers.pop(worker.id, None)
         self.records.remove(worker.id)
+        if not worker.alive():
+            release_port(worker.port)  # also for a worker whose spawn failed (no exit waiter ran)
         if self.log_dir is not None and not worker.alive():
             # Its HOME (vllm-mlx's prefix cache) is never reused by another worker id: over
             # weeks of a service these directories would pile up. Its log lives in log_dir/<model>/.

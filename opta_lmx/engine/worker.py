@@ -73,10 +73,35 @@ class WorkerSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# Ports given to this process's live workers. The kernel's bind(0) may hand the same free port
+# to two workers started together (seen: two cold workers on one port, the second failed to bind
+# and the first answered the readiness probe of both), so a port stays reserved until its worker exits.
+_RESERVED_PORTS: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+
+
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now and that no other live worker of this process was given."""
+    with _PORTS_LOCK:
+        for _ in range(100):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+            if port not in _RESERVED_PORTS:
+                _RESERVED_PORTS.add(port)
+                return port
+    raise OSError("no free TCP port that no other worker was given")
+
+
+def release_port(port: int) -> None:
+    with _PORTS_LOCK:
+        _RESERVED_PORTS.discard(port)
+
+
+def reserve_port(port: int) -> None:
+    """A port already in use by a worker this process did not start (an adopted one)."""
+    with _PORTS_LOCK:
+        _RESERVED_PORTS.add(port)
 
 
 # Markers in a worker's log that mean retrying the same spec will fail the same way.
@@ -115,6 +140,7 @@ class Worker:
         self.run_dir = Path(run_dir) / self.id
         self.host = host
         self.port = port or free_tcp_port(host)
+        reserve_port(self.port)
         self.address = f"http://{host}:{self.port}"
         # One log per worker process (<log_dir>/<model>/<worker id>.log): failure classification
         # reads only this worker's output, never an older worker's (whose clients' prompts may say
@@ -317,6 +343,7 @@ class Worker:
             code = None
         if not self._stopping:
             log.warning("worker %s (pid %s) exited with %s", self.id, self.pid, code)
+        release_port(self.port)
         if self._on_exit:
             self._on_exit(self)
 
@@ -361,11 +388,14 @@ class Worker:
             return await self._serves(client)
 
     async def _serves(self, client: httpx.AsyncClient) -> bool:
-        """The one readiness test: /health answers 200 with the model loaded."""
+        """The one readiness test: /health answers 200 with the model loaded, under this worker's
+        served name (another process on the port, say another model's worker, is not this one)."""
         try:
             response = await client.get(f"{self.address}/health")
-            return response.status_code == 200 and bool(response.json().get("model_loaded"))
-        except (httpx.HTTPError, ValueError):
+            body = response.json()
+            return (response.status_code == 200 and bool(body.get("model_loaded"))
+                    and body.get("model_name") in (None, self.spec.name))
+        except (httpx.HTTPError, ValueError, AttributeError):
             return False
 
     async def stop(self, grace: float = 10.0) -> None:

@@ -117,7 +117,6 @@ class Actions:
             log.info("model %s ready at %s in %.1fs", name, worker.address, worker.load_seconds or 0)
             self._measure_later(entry, worker)
             await self.route_ready(entry, worker)
-            statuses.refresh_status(rec, name)  # Ready in status now, not after the next pass
         except asyncio.CancelledError:
             self._end_load(entry)
             return
@@ -133,6 +132,10 @@ class Actions:
             self.fail(name, entry.fingerprint, f"{type(error).__name__}: {error}", permanent=False)
         finally:
             self.tasks.pop(f"load:{name}", None)
+            try:  # Ready, BackOff or Failed in status now, not at the next pass (which rewrites it anyway)
+                statuses.refresh_status(rec, name)
+            except Exception:  # noqa: BLE001 - a status is not worth a lost nudge
+                log.exception("refreshing the status of %s raised", name)
             rec.nudge()
 
     async def _download(self, entry: WorkerEntry, spec: WorkerSpec, after: tuple[str, ...]) -> None:

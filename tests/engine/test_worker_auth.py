@@ -104,7 +104,7 @@ def test_readiness_calls_to_a_worker_ignore_proxy_settings(tmp_path, monkeypatch
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the stdlib's name
-            body = b'{"status": "healthy", "model_loaded": true}'
+            body = b'{"status": "healthy", "model_loaded": true, "model_name": "m"}'
             self.send_response(200 if self.path == "/health" else 404)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
