@@ -12,7 +12,8 @@ from typing import Protocol, runtime_checkable
 from opta_lmx.engine.prepared import PreparedStarts
 from opta_lmx.engine.records import WorkerRecords
 from opta_lmx.engine.template import TemplateError
-from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError, release_port
+from opta_lmx.engine.ports import release_port
+from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
 from opta_lmx.state.spec import EngineStart
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import httpx
 import psutil
 
 from opta_lmx.engine.options import serve_args
+from opta_lmx.engine.ports import free_tcp_port, release_port, reserve_port
 from opta_lmx.engine.process_group import any_alive, children, group_members, signal_group, try_process
 from opta_lmx.engine.records import WorkerRecord, process_create_time
 from opta_lmx.engine.worker_main import SERVING
@@ -71,37 +71,6 @@ class WorkerSpec:
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-# Ports given to this process's live workers. The kernel's bind(0) may hand the same free port
-# to two workers started together (seen: two cold workers on one port, the second failed to bind
-# and the first answered the readiness probe of both), so a port stays reserved until its worker exits.
-_RESERVED_PORTS: set[int] = set()
-_PORTS_LOCK = threading.Lock()
-
-
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now and that no other live worker of this process was given."""
-    with _PORTS_LOCK:
-        for _ in range(100):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-                port = sock.getsockname()[1]
-            if port not in _RESERVED_PORTS:
-                _RESERVED_PORTS.add(port)
-                return port
-    raise OSError("no free TCP port that no other worker was given")
-
-
-def release_port(port: int) -> None:
-    with _PORTS_LOCK:
-        _RESERVED_PORTS.discard(port)
-
-
-def reserve_port(port: int) -> None:
-    """A port already in use by a worker this process did not start (an adopted one)."""
-    with _PORTS_LOCK:
-        _RESERVED_PORTS.add(port)
 
 
 # Markers in a worker's log that mean retrying the same spec will fail the same way.

@@ -65,7 +65,7 @@ def test_a_worker_with_requests_left_gets_sigterm_and_its_grace(tmp_path):
 
 def test_two_workers_never_get_the_same_port_even_if_the_kernel_offers_it_twice(monkeypatch):
     """Seen in CI: two cold workers started together were both given one port by bind(0)."""
-    from opta_lmx.engine import worker as worker_module
+    from opta_lmx.engine import ports as worker_module
 
     offered = iter([40001, 40001, 40001, 40002])
 
