@@ -168,6 +168,8 @@ def plan_unloads(
             reason, message = UnloadReason.REPLACED, "its entry changed and the new spec cannot start now"
         elif name not in wanted and not any(w.ready for w in workers.of(name)):
             reason, message = UnloadReason.IDLE, "load cancelled: no request waits for it any more"
+        elif name not in wanted and worker.fingerprint != workers.fingerprints.get(name):
+            reason, message = UnloadReason.REPLACED, "its entry changed; on demand, the new spec loads when a request asks"
         elif name not in wanted:
             reason, message = UnloadReason.IDLE, f"idle for {idle.get(name, 0):.0f}s (idle_ttl {spec.idle_ttl})"
         else:

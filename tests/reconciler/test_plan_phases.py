@@ -108,6 +108,21 @@ def test_plan_unloads(entries, observed, admitted, expected):
 
 
 @pytest.mark.parametrize(
+    ("fingerprint", "reason", "says"),
+    [
+        ("old", UnloadReason.REPLACED, "its entry changed"),  # the edit, not idleness, is why it goes
+        (None, UnloadReason.IDLE, "idle for 400s"),  # the current spec, idle past its TTL
+    ],
+)
+def test_an_on_demand_worker_no_longer_wanted_says_why(fingerprint, reason, says):
+    entries = [{"name": "a", "source": "/m", "state": "on-demand", "idle_ttl": "5m"}]
+    desired, workers, _ = _setup(entries, [_w("a", 10, fp=fingerprint)])
+    not_wanted = wanted_models(desired, frozenset(), frozenset(), {})  # no demand, not resident as current
+    (unload,) = plan_unloads(desired, not_wanted, workers, Admission(), {"a": 400.0})
+    assert unload.reason == reason and says in unload.message
+
+
+@pytest.mark.parametrize(
     ("observed", "unloads_first", "available", "now", "after", "refused"),
     [
         ([], False, None, ["a"], [], []),  # fits beside nothing: at once
