@@ -21,6 +21,7 @@ from opta_lmx.engine.worker_auth import (
     worker_key,
 )
 from opta_lmx.state.spec import EngineOptions
+from tests.engine.standins import health_server
 
 
 def test_the_secret_is_private_stable_and_keys_differ_per_worker(tmp_path):
@@ -99,32 +100,14 @@ def test_a_worker_answers_only_its_key_and_health_stays_open(tmp_path, tiny_mode
 
 def test_readiness_calls_to_a_worker_ignore_proxy_settings(tmp_path, monkeypatch):
     """A user's HTTP_PROXY must not capture the control plane's calls to 127.0.0.1 (loopback_client)."""
-    import http.server
-    import threading
-
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            body = b'{"status": "healthy", "model_loaded": true, "model_name": "m"}'
-            self.send_response(200 if self.path == "/health" else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        dead_proxy = "http://127.0.0.1:9"  # nothing listens there: a proxied call would fail
-        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-            monkeypatch.setenv(name, dead_proxy)
-        monkeypatch.delenv("NO_PROXY", raising=False)
-        monkeypatch.delenv("no_proxy", raising=False)
-        worker = Worker(WorkerSpec("m", "unused"), run_dir=tmp_path, port=server.server_address[1])
+    dead_proxy = "http://127.0.0.1:9"  # nothing listens there: a proxied call would fail
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, dead_proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with health_server(b'{"status": "healthy", "model_loaded": true, "model_name": "m"}') as port:
+        worker = Worker(WorkerSpec("m", "unused"), run_dir=tmp_path, port=port)
         assert asyncio.run(worker.healthy()) is True
         with httpx.Client() as proxied:  # the same call honouring the environment does go to the proxy
             with pytest.raises(httpx.HTTPError):
                 proxied.get(f"{worker.address}/health")
-    finally:
-        server.shutdown()

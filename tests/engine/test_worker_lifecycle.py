@@ -13,6 +13,7 @@ import time
 import psutil
 
 from opta_lmx.engine.worker import Worker, WorkerSpec
+from tests.engine.standins import health_server
 
 # A stand-in worker that notes a SIGTERM in its log and keeps running for a while after it
 # (a graceful shutdown that takes time), plus a child in its process group.
@@ -95,25 +96,6 @@ def test_two_workers_never_get_the_same_port_even_if_the_kernel_offers_it_twice(
 
 def test_readiness_is_this_workers_own_server_not_whatever_answers_on_its_port(tmp_path):
     """A /health that names another served model (another worker on the port) is not this worker's."""
-    import http.server
-    import threading
-
-    class OtherModel(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            body = b'{"status": "healthy", "model_loaded": true, "model_name": "b"}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OtherModel)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        port = server.server_address[1]
+    with health_server(b'{"status": "healthy", "model_loaded": true, "model_name": "b"}') as port:
         assert asyncio.run(Worker(WorkerSpec("a", "/m/a"), run_dir=tmp_path, port=port).healthy()) is False
         assert asyncio.run(Worker(WorkerSpec("b", "/m/b"), run_dir=tmp_path, port=port).healthy()) is True
-    finally:
-        server.shutdown()
