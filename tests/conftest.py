@@ -42,5 +42,10 @@ def serve(tmp_path):
         return server
 
     yield _start
-    for server in servers:
-        stop_and_check(server)
+    problems = []
+    for server in servers:  # every server is stopped (and its leftovers killed) even if one check fails
+        try:
+            stop_and_check(server)
+        except AssertionError as error:
+            problems.append(str(error))
+    assert not problems, problems
