@@ -171,7 +171,7 @@ class Reconciler:
         self.pool.configure_starts(engine_start(self.desired))  # fast starts (engine/prepared.py)
         self.memory = memory_figures(self.desired, physical, available, self.pool.fixed_bytes())
         estimates = self.planning_estimates(fingerprints)  # starts reading hub models' sizes, off the loop
-        blocked = self.ledger.blocked(fingerprints, now) | self.downloads.sizing()
+        blocked = observing.blocked(self, fingerprints, now)
         result = plan(
             self.desired, fingerprints, observed, blocked, memory=self.memory,
             estimates=estimates, demand=self.active_demand(),

@@ -124,6 +124,11 @@ def observe(rec: Reconciler, fingerprints: dict[str, str]) -> list[ObservedWorke
     return observed
 
 
+def blocked(rec: Reconciler, fingerprints: dict[str, str], now: float) -> frozenset[str]:
+    """Models that must not start now: backing off, failed for this spec, or still being sized."""
+    return rec.ledger.blocked(fingerprints, now) | rec.downloads.sizing()
+
+
 def wake_times(rec: Reconciler, now: float) -> list[float]:
     """When a later pass has something to do: a backoff ends, an idle TTL or a demand expires."""
     assert rec.desired is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 from typing import TYPE_CHECKING
 
+from opta_lmx.reconciler import observing
 from opta_lmx.reconciler.ledger import WorkerPhase
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import DesiredModelState, ModelSpec
@@ -37,8 +38,7 @@ def refresh_status(rec: Reconciler, name: str) -> None:
         return
     fingerprint = rec.worker_spec(model).fingerprint
     now = rec.clock()
-    blocked = rec.ledger.blocked({name: fingerprint}, now) | rec.downloads.sizing()
-    _update_status(rec, model, fingerprint, blocked, now)
+    _update_status(rec, model, fingerprint, observing.blocked(rec, {name: fingerprint}, now), now)
 
 
 def _update_status(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked: frozenset[str], now: float) -> None:
