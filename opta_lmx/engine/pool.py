@@ -145,9 +145,10 @@ class WorkerPool:
     def _drop(self, worker: Worker) -> None:
         self._workers.pop(worker.id, None)
         self.records.remove(worker.id)
-        if not worker.alive():
-            release_port(worker.port)  # also for a worker whose spawn failed (no exit waiter ran)
-        if self.log_dir is not None and not worker.alive():
+        if worker.alive():
+            return  # a worker dropped while alive keeps its port and directory (nothing else may take them)
+        release_port(worker.port)  # the one place a worker's port is given back (also after a failed spawn)
+        if self.log_dir is not None:
             # Its HOME (vllm-mlx's prefix cache) is never reused by another worker id: over
             # weeks of a service these directories would pile up. Its log lives in log_dir/<model>/.
             shutil.rmtree(worker.run_dir, ignore_errors=True)

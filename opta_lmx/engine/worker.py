@@ -26,7 +26,7 @@ import httpx
 import psutil
 
 from opta_lmx.engine.options import serve_args
-from opta_lmx.engine.ports import free_tcp_port, release_port, reserve_port
+from opta_lmx.engine.ports import free_tcp_port, reserve_port
 from opta_lmx.engine.process_group import any_alive, children, group_members, signal_group, try_process
 from opta_lmx.engine.records import WorkerRecord, process_create_time
 from opta_lmx.engine.worker_main import SERVING
@@ -108,8 +108,9 @@ class Worker:
         self.id = f"{spec.name}-{spec.fingerprint[:8]}-{os.urandom(3).hex()}"
         self.run_dir = Path(run_dir) / self.id
         self.host = host
-        self.port = port or free_tcp_port(host)
-        reserve_port(self.port)
+        if port:
+            reserve_port(port)  # given (an adopted worker's): no worker started later gets it
+        self.port = port or free_tcp_port(host)  # released by the pool when it drops the worker
         self.address = f"http://{host}:{self.port}"
         # One log per worker process (<log_dir>/<model>/<worker id>.log): failure classification
         # reads only this worker's output, never an older worker's (whose clients' prompts may say
@@ -312,7 +313,6 @@ class Worker:
             code = None
         if not self._stopping:
             log.warning("worker %s (pid %s) exited with %s", self.id, self.pid, code)
-        release_port(self.port)
         if self._on_exit:
             self._on_exit(self)
 

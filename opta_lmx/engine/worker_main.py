@@ -186,7 +186,7 @@ def serve(assignment: dict, announce_fd: int | None) -> None:
     """Become the assigned worker and run `vllm-mlx serve` until it stops."""
     assigned = time.time()
     _become(assignment)
-    milestone("assigned", None)
+    milestone("assigned")
     _announce_when_serving(announce_fd, assigned)
     import vllm_mlx.cli
 
