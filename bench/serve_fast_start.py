@@ -74,20 +74,21 @@ def settle(server: Server, mode: str) -> None:
     server.wait_for(lambda s: prepared_waiting(s, mode), 600, f"{mode} waiting")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        processes = [psutil.Process(server.proc.pid), *worker_processes(server.state_dir)]
-        before = sum(_cpu(p) for p in processes)
+        pids = [server.proc.pid, *(p.pid for p in worker_processes(server.state_dir))]
+        before = sum(cpu_seconds(pid, children=True) or 0.0 for pid in pids)
         time.sleep(1.0)
-        if sum(_cpu(p) for p in processes) - before < 0.05:  # under 5% of a core over a second
+        if sum(cpu_seconds(pid, children=True) or 0.0 for pid in pids) - before < 0.05:  # < 5% of a core
             return
     raise RuntimeError("the server's processes did not go idle within 120 s")
 
 
-def _cpu(process: psutil.Process) -> float:
+def cpu_seconds(pid: int, children: bool = False) -> float | None:
+    """CPU time a process has used (with its reaped children's if asked); None once it is gone."""
     try:
-        times = process.cpu_times()
-        return times.user + times.system + times.children_user + times.children_system
+        times = psutil.Process(pid).cpu_times()
     except psutil.Error:
-        return 0.0
+        return None
+    return times.user + times.system + ((times.children_user + times.children_system) if children else 0.0)
 
 
 def timed_edit(server: Server, text: str, done) -> float:

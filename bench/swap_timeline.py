@@ -23,10 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 from _common import save
-from serve_fast_start import answer, config_text, settle, status
+from serve_fast_start import answer, config_text, cpu_seconds, settle, status
 
 from opta_lmx.devmodel import make_model, model_files
 from tests.lmx_harness import lmx_env, start_server, worker_processes
@@ -58,14 +56,6 @@ def control_plane_lines(log_path: Path, since: float) -> list[tuple[float, str]]
     return lines
 
 
-def cpu_seconds(pid: int) -> float:
-    try:
-        times = psutil.Process(pid).cpu_times()
-        return times.user + times.system
-    except psutil.Error:
-        return float("nan")  # gone (the old worker, killed): not counted
-
-
 def busy_candidates(server, old_pid: int | None) -> list[int]:
     """The control plane, the old worker and the template: who else uses the CPU during a swap."""
     pids = [server.proc.pid, *(p.pid for p in worker_processes(server.state_dir))]
@@ -85,7 +75,8 @@ def one_swap(server, mode: str, current: Path, other: Path, budget: int, model_b
         now = status(server, "m")
         if now.get("phase") == "Ready" and now.get("pid") not in (None, old_pid):
             marks["client: status shows Ready"] = time.time()
-            cpu = {pid: round(cpu_seconds(pid) - before, 3) for pid, before in cpu_before.items()}
+            cpu = {pid: round(now - before, 3) for pid, before in cpu_before.items()  # gone (killed): left out
+                   if before is not None and (now := cpu_seconds(pid)) is not None}
             answer(server, "m")
             marks["client: answer returned"] = time.time()
             answer(server, "m")
