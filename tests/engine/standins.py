@@ -20,7 +20,7 @@ def health_server(body: bytes) -> Iterator[int]:
             self.wfile.write(body)
 
         def log_message(self, *args):
-            pass
+            """No access log on the test's output."""
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()

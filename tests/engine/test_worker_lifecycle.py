@@ -81,7 +81,7 @@ def test_two_workers_never_get_the_same_port_even_if_the_kernel_offers_it_twice(
             return False
 
         def bind(self, _address):
-            pass
+            """Binding succeeds; the port comes from getsockname."""
 
         def getsockname(self):
             return ("127.0.0.1", self.port)
