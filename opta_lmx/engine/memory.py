@@ -7,9 +7,11 @@ A `memory:` override in models.yaml replaces the whole estimate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import stat
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +24,22 @@ from opta_lmx.engine.worker_auth import loopback_client
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import EngineOptions
 
-# What an idle vllm-mlx worker holds of its own before any weights (torch, transformers, mlx,
-# the server). Measured on Linux CPU with vllm-mlx 0.6.0 / MLX 0.32 by bench/memory_estimates.py:
-# 800-807 MiB of RSS beyond the weights for the tiny, small and medium models, after a request
-# (see docs/reconciler.md); rounded up to leave a little room.
-WORKER_OVERHEAD_BYTES = 830 * 1024**2
+# What a worker holds of its own beyond its weights, by how it starts. Counted as the machine
+# loses it (docs/reconciler.md, "Memory accounting"): anonymous memory for a fresh process (its
+# imported libraries' file pages are page cache the kernel counts as available), private memory
+# for one forked from the template (the pages it shares with the template are the template's
+# fixed cost, counted once). Measured on Linux CPU with vllm-mlx 0.6.0 / MLX 0.32 by
+# bench/memory_accounting.py and bench/memory_estimates.py: 462-469 MiB for a cold worker after
+# its load, 28-37 MiB for a forked one (what a request adds is the KV allowance's business);
+# rounded up to leave a little room.
+WORKER_OVERHEAD_BYTES = 512 * 1024**2  # a cold worker, or one started through a spare
+FORKED_OVERHEAD_BYTES = 64 * 1024**2  # a worker forked from the pre-imported template
+# What the fast starts hold before they were ever measured here (then their measurement):
+# the waiting template (461 MiB measured), the template while it warms up (it runs a throwaway
+# worker on the warm-up model beside itself), one waiting spare (464 MiB measured).
+TEMPLATE_BYTES = 512 * 1024**2
+TEMPLATE_WARMING_BYTES = 1024 * 1024**2
+SPARE_BYTES = 512 * 1024**2
 
 # The KV-cache allowance: context tokens per sequence when nothing bounds it, and how many
 # sequences at full context we budget for. vllm-mlx grows its cache with use, so budgeting
@@ -47,6 +60,11 @@ class MemoryEstimate:
     overhead_bytes: int = WORKER_OVERHEAD_BYTES
     override_bytes: int | None = None
     known: bool = True  # False when the weights could not be found (a hub id not in the cache)
+
+    def started(self, forked: bool) -> "MemoryEstimate":
+        """The estimate for a worker that starts this way: a forked worker's own overhead is far
+        smaller than a fresh process's (it shares the template's imports)."""
+        return dataclasses.replace(self, overhead_bytes=FORKED_OVERHEAD_BYTES) if forked else self
 
     @property
     def total_bytes(self) -> int:
@@ -218,8 +236,41 @@ def estimate_from_listing(sizes: Mapping[str, int], config: dict, engine: Engine
     return MemoryEstimate(weights_bytes=sum(weights), kv_cache_bytes=kv, known=bool(weights))
 
 
-def process_tree_rss(pid: int) -> int | None:
-    """Resident bytes of a process and its children (what stopping it gives back on Linux)."""
+def _status_kib(pid: int, *fields: str) -> int | None:
+    """Sum of `fields` (kB lines) in /proc/PID/status: cheap, no page-table walk (Linux)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            text = handle.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    total, found = 0, False
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in fields:
+            found = True
+            total += int(value.split()[0])
+    return total if found else None
+
+
+def process_bytes(proc: psutil.Process, *, private: bool) -> int:
+    """What one process costs the machine (docs/reconciler.md, "Memory accounting").
+
+    Linux: its anonymous memory (RssAnon + RssShmem; file pages of its libraries are page cache,
+    which the kernel counts as available), or with `private` its unique pages (USS), for a
+    process forked from the template whose shared pages the template's fixed cost counts.
+    Elsewhere (macOS): RSS; on Metal the MLX buffers are added by the caller.
+    """
+    if sys.platform.startswith("linux"):
+        if private:
+            return int(proc.memory_full_info().uss)  # smaps_rollup: milliseconds, so never on the event loop
+        kib = _status_kib(proc.pid, "RssAnon", "RssShmem")
+        if kib is not None:
+            return kib * 1024
+    return int(proc.memory_info().rss)
+
+
+def tree_bytes(pid: int, *, private: bool = False) -> int | None:
+    """`process_bytes` of a process and its children (what stopping them gives back); None if gone."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -228,10 +279,15 @@ def process_tree_rss(pid: int) -> int | None:
     total = 0
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            total += process_bytes(proc, private=private)
         except psutil.Error:
             pass
     return total
+
+
+def metal_backend() -> bool:
+    """Whether workers run MLX on Metal, so that their MLX buffers are worth asking for."""
+    return sys.platform == "darwin"
 
 
 async def mlx_memory_bytes(address: str, client: httpx.AsyncClient | None = None, key: str | None = None) -> int:
@@ -244,24 +300,24 @@ async def mlx_memory_bytes(address: str, client: httpx.AsyncClient | None = None
         else:
             response = await client.get(f"{address}/v1/status", timeout=2.0, headers=headers)
         metal = response.json().get("metal") or {}
-    except (httpx.HTTPError, ValueError, AttributeError):
+        gigabytes = sum(float(metal.get(k) or 0) for k in ("active_memory_gb", "cache_memory_gb"))
+    except (httpx.HTTPError, ValueError, AttributeError, TypeError):
         return 0
-    gigabytes = sum(float(metal.get(k) or 0) for k in ("active_memory_gb", "cache_memory_gb"))
-    return int(gigabytes * 1024**3) if math.isfinite(gigabytes) else 0
+    return int(gigabytes * 1024**3) if math.isfinite(gigabytes) and gigabytes > 0 else 0
 
 
-async def measure(pid: int | None, address: str | None) -> int | None:
-    """A running worker's footprint: its process tree RSS plus MLX's Metal memory.
+@dataclass(frozen=True)
+class WorkerMemory:
+    """One worker measured now: its processes, and (on Metal) the MLX buffers it reports."""
 
-    On Metal, GPU buffers live outside RSS, so they are added; that may count some pages twice,
-    which errs on the safe side for admission. On CPU the MLX figures read 0.
-    """
-    if pid is None:
-        return None
-    rss = process_tree_rss(pid)
-    if rss is None:
-        return None
-    return rss + (await mlx_memory_bytes(address) if address else 0)
+    process_bytes: int
+    mlx_bytes: int = 0
+
+    @property
+    def counted_bytes(self) -> int:
+        """What the plan counts for it: on Metal the GPU buffers live outside the process figure,
+        so both are added (any page counted twice errs on the safe side); on CPU MLX reads 0."""
+        return self.process_bytes + self.mlx_bytes
 
 
 def machine_memory() -> tuple[int, int]:

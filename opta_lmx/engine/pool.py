@@ -6,10 +6,13 @@ import asyncio
 import logging
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from opta_lmx.engine.prepared import PreparedStarts
+from opta_lmx.engine.memory import WorkerMemory, metal_backend, mlx_memory_bytes
+from opta_lmx.engine.prepared import HelperMemory, PreparedStarts
 from opta_lmx.engine.records import WorkerRecords
 from opta_lmx.engine.template import TemplateError
 from opta_lmx.engine.ports import release_port
@@ -17,6 +20,18 @@ from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
 from opta_lmx.state.spec import EngineStart
 
 log = logging.getLogger(__name__)
+
+#: How long one pass's measurement of every worker may take; a worker not measured by then keeps
+#: its last figure (a stuck /proc read or a slow /v1/status never holds the pass up longer).
+MEASURE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """One pass's figures: each worker measured now (missing: could not be), and the helpers."""
+
+    workers: dict[str, WorkerMemory] = field(default_factory=dict)
+    helper: HelperMemory = field(default_factory=HelperMemory)
 
 
 @runtime_checkable
@@ -41,7 +56,7 @@ class Pool(Protocol):
 
     def configure_starts(self, wanted: EngineStart | None) -> None: ...
 
-    def fixed_bytes(self) -> int: ...
+    async def measure(self) -> Measurements: ...
 
 
 class WorkerPool:
@@ -66,14 +81,46 @@ class WorkerPool:
         self._stopping: set[asyncio.Future] = set()  # stops of cancelled starts, kept until done
         # The template or spares that start workers faster (cold until configure_starts).
         self.prepared = PreparedStarts(self.run_dir, self._worker_env, warm_up_model=warm_up_model)
+        # Measuring reads /proc (a forked worker's smaps: milliseconds) and, on Metal, asks each
+        # worker: in threads of its own, so neither the event loop nor a download waits for it.
+        self._measuring = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lmx-measure")
 
     def configure_starts(self, wanted: EngineStart | None) -> None:
         """models.yaml's `engine_start`, applied every pass (also restarts what died)."""
         self.prepared.configure(wanted)
 
-    def fixed_bytes(self) -> int:
-        """Memory the waiting template or spares hold: a fixed cost in the plan."""
-        return self.prepared.fixed_bytes()
+    async def measure(self) -> Measurements:
+        """Every live worker and the helpers, measured concurrently off the event loop, at most
+        MEASURE_TIMEOUT seconds; on Metal each worker's MLX active + cache memory is asked too, so a
+        growing KV cache reaches the plan."""
+        loop = asyncio.get_running_loop()
+        workers = [w for w in self.workers() if w.alive()]
+        reads = {w.id: loop.run_in_executor(self._measuring, w.memory_bytes) for w in workers}
+        helper = loop.run_in_executor(self._measuring, self._helper_memory)
+        metal = {w.id: asyncio.ensure_future(mlx_memory_bytes(w.address, key=w.api_key()))
+                 for w in workers if metal_backend() and w.ready_at is not None}
+        pending = [*reads.values(), helper, *metal.values()]
+        done, late = await asyncio.wait(pending, timeout=MEASURE_TIMEOUT)
+        for future in late:
+            future.cancel()
+        figures = {}
+        for worker_id, read in reads.items():
+            if read in done and read.exception() is None and read.result() is not None:
+                mlx = metal.get(worker_id)
+                mlx_bytes = mlx.result() if mlx is not None and mlx in done and mlx.exception() is None else 0
+                figures[worker_id] = WorkerMemory(read.result(), mlx_bytes)
+            elif read in done and read.exception() is not None:
+                log.warning("measuring worker %s raised: %r", worker_id, read.exception())
+        measured_helper = helper.result() if helper in done and helper.exception() is None else HelperMemory()
+        return Measurements(figures, measured_helper)
+
+    def _helper_memory(self) -> HelperMemory:
+        """The helpers' figures, with the workers forked from a template (a family sharing its pages)."""
+        figures = self.prepared.memory()
+        current = self.prepared.template_id()
+        forked = [w for w in self.workers() if w.started_through == "template" and w.alive()]
+        orphans = [w for w in forked if w.spare_id is None or w.spare_id != current]
+        return HelperMemory(**{**figures.to_dict(), "forked_workers": len(forked), "orphan_forked": len(orphans)})
 
     def workers(self) -> list[Worker]:
         return list(self._workers.values())
@@ -157,6 +204,7 @@ class WorkerPool:
         """Stop every worker, and the template or spares (nothing outlives the control plane)."""
         await asyncio.gather(asyncio.to_thread(self.prepared.close), *(self.stop(w, grace) for w in self.workers()),
                              return_exceptions=True)
+        self._measuring.shutdown(wait=False, cancel_futures=True)
 
     def stop_all_sync(self, grace: float) -> None:
         self.prepared.close()

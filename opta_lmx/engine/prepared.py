@@ -1,19 +1,21 @@
 """Which fast start the pool uses: the worker template (Linux), waiting spares, or none (cold).
 
-models.yaml's `engine_start` chooses (state/spec.py `EngineStart`); the loop hands it over every
-pass (`configure`), which also restarts a template or refills spares that died. What the chosen
-start holds while it waits is measured (`fixed_bytes`) so the memory plan counts it.
+The loop hands over what it chose every pass (`configure`: models.yaml's `engine_start`, or cold
+where the budget cannot hold the helpers, reconciler/starts.py), which also restarts a template
+or refills spares that died. What the helpers hold is measured (`memory`) for the memory plan.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
 from opta_lmx.engine.announce import PreparedStart
+from opta_lmx.engine.memory import process_bytes, tree_bytes
 from opta_lmx.engine.spare import SpareWorkers, worker_environment
 from opta_lmx.engine.template import TemplateError, WorkerTemplate, fork_supported
 from opta_lmx.state.spec import EngineStart
@@ -33,15 +35,29 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def process_bytes(pid: int | None) -> int:
-    """What a waiting process holds: PSS on Linux (its shared pages split fairly), else USS."""
+@dataclass(frozen=True)
+class HelperMemory:
+    """What the fast starts hold now, as measured (the plan's rules: reconciler/starts.py)."""
+
+    mode: str = COLD  # what runs now: template, spare or cold
+    waiting: int = 0  # helper processes that could start a worker now
+    starting: int = 0  # helper processes still importing or warming up
+    waiting_bytes: int = 0  # what the waiting ones hold (a template: itself, not its children)
+    starting_bytes: int = 0  # what the starting ones hold, with their warm-up children
+    forked_workers: int = 0  # live workers forked from a template (they share its pages)
+    orphan_forked: int = 0  # ...of a template that is no longer the running one
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _bytes(pid: int | None, *, tree: bool) -> int:
     if pid is None:
         return 0
     try:
-        info = psutil.Process(pid).memory_full_info()
+        return (tree_bytes(pid) or 0) if tree else process_bytes(psutil.Process(pid), private=False)
     except psutil.Error:
         return 0
-    return int(getattr(info, "pss", 0) or getattr(info, "uss", 0))
 
 
 class PreparedStarts:
@@ -58,7 +74,6 @@ class PreparedStarts:
         self.template: WorkerTemplate | None = None
         self.spares: SpareWorkers | None = None
         self._closed = False
-        self._most_bytes = 0  # the most the waiting process(es) were measured at, this mode
 
     def configure(self, wanted: EngineStart | None) -> None:
         """Apply models.yaml's choice (idempotent); restart a dead template, refill spares."""
@@ -101,11 +116,24 @@ class PreparedStarts:
             return [s.pid for s in self.spares.spares() if s.pid and s.alive()]
         return []
 
-    def fixed_bytes(self) -> int:
-        """What the template or the spares hold (the most measured in this mode), for the plan."""
-        now = sum(process_bytes(pid) for pid in self.pids())
-        self._most_bytes = max(self._most_bytes, now)
-        return self._most_bytes
+    def memory(self) -> HelperMemory:
+        """What the template or spares hold now (reads /proc: call it off the event loop)."""
+        template, spares = self.template, self.spares
+        if template is not None and template.alive():
+            if template.waiting.is_set():  # itself only: its children are the workers it forked
+                return HelperMemory(TEMPLATE, waiting=1, waiting_bytes=_bytes(template.pid, tree=False))
+            return HelperMemory(TEMPLATE, starting=1, starting_bytes=_bytes(template.pid, tree=True))
+        if spares is not None:
+            alive = [s for s in spares.spares() if s.alive()]
+            ready = [s for s in alive if s.waiting]
+            return HelperMemory(SPARE, waiting=len(ready), starting=len(alive) - len(ready),
+                                waiting_bytes=sum(_bytes(s.pid, tree=True) for s in ready),
+                                starting_bytes=sum(_bytes(s.pid, tree=True) for s in alive if s not in ready))
+        return HelperMemory(self.mode if self.mode != TEMPLATE else COLD)
+
+    def template_id(self) -> str | None:
+        """The running template's id (workers forked from another one are its orphans)."""
+        return self.template.id if self.template is not None and self.template.alive() else None
 
     def _stop_current(self) -> None:
         if self.template is not None:
@@ -114,7 +142,6 @@ class PreparedStarts:
         if self.spares is not None:
             self.spares.close()
             self.spares = None
-        self._most_bytes = 0
 
     def close(self) -> None:
         """Stop the template or spares and start no more (the workers they started stay)."""

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 import httpx
 import psutil
 
+from opta_lmx.engine.memory import tree_bytes
 from opta_lmx.engine.options import serve_args
 from opta_lmx.engine.ports import free_tcp_port, reserve_port
-from opta_lmx.engine.process_group import any_alive, children, group_members, signal_group, try_process
+from opta_lmx.engine.process_group import any_alive, group_members, signal_group
 from opta_lmx.engine.records import WorkerRecord, process_create_time
 from opta_lmx.engine.worker_main import SERVING
 from opta_lmx.engine.worker_auth import KEY_VARIABLE, LAUNCHER, loopback_client, read_secret, worker_key
@@ -405,23 +406,18 @@ class Worker:
                 time.sleep(0.005)
 
     # -- observation --------------------------------------------------------------
-    def memory_bytes(self) -> int | None:
-        """Resident memory of the worker and its children (what unloading gives back).
+    @property
+    def forked(self) -> bool:
+        """Forked from the template: it shares that process's pages (engine/memory.py counts them there)."""
+        return self.started_through == "template"
 
-        A worker forked from the template shares its imported pages: RSS would count them once
-        per worker, so its proportional share (PSS) is read instead."""
-        if not self.alive():
+    def memory_bytes(self) -> int | None:
+        """What this worker and its children cost the machine (engine/memory.py's `tree_bytes`):
+        anonymous memory, or the unique pages of a worker forked from the template. Reads /proc
+        (a forked worker's smaps_rollup takes milliseconds): called off the event loop."""
+        if not self.alive() or self.pid is None:
             return None
-        total = 0
-        for proc in [*try_process(self.pid), *children(self.pid)]:
-            try:
-                if self.started_through == "template":
-                    total += getattr(proc.memory_full_info(), "pss", 0) or proc.memory_info().rss
-                else:
-                    total += proc.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
+        return tree_bytes(self.pid, private=self.forked)
 
     def log_tail(self, max_bytes: int = 4000) -> str:
         try:

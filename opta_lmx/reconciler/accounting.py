@@ -1,8 +1,11 @@
 """Memory accounting: the one place that says how many bytes a model or a worker counts for.
 
 Used by the loop and by `lmx plan` alike, so a preview plans with the loop's own rules: an
-estimate is cached per fingerprint, a planning estimate is raised to what a worker of the same
-spec was measured at (no re-admission on a guess), and a `memory:` override wins over both.
+estimate is cached per fingerprint and knows how its worker will start (forked from the
+template, or a fresh process), a planning estimate is raised to what a worker of the same spec,
+started the same way, was measured at (no re-admission on a guess), and a `memory:` override
+wins over both. What the helpers of fast starts cost is learned here too (reconciler/starts.py).
+The model as a whole: docs/reconciler.md, "Memory accounting".
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from typing import Protocol
 
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.memory import MemoryEstimate
+from opta_lmx.engine.prepared import SPARE, TEMPLATE, HelperMemory
 from opta_lmx.engine.worker import WorkerSpec
 from opta_lmx.reconciler.plan import MemoryFigures
+from opta_lmx.reconciler.starts import HelperCosts
 from opta_lmx.state.spec import DesiredState, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,11 @@ def planning_bytes(estimate: MemoryEstimate, measured_max: int) -> int:
     return max(estimate.total_bytes, measured_max)
 
 
+def measured_key(fingerprint: str, forked: bool) -> str:
+    """Measurements are kept per spec and per way of starting: a forked worker holds far less."""
+    return f"{fingerprint}:forked" if forked else fingerprint
+
+
 def held_bytes(current: MemoryEstimate | None, old_override: int | None, measured: int | None,
                measured_max: int = 0) -> int:
     """What a running worker counts for. `current`: the model's estimate if the worker runs its
@@ -87,7 +97,9 @@ class MemoryAccounts:
         self._hub = hub  # hub ids are sized by it; None: by `estimator`, from the local cache only (lmx plan)
         self._estimates: dict[str, MemoryEstimate] = {}  # fingerprint[:override] -> estimate
         self._override: dict[str, int] = {}  # fingerprint -> the `memory:` override it was planned with
-        self.measured_max: dict[str, int] = {}  # fingerprint -> most measured for a worker of it
+        self.measured_max: dict[str, int] = {}  # measured_key -> most measured for a worker of it
+        self.helper_costs = HelperCosts()  # what the fast starts were measured at in this run
+        self._warming_most = 0  # the most a template held during its current warm-up
 
     def estimate(self, spec: WorkerSpec, override: int | None) -> MemoryEstimate:
         """The footprint planned before a worker of `spec` runs (cached per fingerprint).
@@ -147,11 +159,30 @@ class MemoryAccounts:
         else:  # read again (in a thread) once the failure's backoff ends, to say why
             self._estimates.pop(key, None)
 
-    def measured(self, fingerprint: str, measured: int) -> None:
-        self.measured_max[fingerprint] = max(self.measured_max.get(fingerprint, 0), measured)
+    def measured(self, fingerprint: str, measured: int, forked: bool = False) -> None:
+        key = measured_key(fingerprint, forked)
+        self.measured_max[key] = max(self.measured_max.get(key, 0), measured)
 
-    def planning(self, estimate: MemoryEstimate, fingerprint: str) -> int:
-        return planning_bytes(estimate, self.measured_max.get(fingerprint, 0))
+    def planning(self, estimate: MemoryEstimate, fingerprint: str, forked: bool = False) -> int:
+        """What a model not running yet is planned at, for a worker started this way."""
+        return planning_bytes(estimate.started(forked), self.measured_max.get(measured_key(fingerprint, forked), 0))
 
-    def held(self, current: MemoryEstimate | None, fingerprint: str, measured: int | None) -> int:
-        return held_bytes(current, self._override.get(fingerprint), measured, self.measured_max.get(fingerprint, 0))
+    def held(self, current: MemoryEstimate | None, fingerprint: str, measured: int | None,
+             forked: bool = False) -> int:
+        return held_bytes(current.started(forked) if current else None, self._override.get(fingerprint), measured,
+                          self.measured_max.get(measured_key(fingerprint, forked), 0))
+
+    def learn_helper(self, helper: HelperMemory) -> None:
+        """Replace the helpers' default figures with what they were measured at in this run: a
+        waiting template or spare's size, and the most a template held while it warmed up."""
+        costs = self.helper_costs
+        if helper.mode == TEMPLATE and helper.starting:
+            self._warming_most = max(self._warming_most, helper.starting_bytes)
+        elif helper.mode == TEMPLATE and helper.waiting and helper.waiting_bytes:
+            # A warm-up seen only in part (passes are not timed to it) must not lower the default.
+            warming = max(self._warming_most, costs.template_warming_bytes, helper.waiting_bytes)
+            self.helper_costs = HelperCosts(helper.waiting_bytes, warming, costs.spare_bytes)
+            self._warming_most = 0
+        elif helper.mode == SPARE and helper.waiting and helper.waiting_bytes:
+            self.helper_costs = HelperCosts(costs.template_bytes, costs.template_warming_bytes,
+                                            helper.waiting_bytes // helper.waiting)

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.download import DownloadError
 from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
 from opta_lmx.reconciler import statuses
@@ -83,13 +82,16 @@ class Actions:
                f"({format_size(action.bytes)} needed)") if action.after else ""
         if rec.downloads.will_download(spec.source):  # a hub model not in the cache: fetched first
             rec.statuses.setdefault(action.name, ModelStatus()).phase = Phase.DOWNLOADING
-            entry = rec.ledger.begin_load(action.name, action.fingerprint, why, None, download=True)
+            entry = rec.ledger.begin_load(action.name, action.fingerprint, why, None, download=True,
+                                          planned_bytes=action.bytes)
         elif action.after:
-            entry = rec.ledger.begin_load(action.name, action.fingerprint, why, ("WaitingForMemory", why))
+            entry = rec.ledger.begin_load(action.name, action.fingerprint, why, ("WaitingForMemory", why),
+                                          planned_bytes=action.bytes)
         else:
             rec.statuses.setdefault(action.name, ModelStatus()).phase = Phase.LOADING
             entry = rec.ledger.begin_load(action.name, action.fingerprint, "", (
-                "Loading", f"loading {spec.source} ({action.reason}; planned at {format_size(action.bytes)})"))
+                "Loading", f"loading {spec.source} ({action.reason}; planned at {format_size(action.bytes)})"),
+                planned_bytes=action.bytes)
         task = asyncio.create_task(self._load(entry, spec, action.after), name=key)
         task.add_done_callback(lambda done: self._load_done(key, done, entry))  # also if cancelled before it ran
         self.tasks[key] = task
@@ -115,7 +117,6 @@ class Actions:
             rec.demand.pop(name, None)
             rec.statuses.setdefault(name, ModelStatus()).load_seconds = worker.load_seconds
             log.info("model %s ready at %s in %.1fs", name, worker.address, worker.load_seconds or 0)
-            self._measure_later(entry, worker)
             await self.route_ready(entry, worker)
         except asyncio.CancelledError:
             self._end_load(entry)
@@ -169,15 +170,6 @@ class Actions:
     def _end_load(self, entry: WorkerEntry) -> None:
         if entry.loading:
             self.rec.ledger.move(entry, WorkerPhase.GONE)
-
-    def _measure_later(self, entry: WorkerEntry, worker: Worker) -> None:
-        async def measure() -> None:
-            """MLX's own figure (Metal active + cache) for a new worker; 0 on the CPU backend."""
-            entry.mlx_bytes = await engine_memory.mlx_memory_bytes(worker.address, key=worker.api_key())
-
-        task = asyncio.create_task(measure())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def fail(self, name: str, fingerprint: str, message: str, *, permanent: bool, log_tail: str = "") -> None:
         self.rec.ledger.fail(name, fingerprint, message, permanent=permanent)

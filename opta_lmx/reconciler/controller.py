@@ -20,12 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from opta_lmx import settings as lmx_settings
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.memory import MemoryEstimate
 from opta_lmx.engine.pool import Pool
+from opta_lmx.engine.prepared import HelperMemory, resolve_mode
 from opta_lmx.engine.worker import Worker, WorkerSpec
-from opta_lmx.reconciler import adoption, observing, statuses
+from opta_lmx.reconciler import adoption, observing, starts, statuses
+from opta_lmx.reconciler.starts import engine_start
 from opta_lmx.reconciler.accounting import MemoryAccounts, memory_figures, resolve_source, worker_spec
 from opta_lmx.reconciler.acting import Actions
 from opta_lmx.reconciler.demand import Waiting
@@ -36,7 +37,7 @@ from opta_lmx.reconciler.routes import Route, RouteTable
 from opta_lmx.reconciler.supervision import Supervisor
 from opta_lmx.reconciler.view import LoopHealth
 from opta_lmx.state.document import Document
-from opta_lmx.state.spec import DesiredModelState, DesiredState, EngineStart, ModelSpec
+from opta_lmx.state.spec import DesiredModelState, DesiredState, ModelSpec
 from opta_lmx.state.status import ConfigStatus, EventLog, ModelStatus, Phase
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class Reconciler:
         self.memory_probe = memory_probe  # () -> (physical bytes, available bytes)
         self.memory = MemoryFigures()
         self.physical_bytes = 0
+        self.helper = HelperMemory()  # what the fast starts held at the last pass
+        self.start_choice: starts.StartChoice | None = None  # how workers start, and why (reconciler/starts.py)
+        self._yielded: str | None = None
         self.demand: dict[str, float] = {}  # on-demand model -> when a request last asked for it
         self.verdicts: dict[str, Unschedulable] = {}
         self.waiting: dict[str, Waiting] = {}  # requested models waiting for protected holders (demand.py)
@@ -164,19 +168,31 @@ class Reconciler:
             return
         await observing.estimate_models(self)
         fingerprints = self.fingerprints()
+        measurements = await self.pool.measure()  # every worker and the helpers, off the event loop
+        self.accounts.learn_helper(measurements.helper)
         now = self.clock()
-        observed = with_traffic(self, observing.observe(self, fingerprints), now)
+        observed = with_traffic(self, observing.observe(self, fingerprints, measurements.workers), now)
         physical, available = self.memory_probe()
         self.physical_bytes = physical
-        self.pool.configure_starts(engine_start(self.desired))  # fast starts (engine/prepared.py)
-        self.memory = memory_figures(self.desired, physical, available, self.pool.fixed_bytes())
-        estimates = self.planning_estimates(fingerprints)  # starts reading hub models' sizes, off the loop
+        self.helper = measurements.helper
+        self.planning_estimates(fingerprints)  # starts reading hub models' sizes (off the loop): held back meanwhile
         blocked = observing.blocked(self, fingerprints, now)
-        result = plan(
-            self.desired, fingerprints, observed, blocked, memory=self.memory,
-            estimates=estimates, demand=self.active_demand(),
-            idle=self.idle_seconds(now), waited=self.routes.waited_seconds(),
-        )
+        demand, idle, waited = self.active_demand(), self.idle_seconds(now), self.routes.waited_seconds()
+
+        def plan_for(option: starts.StartOption) -> Plan:
+            return plan(self.desired, fingerprints, observed, blocked,
+                        memory=memory_figures(self.desired, physical, available, option.fixed_bytes),
+                        estimates=self.planning_estimates(fingerprints, option.forked),
+                        demand=demand, idle=idle, waited=waited)
+
+        wanted = engine_start(self.desired)
+        choice = starts.choose(starts.options(resolve_mode(wanted.mode), wanted.spares, measurements.helper,
+                                              self.accounts.helper_costs), plan_for)
+        self._yielded = starts.announce(self.events, self._yielded, choice)
+        self.start_choice = choice
+        self.pool.configure_starts(choice.option.engine_start(wanted))  # fast starts (engine/prepared.py)
+        self.memory = memory_figures(self.desired, physical, available, choice.option.fixed_bytes)
+        result = choice.plan
         self.verdicts, self.waiting = result.unschedulable, result.waiting
         count_unloads(self, result)
         self.actions.apply(result.actions)
@@ -208,10 +224,12 @@ class Reconciler:
         """The footprint `model` is planned with before it runs (cached per fingerprint)."""
         return self.accounts.estimate(self.worker_spec(model), model.memory_bytes())
 
-    def planning_estimates(self, fingerprints: dict[str, str]) -> dict[str, int]:
-        """Estimates, raised to what a worker of the same spec was measured at (no re-admission on a guess)."""
+    def planning_estimates(self, fingerprints: dict[str, str], forked: bool = False) -> dict[str, int]:
+        """Estimates for workers started this way (`forked`: from a waiting template), raised to what
+        a worker of the same spec started the same way was measured at (no re-admission on a guess)."""
         assert self.desired is not None
-        return {m.name: self.accounts.planning(self.estimate(m), fingerprints[m.name]) for m in self.desired.models}
+        return {m.name: self.accounts.planning(self.estimate(m), fingerprints[m.name], forked)
+                for m in self.desired.models}
 
     def worker_bytes(self, entry: WorkerEntry) -> int:
         """What a worker counts for in planning: the entry's `memory:` override, else its measurement."""
@@ -220,7 +238,7 @@ class Reconciler:
         current = None
         if model is not None and self.worker_spec(model).fingerprint == entry.fingerprint:
             current = self.estimate(model)
-        return self.accounts.held(current, entry.fingerprint, entry.measured_bytes)
+        return self.accounts.held(current, entry.fingerprint, entry.measured_bytes, entry.forked)
 
     # -- demand and idleness (observations the planner reads) -------------------------
     def request_model(self, name: str) -> None:
@@ -336,21 +354,3 @@ def count_unloads(rec: Reconciler, result: Plan) -> None:
         if action.reason.value == "demand":
             for name in [load.name for load in result.loads() if action.worker_id in load.after] or ["?"]:
                 rec.demand_evictions[(action.name, name)] += 1
-
-
-def engine_start(desired: DesiredState) -> EngineStart:
-    """models.yaml's `engine_start`; where the file names none, LMX_ENGINE_START's mode, else `auto`.
-
-    The suite sets LMX_ENGINE_START=cold so that each of its many short-lived servers does not
-    pay for a template it never uses; the fast-start tests name their mode in models.yaml.
-    """
-    if "engine_start" in desired.model_fields_set:
-        return desired.engine_start
-    mode = lmx_settings.current().engine_start
-    if not mode:
-        return desired.engine_start
-    try:
-        return EngineStart(mode=mode)
-    except ValueError:
-        log.warning("LMX_ENGINE_START=%r is not one of auto, template, spare, cold; using auto", mode)
-        return desired.engine_start

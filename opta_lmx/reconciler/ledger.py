@@ -78,8 +78,10 @@ class WorkerEntry:
     pid: int | None = None
     address: str | None = None
     why: str = ""  # why it waits for memory, or why it drains
-    measured_bytes: int | None = None  # last RSS (+ MLX) measurement
-    mlx_bytes: int = 0  # MLX active + cache bytes the worker reported
+    measured_bytes: int | None = None  # last measurement (engine/memory.py: what it costs the machine, + MLX)
+    mlx_bytes: int = 0  # MLX active + cache bytes the worker reported (Metal; 0 on the CPU backend)
+    planned_bytes: int = 0  # what its load was planned at (counted until it runs and is measured)
+    forked: bool = False  # forked from the template: measured as its own pages, the template's counted apart
 
     @property
     def key(self) -> str:
@@ -131,12 +133,12 @@ class Ledger:
 
     # -- entries --------------------------------------------------------------------
     def begin_load(self, model: str, fingerprint: str, waiting_for: str, event: tuple[str, str] | None,
-                   *, download: bool = False) -> WorkerEntry:
+                   *, download: bool = False, planned_bytes: int = 0) -> WorkerEntry:
         """A load starts (DOWNLOADING if its files must be fetched first, else WAITING if `waiting_for`
         says why, else LOADING); `event` is (reason, message), None when the download records its own."""
         phase = WorkerPhase.WAITING if waiting_for else WorkerPhase.LOADING
         entry = WorkerEntry(model, fingerprint, WorkerPhase.DOWNLOADING if download else phase, Traffic(self.clock),
-                            why=waiting_for)
+                            why=waiting_for, planned_bytes=planned_bytes)
         self.entries[entry.key] = entry
         if event is not None:
             self.events.record(model, *event)
@@ -145,7 +147,7 @@ class Ledger:
     def adopt(self, model: str, fingerprint: str, worker, message: str) -> WorkerEntry:
         """A worker of the previous run, kept as it is: it enters the ledger READY."""
         entry = WorkerEntry(model, fingerprint, WorkerPhase.READY, Traffic(self.clock), worker.id, worker.pid,
-                            worker.address)
+                            worker.address, forked=bool(getattr(worker, "forked", False)))
         self.entries[entry.key] = entry
         self.events.record(model, "Adopted", message)
         return entry
@@ -159,6 +161,7 @@ class Ledger:
         entry.phase = phase
         if worker is not None:
             entry.worker_id, entry.pid, entry.address = worker.id, worker.pid, worker.address
+            entry.forked = bool(getattr(worker, "forked", False))
         if phase in (WorkerPhase.LOADING, WorkerPhase.STOPPING):
             entry.why = ""
         if self.entries.get(old_key) is entry:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from opta_lmx.engine.memory import ModelDirectoryError
+from opta_lmx.engine.memory import ModelDirectoryError, WorkerMemory
 from opta_lmx.reconciler.plan import ObservedWorker
 from opta_lmx.state.document import ConfigError, FieldProblem, read_document
 from opta_lmx.state.spec import DesiredModelState
@@ -97,30 +98,22 @@ async def estimate_models(rec: Reconciler) -> None:
                              f"{type(error).__name__}: {error}", permanent=False)
 
 
-def observe(rec: Reconciler, fingerprints: dict[str, str]) -> list[ObservedWorker]:
-    """The ledger's workers (serving, draining, loading) with what each holds, measured now."""
+def observe(rec: Reconciler, fingerprints: dict[str, str], figures: Mapping[str, WorkerMemory]) -> list[ObservedWorker]:
+    """The ledger's workers (serving, draining, loading) with what each holds: the figures the pool
+    measured this pass (a worker it could not measure counts as before), and a load what it was
+    planned at (the figure stays put until the worker runs and is measured)."""
     assert rec.desired is not None
     observed = []
     for entry in rec.ledger.processes():
-        worker = rec.pool.get(entry.worker_id or "")
-        try:
-            rss = worker.memory_bytes() if worker else None
-        except Exception:  # noqa: BLE001 - a process that cannot be measured now counts as before
-            log.warning("measuring worker %s raised", entry.worker_id, exc_info=True)
-            rss = None
-        if rss is not None:
-            entry.measured_bytes = rss + entry.mlx_bytes
-            rec.accounts.measured(entry.fingerprint, entry.measured_bytes)
+        figure = figures.get(entry.worker_id or "")
+        if figure is not None:
+            entry.measured_bytes, entry.mlx_bytes = figure.counted_bytes, figure.mlx_bytes
+            rec.accounts.measured(entry.fingerprint, entry.measured_bytes, entry.forked)
         observed.append(ObservedWorker(entry.model, entry.key, entry.fingerprint, True, rec.worker_bytes(entry),
                                        entry.traffic.in_flight))
-    loads = [e for e in rec.ledger if e.loading]
-    estimates = rec.planning_estimates(fingerprints) if loads else {}
-    for entry in loads:
-        if rec.desired.model(entry.model) is not None and fingerprints.get(entry.model) == entry.fingerprint:
-            size = estimates.get(entry.model, 0)
-        else:
-            size = rec.accounts.measured_max.get(entry.fingerprint, 0)
-        observed.append(ObservedWorker(entry.model, entry.key, entry.fingerprint, False, size))
+    for entry in rec.ledger:
+        if entry.loading:
+            observed.append(ObservedWorker(entry.model, entry.key, entry.fingerprint, False, entry.planned_bytes))
     return observed
 
 

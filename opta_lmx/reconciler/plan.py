@@ -225,20 +225,14 @@ def plan_loads(
             machine -= size
         else:
             deferred.append((name, spec, size))
-    freed_first = sum(u.bytes for u in unloads)
-    for name, _spec, _size in deferred:
-        for worker in workers.stale(name):
-            if worker.ready:
-                result.unloads.append(UnloadModel(name, worker.worker_id, UnloadReason.REPLACED,
-                                                  "no room to run old and new side by side", worker.bytes))
-                freed_first += worker.bytes
     replaced_later = sum(w.bytes for load in immediate for w in workers.observed if w.worker_id in load.replaces)
-    after_ids = tuple(u.worker_id for u in [*unloads, *result.unloads])
-    after_ids += tuple(i for load in immediate for i in load.replaces)
-    room = machine + freed_first + replaced_later
-    result.loads = list(immediate)
+    room = machine + sum(u.bytes for u in unloads) + replaced_later
+    admitted: list[tuple[str, ModelSpec, int]] = []
     for name, spec, size in deferred:
-        if size > room:
+        # maxUnavailable 0: an old worker is drained for its successor only if the successor then
+        # fits in what the drain frees; otherwise it keeps serving and the successor is refused.
+        old = [w for w in workers.stale(name) if w.ready]
+        if size > room + sum(w.bytes for w in old):
             result.unschedulable[name] = Unschedulable(
                 name,
                 f"needs {format_size(size)} but the machine has only {format_size(max(room, 0))} free "
@@ -246,10 +240,33 @@ def plan_loads(
                 int(size - max(room, 0)),
             )
             continue
-        room -= size
-        result.loads.append(LoadModel(name, workers.fingerprints[name], spec, _load_reason(name, workers, demand),
-                                      size, after_ids, ()))
+        for worker in old:
+            result.unloads.append(UnloadModel(name, worker.worker_id, UnloadReason.REPLACED,
+                                              "no room to run old and new side by side", worker.bytes))
+        room += sum(w.bytes for w in old) - size
+        admitted.append((name, spec, size))
+    after_ids = tuple(u.worker_id for u in [*unloads, *result.unloads])
+    after_ids += tuple(i for load in immediate for i in load.replaces)
+    result.loads = list(immediate) + [
+        LoadModel(name, workers.fingerprints[name], spec, _load_reason(name, workers, demand), size, after_ids, ())
+        for name, spec, size in admitted]
     return result
+
+
+def keep_serving(unloads: list[UnloadModel], loads: list[LoadModel], workers: Workers,
+                 admitted: Mapping[str, int]) -> list[UnloadModel]:
+    """maxUnavailable 0, the last word: a ready worker of an admitted model is drained as
+    replaced only for a successor that runs, loads, or is started by this plan."""
+    successors = {load.name for load in loads}
+    kept = []
+    for unload in unloads:
+        current = workers.current(unload.name)
+        stranded = (unload.reason == UnloadReason.REPLACED and unload.name in admitted
+                    and unload.name not in successors and (current is None or current.worker_id == unload.worker_id))
+        if stranded and any(w.worker_id == unload.worker_id and w.ready for w in workers.observed):
+            continue
+        kept.append(unload)
+    return kept
 
 
 def plan(
@@ -290,7 +307,8 @@ def plan(
     result = Plan(budget_bytes=memory.budget_bytes, held_bytes=sum(w.bytes for w in observed))
     result.unschedulable = {**admission.unschedulable, **loads.unschedulable}
     result.waiting = dict(admission.waiting)
-    result.actions = [*unloads, *loads.unloads, *loads.loads]
+    result.actions = [*keep_serving([*unloads, *loads.unloads], loads.loads, workers, admission.admitted),
+                      *loads.loads]
     unloaded = {u.worker_id for u in result.unloads()} | {i for load in loads.loads for i in load.replaces}
     result.after_bytes = sum(w.bytes for w in observed if w.worker_id not in unloaded) + sum(
         load.bytes for load in loads.loads

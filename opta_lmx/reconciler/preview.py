@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opta_lmx.engine import memory as engine_memory
+from opta_lmx.engine.prepared import HelperMemory, resolve_mode
 from opta_lmx.reconciler.accounting import MemoryAccounts, held_bytes, memory_figures, worker_spec
+from opta_lmx.reconciler.starts import HelperCosts, StartChoice, StartOption, choose, engine_start, options
+from opta_lmx.state.spec import EngineStart
 from opta_lmx.reconciler.plan import LoadModel, MemoryFigures, ObservedWorker, Plan, UnloadModel, UnloadReason, plan
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import DesiredState
@@ -21,6 +24,7 @@ class Preview:
     observed: list[ObservedWorker]
     estimates: dict[str, engine_memory.MemoryEstimate]
     request: str | None = None  # the on-demand model a request was supposed to ask for (`--request`)
+    start: StartChoice | None = None  # how workers would start, and what the helpers cost
 
 
 def preview(config_path: Path, desired: DesiredState, observation: dict | None = None,
@@ -42,7 +46,6 @@ def preview(config_path: Path, desired: DesiredState, observation: dict | None =
     accounts = MemoryAccounts()
     accounts.measured_max.update(observation.get("measured_max", {}))
     estimates = {m.name: accounts.estimate(specs[m.name], m.memory_bytes()) for m in desired.models}
-    planning = {name: accounts.planning(est, fingerprints[name]) for name, est in estimates.items()}
     observed = []
     for w in observation.get("workers", []):
         current = estimates.get(w["name"]) if w["fingerprint"] == fingerprints.get(w["name"]) else None
@@ -54,14 +57,28 @@ def preview(config_path: Path, desired: DesiredState, observation: dict | None =
     server_memory = observation.get("memory") or {}
     physical = server_memory.get("physical_bytes") or physical
     available = server_memory.get("available_bytes") or available
-    memory = memory_figures(desired, physical, available)
     blocked = frozenset(
         b["name"] for b in observation.get("blocked", []) if b["fingerprint"] == fingerprints.get(b["name"])
     )
     demand = frozenset(observation.get("demand", [])) | ({request} if request else set())
-    result = plan(desired, fingerprints, observed, blocked, memory=memory, estimates=planning, demand=demand,
-                  idle=observation.get("idle_seconds", {}), waited=observation.get("waited_seconds", {}))
-    return Preview(result, memory, physical, observed, estimates, request)
+
+    def plan_for(option: StartOption) -> Plan:  # the loop's own choice of how workers start
+        planning = {n: accounts.planning(e, fingerprints[n], option.forked) for n, e in estimates.items()}
+        return plan(desired, fingerprints, observed, blocked,
+                    memory=memory_figures(desired, physical, available, option.fixed_bytes), estimates=planning,
+                    demand=demand, idle=observation.get("idle_seconds", {}),
+                    waited=observation.get("waited_seconds", {}))
+
+    server_start = observation.get("engine_start") or {}
+    helper = HelperMemory(**{k: v for k, v in (server_start.get("helper") or {}).items()
+                             if k in HelperMemory.__dataclass_fields__})
+    wanted = engine_start(desired)
+    if "engine_start" not in desired.model_fields_set and server_start.get("wanted"):
+        wanted = EngineStart(mode=server_start["wanted"], spares=wanted.spares)  # the server's own default
+    choice = choose(options(resolve_mode(wanted.mode), wanted.spares, helper,
+                            HelperCosts.from_dict(server_start.get("costs"))), plan_for)
+    memory = memory_figures(desired, physical, available, choice.option.fixed_bytes)
+    return Preview(choice.plan, memory, physical, observed, estimates, request, choice)
 
 
 def describe(p: Preview, source: str) -> str:
@@ -74,6 +91,10 @@ def describe(p: Preview, source: str) -> str:
         f"  held now {format_size(result.held_bytes)} -> after {format_size(result.after_bytes)} "
         f"(peak {format_size(result.peak_bytes)})",
     ]
+    if p.start is not None:
+        lines.append(f"  workers start through {p.start.option.describe()}" + (
+            ", counted off the budget" if p.start.option.fixed_bytes else "")
+            + (f" (yielded: {p.start.yielded})" if p.start.yielded else ""))
     if p.request is not None:
         lines.append(_request_summary(p))
     if result.actions:

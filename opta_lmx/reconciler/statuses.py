@@ -53,9 +53,11 @@ def _update_status(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked:
     status.pid = worker.pid if worker else None
     status.address = worker.address if worker else None
     status.started_at = worker.started_at if worker else None
-    status.estimated_bytes = rec.estimate(model).total_bytes
+    forked = rec.start_choice.option.forked if rec.start_choice else False
+    status.estimated_bytes = rec.accounts.planning(rec.estimate(model), fingerprint, forked)
     entry = rec.ledger.get(route.worker_id) if route else None
     status.measured_bytes = entry.measured_bytes if entry else None
+    status.counted_bytes = sum(_counted(rec, e) for e in rec.ledger.of(model.name)) or None
     status.download = rec.downloads.status_of(model.name)
     status.observed_generation = rec.generation
     status.set_condition("Ready", phase == Phase.READY, reason, message, rec.generation, now)
@@ -85,7 +87,13 @@ def _planned_bytes(rec: Reconciler, model: ModelSpec) -> int:
     entry = rec.ledger.get(route.worker_id) if route else None
     if entry is not None:
         return rec.worker_bytes(entry)
-    return rec.estimate(model).total_bytes
+    load = rec.ledger.load_of(model.name)
+    return load.planned_bytes if load is not None else rec.estimate(model).total_bytes
+
+
+def _counted(rec: Reconciler, entry) -> int:
+    """What the plan counts for one ledger entry: a worker's held figure, a load's planned one."""
+    return entry.planned_bytes if entry.worker_id is None else rec.worker_bytes(entry)
 
 
 def phase_of(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked: frozenset[str]) -> tuple[Phase, str, str]:
@@ -148,22 +156,31 @@ def observation(rec: Reconciler) -> dict:
         workers.append({
             "name": entry.model, "worker_id": entry.worker_id, "fingerprint": entry.fingerprint, "ready": True,
             "bytes": rec.worker_bytes(entry) if rec.desired else (entry.measured_bytes or 0),
-            "measured_bytes": entry.measured_bytes, "in_flight": entry.traffic.in_flight,
-            "ready_seconds": _ready_seconds(rec, entry, now), "draining": entry.phase in (WorkerPhase.DRAINING, WorkerPhase.STOPPING),
+            "measured_bytes": entry.measured_bytes, "mlx_bytes": entry.mlx_bytes, "forked": entry.forked,
+            "in_flight": entry.traffic.in_flight, "ready_seconds": _ready_seconds(rec, entry, now),
+            "draining": entry.phase in (WorkerPhase.DRAINING, WorkerPhase.STOPPING),
         })
-    fingerprints = rec.fingerprints()
-    estimates = rec.planning_estimates(fingerprints) if rec.desired else {}
     for entry in rec.ledger:
         if entry.loading:
             workers.append({"name": entry.model, "worker_id": entry.key, "fingerprint": entry.fingerprint,
-                            "ready": False, "bytes": estimates.get(entry.model, 0), "measured_bytes": None,
+                            "ready": False, "bytes": entry.planned_bytes, "measured_bytes": None,
                             "in_flight": 0, "draining": False})
     held = sum(w["bytes"] for w in workers)
+    choice = rec.start_choice
+    fixed = choice.option.fixed_bytes if choice else 0
     return {
         "memory": {
             "physical_bytes": rec.physical_bytes, "budget_bytes": rec.memory.budget_bytes,
             "reserve_bytes": rec.memory.reserve_bytes, "available_bytes": rec.memory.available_bytes,
-            "held_bytes": held,
+            "held_bytes": held, "fixed_bytes": fixed, "total_budget_bytes": rec.memory.budget_bytes + fixed,
+        },
+        "engine_start": {
+            "wanted": choice.wanted.mode if choice else None, "mode": choice.option.mode if choice else None,
+            "spares": choice.option.spares if choice else 0, "fixed_bytes": fixed,
+            "measured_bytes": rec.helper.waiting_bytes + rec.helper.starting_bytes,
+            "forked_loads": choice.option.forked if choice else False,
+            "yielded": choice.yielded if choice else None,
+            "helper": rec.helper.to_dict(), "costs": rec.accounts.helper_costs.to_dict(),
         },
         "workers": workers,
         "measured_max": dict(rec.accounts.measured_max),

@@ -51,8 +51,9 @@ class ModelStatus(BaseModel):
     address: str | None = None
     started_at: float | None = None
     load_seconds: float | None = None
-    estimated_bytes: int | None = None
-    measured_bytes: int | None = None
+    estimated_bytes: int | None = None  # what it is planned at before it runs (for the way it would start now)
+    measured_bytes: int | None = None  # what its serving worker was last measured at
+    counted_bytes: int | None = None  # what the plan counts for it now (docs/reconciler.md, "Memory accounting")
     download: DownloadStatus | None = None
     restarts: int = 0
     last_error: str | None = None

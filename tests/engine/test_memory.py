@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+
+import psutil
+import pytest
 
 from opta_lmx.engine.memory import (
     CONTEXT_CAP_TOKENS,
+    FORKED_OVERHEAD_BYTES,
     KV_SEQUENCES,
     WORKER_OVERHEAD_BYTES,
     estimate,
     kv_cache_bytes,
-    process_tree_rss,
+    process_bytes,
+    tree_bytes,
     weights_bytes,
 )
 from opta_lmx.state.spec import EngineOptions
@@ -62,9 +69,49 @@ def test_estimate_of_a_generated_model_matches_its_files(tiny_model):
     assert estimate(str(tiny_model), EngineOptions()).weights_bytes == files > 0
 
 
-def test_process_rss_is_measured_and_a_dead_pid_reads_none():
-    assert process_tree_rss(os.getpid()) > 10 * 1024**2
-    assert process_tree_rss(2**22 + 12345) is None
+def test_a_process_is_measured_and_a_dead_pid_reads_none():
+    assert tree_bytes(os.getpid()) > 10 * 1024**2
+    assert tree_bytes(2**22 + 12345) is None
+
+
+def test_an_estimate_knows_how_its_worker_starts(tmp_path):
+    est = estimate(str(write_model(tmp_path / "m")), EngineOptions(max_kv_size=100))
+    assert est.started(False) == est and est.overhead_bytes == WORKER_OVERHEAD_BYTES
+    forked = est.started(True)
+    assert forked.total_bytes == est.total_bytes - WORKER_OVERHEAD_BYTES + FORKED_OVERHEAD_BYTES
+    assert estimate(str(tmp_path / "m"), EngineOptions(), override_bytes=42).started(True).total_bytes == 42
+
+
+# A parent that fills 200 MiB, forks a child that shares those pages and writes 20 MiB of its own.
+_FAMILY = """
+import os, sys, time
+block = bytearray(os.urandom(1024)) * (200 * 1024)
+child = os.fork()
+if child == 0:
+    own = bytearray(os.urandom(1024)) * (20 * 1024)
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+    time.sleep(60)
+    os._exit(0)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the figures are Linux's (/proc)")
+def test_forked_pages_are_counted_once_in_the_parent_and_the_child_counts_its_own():
+    """The accounting model (docs/reconciler.md): a template's anonymous memory does not change as
+    children fork from it, and a forked child counts only its own pages (never the shared ones again)."""
+    proc = subprocess.Popen([sys.executable, "-c", _FAMILY], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        parent = psutil.Process(proc.pid)
+        (child,) = parent.children()
+        MiB = 1024**2
+        assert process_bytes(parent, private=False) > 200 * MiB  # the shared block is the parent's
+        assert 20 * MiB < process_bytes(child, private=True) < 60 * MiB  # the child: its own 20 MiB
+        assert process_bytes(child, private=False) > 200 * MiB  # (anonymous would count the block again)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_estimate_from_listing_matches_the_local_estimate(tmp_path):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from opta_lmx.engine.memory import WorkerMemory
+from opta_lmx.engine.pool import Measurements
+from opta_lmx.engine.prepared import HelperMemory
+
 MiB = 1024**2
 _pids = itertools.count(50000)
 
@@ -41,6 +45,7 @@ class FakePool:
         self.graces: list[float] = []  # the grace each stop was given (0: killed at once, drained)
         self.attempts = 0
         self.start_error: BaseException | None = None
+        self.helper = HelperMemory()  # what the fast starts hold (none by default)
 
     def add_exit_listener(self, _listener):
         return None  # the tests drive exits themselves
@@ -76,8 +81,16 @@ class FakePool:
     def configure_starts(self, wanted):
         self.engine_start = wanted
 
-    def fixed_bytes(self):
-        return 0
+    async def measure(self):
+        """Each live worker at its `memory_bytes()` (one that raises is left out, as the real pool
+        does: it keeps its last figure); the helpers as a test sets `helper`."""
+        figures = {}
+        for worker in [w for w in self._workers.values() if w.alive()]:
+            try:
+                figures[worker.id] = WorkerMemory(worker.memory_bytes())
+            except Exception:  # noqa: BLE001 - the fault injection's own
+                continue
+        return Measurements(figures, self.helper)
 
     async def stop_all(self, grace):
         for worker in self.workers():
