@@ -54,7 +54,7 @@ def _update_status(rec: Reconciler, model: ModelSpec, fingerprint: str, blocked:
     status.address = worker.address if worker else None
     status.started_at = worker.started_at if worker else None
     forked = rec.start_choice.option.forked if rec.start_choice else False
-    status.estimated_bytes = rec.accounts.planning(rec.estimate(model), fingerprint, forked)
+    status.estimated_bytes = rec.estimate(model).started(forked).total_bytes
     entry = rec.ledger.get(route.worker_id) if route else None
     status.measured_bytes = entry.measured_bytes if entry else None
     status.counted_bytes = sum(_counted(rec, e) for e in rec.ledger.of(model.name)) or None

@@ -24,12 +24,14 @@ class FakeWorker:
         self.stopping = False
         self.returncode = None
         self._alive = True
+        self.forked = False  # started through a waiting template (the pool's `helper` says so)
+        self.memory = 100 * MiB
 
     def alive(self):
         return self._alive
 
     def memory_bytes(self):
-        return 100 * MiB if self._alive else None
+        return self.memory if self._alive else None
 
     def crash(self):
         self._alive, self.returncode = False, -9
@@ -45,7 +47,9 @@ class FakePool:
         self.graces: list[float] = []  # the grace each stop was given (0: killed at once, drained)
         self.attempts = 0
         self.start_error: BaseException | None = None
-        self.helper = HelperMemory()  # what the fast starts hold (none by default)
+        self.helper = HelperMemory()  # what the fast starts hold (none by default)...
+        self.helpers: dict[str, HelperMemory] = {}  # ...and once configured to a mode: a test's figures
+        self.configured: list[str] = []  # every mode the loop asked for, in order
 
     def add_exit_listener(self, _listener):
         return None  # the tests drive exits themselves
@@ -64,6 +68,7 @@ class FakePool:
         if self.start_error is not None:
             raise self.start_error
         worker = FakeWorker(spec)
+        worker.forked = self.helper.mode == "template" and self.helper.waiting > 0
         worker.started_at = worker.ready_at = self.clock()
         self._workers[worker.id] = worker
         self.started.append(spec.name)
@@ -80,6 +85,13 @@ class FakePool:
 
     def configure_starts(self, wanted):
         self.engine_start = wanted
+        mode = wanted.mode if wanted is not None else "cold"
+        if not self.configured or self.configured[-1] != mode:
+            self.configured.append(mode)
+        if mode in self.helpers:
+            self.helper = self.helpers[mode]
+        elif mode == "cold":
+            self.helper = HelperMemory(forked_workers=self.helper.forked_workers)
 
     async def measure(self):
         """Each live worker at its `memory_bytes()` (one that raises is left out, as the real pool
