@@ -84,12 +84,29 @@ def cmd_get(args: argparse.Namespace) -> int:
         spec, status = model["spec"] or {}, model["status"] or {}
         rows.append([model["name"], spec.get("state", "loaded" if spec else "(removed)"), _phase_cell(status),
                      ",".join(spec.get("aliases", [])) or None, spec.get("priority", 0 if spec else None),
-                     _size(status.get("measured_bytes") or status.get("estimated_bytes")),
-                     status.get("restarts", 0), _age(status.get("started_at"))])
-    print(_table(rows, ["NAME", "DESIRED", "PHASE", "ALIASES", "PRIORITY", "MEMORY", "RESTARTS", "AGE"]))
+                     _size(status.get("counted_bytes") or status.get("estimated_bytes")),
+                     _size(status.get("measured_bytes")), status.get("restarts", 0), _age(status.get("started_at"))])
+    print(_table(rows, ["NAME", "DESIRED", "PHASE", "ALIASES", "PRIORITY", "COUNTED", "MEASURED", "RESTARTS", "AGE"]))
+    observed = data.get("observed") or {}
+    line = fast_start_line(observed.get("engine_start"), observed.get("memory") or {})
     print(f"\ngeneration {data['generation']}, observed {data['observed_generation']}, "
-          f"{'converged' if data['converged'] else 'converging'}")
+          f"{'converged' if data['converged'] else 'converging'}" + (f"\n{line}" if line else ""))
     return 0
+
+
+def fast_start_line(start: dict | None, memory: dict) -> str | None:
+    """How workers start and what that costs the budget, or why the fast start yielded."""
+    if not start or not start.get("mode"):
+        return None
+    budget = (f"; budget {_size(memory.get('total_budget_bytes'))}, {_size(memory.get('budget_bytes'))} left for "
+              f"workers") if memory.get("total_budget_bytes") else ""
+    if start.get("yielded"):
+        return f"fast starts yielded: {start['yielded']}{budget}"
+    if start["mode"] == "cold":
+        return f"workers start cold{budget}"
+    what = "worker template" if start["mode"] == "template" else f"{start.get('spares')} waiting spare(s)"
+    return (f"fast starts: {what}, {_size(start.get('fixed_bytes'))} counted "
+            f"({_size(start.get('measured_bytes'))} measured){budget}")
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
@@ -112,7 +129,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     if status.get("download"):
         print(f"  download: {download_line(status['download'])}")
     if status.get("measured_bytes") or status.get("estimated_bytes"):
-        print(f"  memory: measured {_size(status.get('measured_bytes'))}, "
+        print(f"  memory: counted {_size(status.get('counted_bytes'))}, measured {_size(status.get('measured_bytes'))}, "
               f"estimated {_size(status.get('estimated_bytes'))}")
     if status.get("conditions"):
         print("Conditions:")
@@ -244,6 +261,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"used {format_size(memory['used_bytes'])}, free {format_size(memory['free_bytes'])}; machine "
           f"{format_size(memory['machine']['available_bytes'])} available of "
           f"{format_size(memory['machine']['total_bytes'])}")
+    line = fast_start_line(memory.get("engine_start"), memory.get("planner") or {})
+    if line:
+        print(f"             {line}")
     if data["models"]:
         print(_table([[n, p] for n, p in data["models"].items()], ["MODEL", "PHASE"]))
     return 0

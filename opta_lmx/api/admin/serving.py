@@ -108,25 +108,29 @@ class AdminService:
         total, available = self.machine_memory()
         spec = state.memory if state else MemorySpec()
         budget = spec.budget_bytes(total)
+        observation = self.loop.observation()
+        fixed = observation["memory"].get("fixed_bytes", 0)
         models = []
-        used = 0
+        used = fixed  # the fast starts' helpers, counted once (docs/reconciler.md, "Memory accounting")
         for name, status in self.loop.statuses.items():
-            counted = status.measured_bytes or status.estimated_bytes or 0
+            counted = status.counted_bytes or status.measured_bytes or status.estimated_bytes or 0
             if status.phase in MEMORY_PHASES:
                 used += counted
             models.append({"name": name, "phase": status.phase.value, "measured_bytes": status.measured_bytes,
-                           "estimated_bytes": status.estimated_bytes})
+                           "estimated_bytes": status.estimated_bytes, "counted_bytes": status.counted_bytes})
         return {
             "budget_bytes": budget,
             "budget": spec.budget,
             "reserve_bytes": spec.reserve_bytes(),
             "used_bytes": used,
             "free_bytes": max(budget - used, 0),
+            "fixed_bytes": fixed,
+            "engine_start": observation.get("engine_start"),
             "machine": {"total_bytes": total, "available_bytes": available, "used_bytes": total - available,
                         "percent": round((total - available) / total * 100, 1) if total else 0.0},
             "models": models,
             # What the planner counts (measured bytes or `memory:` overrides, loads at their estimate).
-            "planner": self.loop.observation()["memory"],
+            "planner": observation["memory"],
         }
 
     async def status(self) -> tuple[dict, str]:

@@ -127,15 +127,29 @@ function render() {
 
 function heldBytes(status) {
   if (!status || !["Ready", "Loading", "Draining", "Unloading"].includes(status.phase)) return 0;
-  return status.measured_bytes || status.estimated_bytes || 0;
+  return status.counted_bytes || status.measured_bytes || status.estimated_bytes || 0;  // what the plan counts
+}
+
+function fastStartText(start) {
+  if (!start || !start.mode) return null;
+  if (start.yielded) return "fast starts yielded: " + start.yielded;
+  if (start.mode === "cold") return "workers start cold";
+  const what = start.mode === "template" ? "worker template" : `${start.spares} waiting spare(s)`;
+  return `fast starts: ${what}, ${size(start.fixed_bytes)} counted (${size(start.measured_bytes)} measured)`;
 }
 
 function renderMemory(data) {
   const memory = (data.observed || {}).memory || {};
-  const physical = memory.physical_bytes || 1, budget = memory.budget_bytes || 0, reserve = memory.reserve_bytes || 0;
+  const start = (data.observed || {}).engine_start || {};
+  const physical = memory.physical_bytes || 1, reserve = memory.reserve_bytes || 0;
+  const fixed = memory.fixed_bytes || 0, budget = memory.total_budget_bytes || memory.budget_bytes || 0;
   const bar = $("memory-bar");
   bar.textContent = "";
   let used = 0;
+  if (fixed) {  // the fast starts' helpers: a fixed cost the plan takes off the budget first
+    bar.append(el("span", { class: "seg fixed", style: { width: `${(100 * fixed / physical).toFixed(3)}%` },
+      title: `fast starts (${start.mode}): ${size(fixed)}` }));
+  }
   data.models.forEach((model, index) => {
     const bytes = heldBytes(model.status);
     if (!bytes) return;
@@ -157,6 +171,8 @@ function renderMemory(data) {
     el("span", {}, " · machine ", size(memory.physical_bytes)));
   legend.append(...data.models.filter((m) => heldBytes(m.status)).map((m) =>
     el("span", { class: "chip c" + (data.models.indexOf(m) % 6) }, `${m.name} ${size(heldBytes(m.status))}`)));
+  const startText = fastStartText(start);
+  if (startText) legend.append(el("span", { id: "fast-starts", class: fixed ? "chip fixed" : "sub" }, startText));
 }
 
 function reasonOf(model, observed) {
@@ -179,10 +195,10 @@ function share(fraction) {
 }
 function memoryCell(model, budget) {
   const status = model.status || {};
-  const measured = status.measured_bytes, planned = status.estimated_bytes;
+  const measured = status.measured_bytes, planned = status.counted_bytes || status.estimated_bytes;
   const scale = Math.max(budget || 0, measured || 0, planned || 0, 1);
   return el("td", { class: "mem" },
-    el("div", { class: "mini", title: "measured (solid) and planned (outline) against the budget" },
+    el("div", { class: "mini", title: "measured (solid) and counted by the plan (outline) against the budget left for workers" },
       planned ? el("span", { class: "planned", style: { width: `${(100 * planned / scale).toFixed(2)}%` } }) : null,
       measured ? el("span", { class: "measured", style: { width: `${(100 * measured / scale).toFixed(2)}%` } }) : null),
     el("span", { class: "figures" }, size(measured), " / ", size(planned)),
