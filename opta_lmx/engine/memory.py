@@ -40,6 +40,10 @@ FORKED_OVERHEAD_BYTES = 64 * 1024**2  # a worker forked from the pre-imported te
 TEMPLATE_BYTES = 512 * 1024**2
 TEMPLATE_WARMING_BYTES = 1024 * 1024**2
 SPARE_BYTES = 512 * 1024**2
+# What the kernel holds for each process beyond its page tables (its task, memory map and
+# thread stacks in unreclaimable slab): about 1 MiB for a vllm-mlx worker, measured against
+# /proc/meminfo by bench/memory_accounting.py; rounded up so that the plan never counts less.
+KERNEL_BYTES_PER_PROCESS = 2 * 1024**2
 
 # The KV-cache allowance: context tokens per sequence when nothing bounds it, and how many
 # sequences at full context we budget for. vllm-mlx grows its cache with use, so budgeting
@@ -257,15 +261,17 @@ def process_bytes(proc: psutil.Process, *, private: bool) -> int:
 
     Linux: its anonymous memory (RssAnon + RssShmem; file pages of its libraries are page cache,
     which the kernel counts as available), or with `private` its unique pages (USS), for a
-    process forked from the template whose shared pages the template's fixed cost counts.
+    process forked from the template whose shared pages the template's fixed cost counts; plus
+    what the kernel holds for it: its page tables (VmPTE, a few MiB) and KERNEL_BYTES_PER_PROCESS.
     Elsewhere (macOS): RSS; on Metal the MLX buffers are added by the caller.
     """
     if sys.platform.startswith("linux"):
+        tables = (_status_kib(proc.pid, "VmPTE") or 0) * 1024 + KERNEL_BYTES_PER_PROCESS  # the kernel's share
         if private:
-            return int(proc.memory_full_info().uss)  # smaps_rollup: milliseconds, so never on the event loop
+            return int(proc.memory_full_info().uss) + tables  # smaps_rollup: milliseconds, never on the event loop
         kib = _status_kib(proc.pid, "RssAnon", "RssShmem")
         if kib is not None:
-            return kib * 1024
+            return kib * 1024 + tables
     return int(proc.memory_info().rss)
 
 
