@@ -20,13 +20,18 @@ from pathlib import Path
 import httpx
 
 from opta_lmx.devmodel import make_model
-from opta_lmx.engine.memory import WORKER_OVERHEAD_BYTES, estimate, measure
+from opta_lmx.engine.memory import WORKER_OVERHEAD_BYTES, estimate, metal_backend, mlx_memory_bytes, tree_bytes
 from opta_lmx.engine.pool import WorkerPool
 from opta_lmx.engine.worker import WorkerSpec
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import EngineOptions
 
 MODELS_DIR = Path(tempfile.gettempdir()) / "opta-lmx-bench-models"
+
+
+async def measure(worker) -> int:
+    mlx = await mlx_memory_bytes(worker.address, key=worker.api_key()) if metal_backend() else 0
+    return (tree_bytes(worker.pid) or 0) + mlx
 
 
 async def one(size: str, pool: WorkerPool, engine: EngineOptions) -> dict:
@@ -37,11 +42,12 @@ async def one(size: str, pool: WorkerPool, engine: EngineOptions) -> dict:
     load_s = time.perf_counter() - started
     try:
         await asyncio.sleep(1.0)
-        after_load = await measure(worker.pid, worker.address)
+        after_load = await measure(worker)
         async with httpx.AsyncClient(timeout=120) as client:
-            await client.post(f"{worker.address}/v1/chat/completions", json={
+            await client.post(f"{worker.address}/v1/chat/completions", headers={
+                "Authorization": f"Bearer {worker.api_key()}"} if worker.api_key() else None, json={
                 "model": size, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16})
-        after_request = await measure(worker.pid, worker.address)
+        after_request = await measure(worker)
     finally:
         await pool.stop(worker, 5)
     return {
