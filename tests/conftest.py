@@ -9,6 +9,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# In-process loops on real pools start cold, like the harness's servers: a template each test never
+# uses would warm up (seconds of CPU) beside the next tests. The fast-start tests name their mode.
+os.environ.setdefault("LMX_ENGINE_START", "cold")
 
 from tests.lmx_harness import Server, start_server, stop_and_check  # noqa: E402
 

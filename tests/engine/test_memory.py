@@ -110,6 +110,8 @@ def test_forked_pages_are_counted_once_in_the_parent_and_the_child_counts_its_ow
         assert 20 * MiB < process_bytes(child, private=True) < 60 * MiB  # the child: its own 20 MiB
         assert process_bytes(child, private=False) > 200 * MiB  # (anonymous would count the block again)
     finally:
+        for member in psutil.Process(proc.pid).children():
+            member.kill()
         proc.kill()
         proc.wait()
 
