@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import logging
 import threading
@@ -40,16 +41,27 @@ def _write_record(state_dir, worker_id, name, log_path, started_at):
         json.dumps({"worker_id": worker_id, "name": name, "log_path": str(log_path), "started_at": started_at}))
 
 
-def test_model_log_path_prefers_the_newest_record(tmp_path):
+def test_model_log_path_is_the_newest_started_workers_file_and_never_a_records_path(tmp_path):
     state, log_dir = tmp_path / "state", tmp_path / "logs"
-    assert logs.model_log_path("a", state, log_dir) is None
+    assert logs.model_log_path("a", log_dir) is None
     log_dir.mkdir()
     (log_dir / "a.log").write_text("old\n")
-    assert logs.model_log_path("a", state, log_dir) == log_dir / "a.log"
-    _write_record(state, "a-1", "a", tmp_path / "one.log", 1.0)
-    _write_record(state, "a-2", "a", tmp_path / "two.log", 2.0)
-    _write_record(state, "b-1", "b", tmp_path / "b.log", 3.0)
-    assert logs.model_log_path("a", state, log_dir) == tmp_path / "two.log"
+    assert logs.model_log_path("a", log_dir) == log_dir / "a.log"  # an older version's single log
+    (log_dir / "a").mkdir()
+    for name in ("20261204T101010000000001-a-1.log", "20261204T101010000000002-a-2.log"):
+        (log_dir / "a" / name).write_text(name)
+    os.utime(log_dir / "a" / "20261204T101010000000001-a-1.log", (2e9, 2e9))  # the older one written last
+    assert logs.model_log_path("a", log_dir) == log_dir / "a" / "20261204T101010000000002-a-2.log"
+    # A record naming a file elsewhere (planted, or root-only) is never read.
+    _write_record(state, "a-3", "a", tmp_path / "secret.log", 3.0)
+    assert logs.model_log_path("a", log_dir).parent == log_dir / "a"
+    # A name that is not a model's name is not a path.
+    (tmp_path / "x.log").write_text("one level up")
+    assert logs.model_log_path("..", log_dir / "a") is None and logs.model_log_path("a/../..", log_dir) is None
+    # A link is never read through.
+    (log_dir / "b").mkdir()
+    (log_dir / "b" / "20261204T101010000000001-b-1.log").symlink_to(tmp_path / "x.log")
+    assert logs.model_log_path("b", log_dir) is None
 
 
 def test_tail_and_follow_across_rotation(tmp_path):
@@ -85,9 +97,9 @@ def test_tail_and_follow_across_rotation(tmp_path):
 
 def test_lmx_logs_command(tmp_path, capsys):
     state = tmp_path / "state"
-    worker_log = tmp_path / "w.log"
+    worker_log = state / "logs" / "a" / "20261204T101010000000001-a-1.log"
+    worker_log.parent.mkdir(parents=True)
     worker_log.write_text("loading\nready on port 1\n")
-    _write_record(state, "a-1", "a", worker_log, 1.0)
     assert main(["logs", "a", "--state-dir", str(state), "-n", "1"]) == 0
     assert capsys.readouterr().out == "ready on port 1\n"
     assert main(["logs", "nope", "--state-dir", str(state)]) == 1

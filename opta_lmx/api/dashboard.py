@@ -142,8 +142,8 @@ async def worker_log(name: str, request: Request, lines: int = 200) -> PlainText
     if where is None:
         raise APIError(404, "this server was started without a state directory, so it keeps no worker logs",
                        "log_not_found")
-    state_dir, log_dir = where
-    path = await asyncio.to_thread(worker_logs.model_log_path, name, Path(state_dir), Path(log_dir))
+    _state_dir, log_dir = where
+    path = await asyncio.to_thread(worker_logs.model_log_path, name, Path(log_dir))
     if path is None or not path.exists():
         raise APIError(404, f"no worker log for `{name}` yet (it has not been loaded)", "log_not_found")
     text = await asyncio.to_thread(_tail_text, path, lines)

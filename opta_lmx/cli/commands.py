@@ -14,15 +14,15 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     state_dir = paths.state_dir(args.state_dir)
     log_dir = logs.worker_log_dir(state_dir, state_dir_given=bool(args.state_dir))
-    path = logs.model_log_path(args.model, state_dir, log_dir)
+    path = logs.model_log_path(args.model, log_dir)
     if path is None or not path.exists():
-        print(f"lmx logs: no worker log for `{args.model}` (looked in {state_dir / 'workers' / 'records'} "
-              f"and {log_dir}); is it loaded? see GET /admin/models", file=sys.stderr)
+        print(f"lmx logs: no worker log for `{args.model}` (looked in {log_dir / args.model}); is it loaded? "
+              "see GET /admin/models", file=sys.stderr)
         return 1
     try:
         offset = logs.tail(path, args.lines)
         if args.follow:
-            logs.follow(path, offset, current=lambda: logs.model_log_path(args.model, state_dir, log_dir))
+            logs.follow(path, offset, current=lambda: logs.model_log_path(args.model, log_dir))
     except KeyboardInterrupt:
         pass
     return 0

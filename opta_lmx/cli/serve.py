@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -126,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from opta_lmx.cli.logs import uvicorn_log_config, worker_log_dir
     from opta_lmx.reconciler.controller import LoopSettings, Reconciler
     from opta_lmx.state.instance import AlreadyRunning, InstanceLock
-    from opta_lmx.state.statedir import StateDirError, prepare_state_dir
+    from opta_lmx.state.statedir import PRIVATE_UMASK, StateDirError, prepare_state_dir
     from opta_lmx.state.store import ModelsStore
 
     try:
@@ -135,9 +136,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyConfigError as error:
         print(f"lmx serve: {error}", file=sys.stderr)
         return 2
+    # Everything this server and its workers create is theirs alone, whatever the user's umask:
+    # records, secrets, logs (which hold prompts), sockets, caches (docs/security.md).
+    os.umask(PRIVATE_UMASK)
     state_dir = paths.state_dir(args.state_dir)
+    log_dir = worker_log_dir(state_dir, state_dir_given=bool(args.state_dir))
     try:
         prepare_state_dir(state_dir)
+        prepare_state_dir(log_dir, "log dir")
     except StateDirError as error:
         print(f"lmx serve: {error}", file=sys.stderr)
         return 2
@@ -148,7 +154,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lmx serve: {error}", file=sys.stderr, flush=True)
         return 1
     config = Path(args.config).expanduser() if args.config else ensure_default_config()
-    log_dir = worker_log_dir(state_dir, state_dir_given=bool(args.state_dir))
     print(f"Opta-LMX serving http://{args.host}:{args.port}/v1", flush=True)
     print(f"  desired state: {config}  (edit it; changes apply live)", flush=True)
     print(f"  state dir:     {state_dir}", flush=True)

@@ -8,6 +8,7 @@ of at its next poll. What a prepared start hands to a Worker is a `Launched`.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ class Announcements:
     def __init__(self, read_fd: int, name: str):
         self.words: list[str] = []
         self.waiting = threading.Event()
+        self.ended = threading.Event()  # the pipe closed: every word its writers wrote has been heard
         self._listeners: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._read, args=(read_fd,), name=f"announce-{name}", daemon=True).start()
@@ -37,6 +39,12 @@ class Announcements:
             listener(word)
 
     def _read(self, read_fd: int) -> None:
+        try:
+            self._read_words(read_fd)
+        finally:
+            self.ended.set()
+
+    def _read_words(self, read_fd: int) -> None:
         with os.fdopen(read_fd, "rb", buffering=0) as pipe:
             buffered = b""
             while chunk := pipe.read(256):
@@ -64,9 +72,10 @@ class Launched:
 
 
 class PreparedStart(Protocol):
-    """A spare or a template: starts `vllm-mlx <argv>` faster than a cold process would."""
+    """A spare or a template: starts `vllm-mlx <argv>` faster than a cold process would, serving on
+    `listener` (a socket the control plane bound) with `key` (sent over a pipe, never argv)."""
 
     id: str
 
     def launch(self, argv: list[str], env: dict[str, str], log_path: Path,
-               on_announce: Callable[[str], None]) -> Launched: ...
+               on_announce: Callable[[str], None], *, key: str | None, listener: socket.socket) -> Launched: ...

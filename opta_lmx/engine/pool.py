@@ -15,8 +15,8 @@ from opta_lmx.engine.memory import WorkerMemory, metal_backend, mlx_memory_bytes
 from opta_lmx.engine.prepared import HelperMemory, PreparedStarts
 from opta_lmx.engine.records import WorkerRecords
 from opta_lmx.engine.template import TemplateError
-from opta_lmx.engine.ports import release_port
 from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
+from opta_lmx.state.statedir import inside
 from opta_lmx.state.spec import EngineStart
 
 log = logging.getLogger(__name__)
@@ -192,12 +192,13 @@ class WorkerPool:
     def _drop(self, worker: Worker) -> None:
         self._workers.pop(worker.id, None)
         self.records.remove(worker.id)
+        worker.close_listener()  # a worker that never started: its socket (and port) go
         if worker.alive():
-            return  # a worker dropped while alive keeps its port and directory (nothing else may take them)
-        release_port(worker.port)  # the one place a worker's port is given back (also after a failed spawn)
-        if self.log_dir is not None:
+            return  # a worker dropped while alive keeps its directory
+        if self.log_dir is not None and worker.run_dir.parent == self.run_dir and inside(worker.run_dir, self.run_dir):
             # Its HOME (vllm-mlx's prefix cache) is never reused by another worker id: over
             # weeks of a service these directories would pile up. Its log lives in log_dir/<model>/.
+            # Only ever a directory of ours: a record's run_dir is a claim (adoption checks it too).
             shutil.rmtree(worker.run_dir, ignore_errors=True)
 
     async def stop_all(self, grace: float) -> None:

@@ -1,38 +1,29 @@
-"""Loopback ports for workers: free when picked, and never given to two live workers at once.
+"""A worker's listening socket: bound by the control plane, handed to the worker.
 
-The kernel's bind(0) may hand the same free port to two workers started together (seen: two
-cold workers on one port; the second failed to bind and the first answered the readiness
-probe of both), so a port stays reserved in this process until its worker exits.
+A worker's port is never named first and bound later: another local user watching the process
+table could bind it in between, answer `/health`, and receive that model's requests (and its
+key) while the real worker crash-loops on EADDRINUSE (issue 22). So the control plane binds the
+socket itself, on loopback, before the worker exists, and hands the open socket over (inherited
+by a cold worker, sent with SCM_RIGHTS to a spare or the template); the worker serves on it and
+never binds anything. A bound port is also never given to a second worker by the kernel.
 """
 
 from __future__ import annotations
 
 import socket
-import threading
 
-_RESERVED_PORTS: set[int] = set()
-_PORTS_LOCK = threading.Lock()
+BACKLOG = 2048  # uvicorn's default
 
 
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now and that no other live worker of this process was given."""
-    with _PORTS_LOCK:
-        for _ in range(100):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-                port = sock.getsockname()[1]
-            if port not in _RESERVED_PORTS:
-                _RESERVED_PORTS.add(port)
-                return port
-    raise OSError("no free TCP port that no other worker was given")
-
-
-def release_port(port: int) -> None:
-    with _PORTS_LOCK:
-        _RESERVED_PORTS.discard(port)
-
-
-def reserve_port(port: int) -> None:
-    """A port already in use by a worker this process did not start (an adopted one)."""
-    with _PORTS_LOCK:
-        _RESERVED_PORTS.add(port)
+def listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket bound to a free port of `host` and listening (connections wait in its backlog
+    until the worker that inherits it serves them). Not inheritable until handed over."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -2,8 +2,9 @@
 
 Starting a worker cold costs its imports (~3 s of CPU here) before any weight is read. A
 spare pays that in the background; `take()` hands one over and starts the next. Spares run
-engine/worker_main.py in their own process group, like workers. A spare exits by itself
-when its stdin closes, so a control plane that dies, however it dies, leaves none behind.
+engine/worker_main.py in their own process group, like workers. A spare waits on a Unix socket
+(its assignment comes with the worker's listening socket attached) and exits by itself when
+that socket closes, so a control plane that dies, however it dies, leaves none behind.
 
 This works the same on Linux and macOS: the spare is a fresh process, never a fork of one
 that has touched Metal or the Objective-C runtime.
@@ -19,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +31,7 @@ from pathlib import Path
 from opta_lmx.engine.worker_auth import KEY_VARIABLE
 from opta_lmx.engine.announce import Announcements, Launched
 from opta_lmx.engine.records import process_create_time
+from opta_lmx.engine.worker_log import open_log
 from opta_lmx.engine.worker_main import SERVING
 
 log = logging.getLogger(__name__)
@@ -66,9 +69,11 @@ class Spare:
         self.create_time: float | None = None
         self.started_at: float | None = None
         self.announcements: Announcements | None = None
+        self.channel: socket.socket | None = None  # its assignment goes here; closing it ends a waiting spare
 
-    def command(self, announce_fd: int) -> list[str]:
-        command = [self._python, "-m", "opta_lmx.engine.worker_main", "--announce-fd", str(announce_fd)]
+    def command(self, announce_fd: int, channel_fd: int) -> list[str]:
+        command = [self._python, "-m", "opta_lmx.engine.worker_main", "--announce-fd", str(announce_fd),
+                   "--channel-fd", str(channel_fd)]
         if self.warm_up_model is not None:
             command += ["--warm-up-model", str(self.warm_up_model)]
         return command
@@ -77,19 +82,23 @@ class Spare:
         (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
         env = {**self.env, "HOME": str(self.run_dir / "home")}
         read_fd, write_fd = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with open(self.log_path, "ab", buffering=0) as log_file:
+            with open_log(self.log_path) as log_file:
                 self.started_at = time.time()
                 self.proc = subprocess.Popen(
-                    self.command(write_fd), stdin=subprocess.PIPE, stdout=log_file,
+                    self.command(write_fd, theirs.fileno()), stdin=subprocess.DEVNULL, stdout=log_file,
                     stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                    close_fds=True, pass_fds=(write_fd,),
+                    close_fds=True, pass_fds=(write_fd, theirs.fileno()),
                 )
         except BaseException:
             os.close(read_fd)
+            ours.close()
             raise
         finally:
             os.close(write_fd)
+            theirs.close()
+        self.channel = ours
         self.create_time = process_create_time(self.proc.pid) or self.started_at
         self.announcements = Announcements(read_fd, self.id)
 
@@ -110,27 +119,27 @@ class Spare:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def launch(self, argv: list[str], env: dict[str, str], log_path: Path,
-               on_announce: Callable[[str], None]) -> Launched:
-        """Make this spare the worker `vllm-mlx <argv>` would be (see PreparedStart)."""
-        assert self.proc is not None and self.proc.stdin is not None and self.announcements is not None
+               on_announce: Callable[[str], None], *, key: str | None, listener: socket.socket) -> Launched:
+        """Make this spare the worker `vllm-mlx <argv>` would be, serving on `listener` (see PreparedStart)."""
+        assert self.proc is not None and self.channel is not None and self.announcements is not None
         self.announcements.listen(on_announce)
-        line = json.dumps({"argv": argv, "env": env, "log_path": str(log_path), "cwd": os.getcwd()})
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-        self.proc.stdin.close()
+        line = json.dumps({"argv": argv, "env": env, "key": key, "log_path": str(log_path), "cwd": os.getcwd()})
+        try:
+            socket.send_fds(self.channel, [line.encode() + b"\n"], [listener.fileno()])
+        finally:
+            self.channel.close()
+            self.channel = None
         self.forget_files()
         assert self.create_time is not None
         return Launched(self.proc.pid, self.create_time, self.proc, self.id)
 
     def stop(self, grace: float = 5.0) -> None:
-        """Close its stdin (a waiting spare exits by itself), then SIGTERM, then SIGKILL its group."""
+        """Close its channel (a waiting spare exits by itself), then SIGTERM, then SIGKILL its group."""
         if self.proc is None:
             return
-        try:
-            if self.proc.stdin and not self.proc.stdin.closed:
-                self.proc.stdin.close()
-        except OSError:
-            pass
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None:
                 try:

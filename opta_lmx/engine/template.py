@@ -24,6 +24,7 @@ from pathlib import Path
 
 from opta_lmx.engine.announce import Announcements, Launched
 from opta_lmx.engine.records import process_create_time
+from opta_lmx.engine.worker_log import open_log
 from opta_lmx.engine.spare import comparable_env
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class WorkerTemplate:
             command += ["--warm-up-model", str(self.warm_up_model)]
         self.waiting.clear()
         try:
-            with open(self.run_dir / "template.log", "ab", buffering=0) as log_file:
+            with open_log(self.run_dir / "template.log") as log_file:
                 self._proc = subprocess.Popen(
                     command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                     env={**self.env, "HOME": str(self.run_dir / "home")}, start_new_session=True,
@@ -111,16 +112,16 @@ class WorkerTemplate:
         return self.alive() and self.waiting.is_set() and comparable_env(env) == comparable_env(self.env)
 
     def launch(self, argv: list[str], env: dict[str, str], log_path: Path,
-               on_announce: Callable[[str], None]) -> Launched:
-        """Fork `vllm-mlx <argv>` from the template (see PreparedStart)."""
-        request = json.dumps({"argv": argv, "env": env, "log_path": str(log_path), "cwd": os.getcwd()})
+               on_announce: Callable[[str], None], *, key: str | None, listener: socket.socket) -> Launched:
+        """Fork `vllm-mlx <argv>` from the template, serving on `listener` (see PreparedStart)."""
+        request = json.dumps({"argv": argv, "env": env, "key": key, "log_path": str(log_path), "cwd": os.getcwd()})
         with self._lock:
             if not self.alive() or self._channel is None or not self.waiting.is_set():
                 raise TemplateError("the worker template is not ready")
             read_fd, write_fd = os.pipe()
             try:
                 self._channel.settimeout(FORK_TIMEOUT)
-                socket.send_fds(self._channel, [request.encode() + b"\n"], [write_fd])
+                socket.send_fds(self._channel, [request.encode() + b"\n"], [write_fd, listener.fileno()])
                 answer = json.loads(self._reader.readline() or b"{}")
             except (OSError, ValueError) as error:
                 os.close(read_fd)

@@ -7,8 +7,10 @@ tokenizer (no MLX computation, see `_warm_imports`), and nothing else. On macOS,
 Objective-C runtime are not fork-safe after initialisation: spares are used there instead.
 
 Protocol, over the Unix socket passed as `--socket-fd`: the control plane sends one JSON line
-per worker (the `vllm-mlx serve` arguments, environment and log path) with the worker's
-announcement pipe attached (SCM_RIGHTS); the template forks and answers `{"pid": N}`. The
+per worker (the `vllm-mlx serve` arguments, environment, key and log path) with the worker's
+announcement pipe and its listening socket attached (SCM_RIGHTS, in that order: the control
+plane bound the socket, so no one can take the worker's port first); the template forks and
+answers `{"pid": N}`. The
 child starts its own session (its own process group, as a cold worker), becomes the worker
 (engine/worker_main.serve) and announces on its pipe. The template reaps its children and
 exits when the socket closes: a control plane that dies leaves no template behind, while the
@@ -70,7 +72,7 @@ def _reap(*_: object) -> None:
             return
 
 
-def _fork_worker(channel: socket.socket, assignment: dict, announce_fd: int) -> None:
+def _fork_worker(channel: socket.socket, assignment: dict, announce_fd: int, listen_fd: int) -> None:
     pid = os.fork()
     if pid == 0:  # the worker
         code = 0
@@ -78,7 +80,7 @@ def _fork_worker(channel: socket.socket, assignment: dict, announce_fd: int) -> 
             os.setsid()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             channel.close()
-            worker_main.serve(assignment, announce_fd)
+            worker_main.serve(assignment, announce_fd, listen_fd)
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
         except BaseException:  # noqa: BLE001 - report it in the worker's log, then exit
@@ -91,6 +93,7 @@ def _fork_worker(channel: socket.socket, assignment: dict, announce_fd: int) -> 
             sys.stderr.flush()
             os._exit(code)
     os.close(announce_fd)
+    os.close(listen_fd)
     channel.sendall(json.dumps({"pid": pid}).encode() + b"\n")
 
 
@@ -105,16 +108,21 @@ def _serve_requests(channel: socket.socket) -> None:
         buffered += message
         while b"\n" in buffered:
             line, buffered = buffered.split(b"\n", 1)
-            if not fds:
-                channel.sendall(b'{"error": "no announcement pipe attached"}\n')
+            if len(fds) < 2:
+                channel.sendall(b'{"error": "no announcement pipe and listening socket attached"}\n')
+                for fd in fds:
+                    os.close(fd)
+                fds = []
                 continue
+            announce_fd, listen_fd = fds.pop(0), fds.pop(0)
             try:
                 assignment = json.loads(line)
             except ValueError as error:
                 channel.sendall(json.dumps({"error": f"unreadable request: {error}"}).encode() + b"\n")
-                os.close(fds.pop(0))
+                os.close(announce_fd)
+                os.close(listen_fd)
                 continue
-            _fork_worker(channel, assignment, fds.pop(0))
+            _fork_worker(channel, assignment, announce_fd, listen_fd)
 
 
 def _end_if_abandoned(channel: socket.socket) -> Callable[[], None]:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,16 +28,19 @@ import psutil
 
 from opta_lmx.engine.memory import tree_bytes
 from opta_lmx.engine.options import serve_args
-from opta_lmx.engine.ports import free_tcp_port, reserve_port
+from opta_lmx.engine.announce import Announcements
+from opta_lmx.engine.ports import listening_socket
 from opta_lmx.engine.process_group import any_alive, group_members, signal_group
 from opta_lmx.engine.records import WorkerRecord, process_create_time
-from opta_lmx.engine.worker_main import SERVING
-from opta_lmx.engine.worker_auth import KEY_VARIABLE, LAUNCHER, loopback_client, read_secret, worker_key
+from opta_lmx.engine.worker_main import PERMANENT_EXIT, SERVING, parse_failure
+from opta_lmx.engine.worker_auth import KEY_VARIABLE, loopback_client, proves_identity, read_secret, worker_key
 from opta_lmx.engine.worker_log import (  # noqa: F401 (rotate_log, LOG_* re-exported)
     LOG_KEEP,
     LOG_MAX_BYTES,
     WORKER_LOGS_KEPT,
     last_error_line,
+    log_stamp,
+    open_log,
     prune_worker_logs,
     rotate_log,
 )
@@ -74,23 +78,6 @@ class WorkerSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-# Markers in a worker's log that mean retrying the same spec will fail the same way.
-_PERMANENT_MARKERS = (
-    "No such file or directory",
-    "does not exist",
-    "not a valid model",
-    "Model type",
-    "not supported",
-    "RepositoryNotFoundError",
-    "LocalEntryNotFoundError",
-    "safetensors_rust.SafetensorError",
-    "HeaderTooLarge",
-    "Error: ",
-    "usage: vllm-mlx",
-    "invalid choice",
-)
-
-
 class Worker:
     def __init__(
         self,
@@ -109,9 +96,10 @@ class Worker:
         self.id = f"{spec.name}-{spec.fingerprint[:8]}-{os.urandom(3).hex()}"
         self.run_dir = Path(run_dir) / self.id
         self.host = host
-        if port:
-            reserve_port(port)  # given (an adopted worker's): no worker started later gets it
-        self.port = port or free_tcp_port(host)  # released by the pool when it drops the worker
+        # A new worker's socket is bound here, by the control plane, and handed to the worker
+        # (engine/ports.py): no one can take its port first. An adopted worker's port is given.
+        self._listener: socket.socket | None = None if port else listening_socket(host)
+        self.port = port or self._listener.getsockname()[1]
         self.address = f"http://{host}:{self.port}"
         # One log per worker process (<log_dir>/<model>/<worker id>.log): failure classification
         # reads only this worker's output, never an older worker's (whose clients' prompts may say
@@ -120,7 +108,8 @@ class Worker:
         if log_path:
             self.log_path = Path(log_path)
         elif log_dir:
-            self.log_path = Path(log_dir) / spec.name / f"{self.id}.log"
+            # Named by its start so the newest worker's log is the last by name (state/worker_logs.py).
+            self.log_path = Path(log_dir) / spec.name / f"{log_stamp()}-{self.id}.log"
         else:
             self.log_path = self.run_dir / "worker.log"
         self._python = python
@@ -136,7 +125,10 @@ class Worker:
         self.started_through = "cold"  # cold | spare | template (engine/prepared.py)
         self._wake: Callable[[], None] | None = None  # wakes wait_ready when the worker announces
         self._served_announced = False
-        self._announces = False  # started through a spare or template: ready only once it says so
+        self._announces = False  # runs engine/worker_main: ready only once it says it serves
+        self.failure: tuple[bool, str] | None = None  # (permanent, why) it announced it cannot serve
+        self._exited = threading.Event()  # set by the thread that watches it once it is gone
+        self._announcements: Announcements | None = None
         self.unadoptable: str | None = None  # why a previous run's worker must be stopped, not adopted
         self._api_key: str | None = None
 
@@ -208,14 +200,16 @@ class Worker:
             return None
         return self.ready_at - self.started_at
 
-    def command(self) -> list[str]:
-        # LAUNCHER appends `--api-key` from the environment: a key on the command line is public.
-        return [
-            self._python, "-c", LAUNCHER, "vllm_mlx.cli", "serve", self.spec.source,
-            "--host", self.host, "--port", str(self.port),
-            "--served-model-name", self.spec.name,
-            *serve_args(self.spec.engine),
-        ]
+    def serve_argv(self) -> list[str]:
+        """The `vllm-mlx` arguments this worker runs (its key is added by the launcher, never here)."""
+        return ["serve", self.spec.source, "--host", self.host, "--port", str(self.port),
+                "--served-model-name", self.spec.name, *serve_args(self.spec.engine)]
+
+    def command(self, announce_fd: int, listen_fd: int) -> list[str]:
+        """A cold worker's command line: the launcher (engine/worker_main.py), which takes its key
+        from the environment and serves on the socket it inherits, then vllm-mlx's arguments."""
+        return [self._python, "-m", "opta_lmx.engine.worker_main", "--announce-fd", str(announce_fd),
+                "--listen-fd", str(listen_fd), "--", *self.serve_argv()]
 
     def api_key(self) -> str | None:
         """This worker's key (engine/worker_auth.py), or None if the control plane made no secret.
@@ -253,39 +247,58 @@ class Worker:
             prune_worker_logs(self.log_path.parent, WORKER_LOGS_KEPT)
         else:
             rotate_log(self.log_path)
-        if prepared is not None:
-            self._spawn_from(prepared)
-            return
-        log_file = open(self.log_path, "ab", buffering=0)
-        self.started_at = time.time()
-        command = self.command()  # logged from `vllm_mlx.cli` on: the launcher's code is noise
-        shown = command[command.index("vllm_mlx.cli"):] if "vllm_mlx.cli" in command else command
-        log.info("starting worker %s: %s", self.id, " ".join(shown))
-        self._proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=self.environment(),
-            start_new_session=True,  # its own process group: stop() kills the whole tree
-            close_fds=True,
-        )
-        log_file.close()
+        if self._listener is None:
+            raise RuntimeError(f"worker {self.id} has no socket of its own to serve on (started once already?)")
+        try:
+            if prepared is not None:
+                self._spawn_from(prepared)
+            else:
+                self._spawn_cold()
+        finally:
+            self.close_listener()  # the worker has it now (or none does): ours goes
+
+    def _spawn_cold(self) -> None:
+        read_fd, write_fd = os.pipe()
+        assert self._listener is not None
+        listen_fd = self._listener.fileno()
+        try:
+            command = self.command(write_fd, listen_fd)
+            self._announces = "opta_lmx.engine.worker_main" in command  # a test's stand-in does not announce
+            shown = command[command.index("--") + 1:] if "--" in command else command
+            log.info("starting worker %s: %s", self.id, " ".join(shown))
+            with open_log(self.log_path) as log_file:
+                self.started_at = time.time()
+                self._proc = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                    env=self.environment(),
+                    start_new_session=True,  # its own process group: stop() kills the whole tree
+                    close_fds=True, pass_fds=(write_fd, listen_fd),
+                )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._announcements = Announcements(read_fd, self.id)
+        self._announcements.listen(self._announced)
         self.create_time = process_create_time(self._proc.pid) or self.started_at
         threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
 
+    def close_listener(self) -> None:
+        """Close the control plane's copy of the worker's socket (the worker keeps its own)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
     def _spawn_from(self, prepared: "PreparedStart") -> None:
-        command = self.command()
-        if "vllm_mlx.cli" not in command:
-            raise ValueError(f"a prepared start runs vllm_mlx.cli arguments, not {command[:3]}")
-        arguments = command[command.index("vllm_mlx.cli") + 1:]
+        arguments = self.serve_argv()
         environment = self.environment()
-        key = environment.pop(KEY_VARIABLE, None)  # what LAUNCHER does for a cold worker
+        key = environment.pop(KEY_VARIABLE, None)  # over the spare's or template's socket, never on a command line
         self.started_at = time.time()
         log.info("starting worker %s through %s: %s", self.id, prepared.id, " ".join(arguments))
-        # The key goes over the spare's pipe or the template's socket, never onto a command line.
-        launched = prepared.launch([*arguments, *(["--api-key", key] if key else [])], environment,
-                                   self.log_path, self._announced)
+        assert self._listener is not None
+        launched = prepared.launch(arguments, environment, self.log_path, self._announced, key=key,
+                                   listener=self._listener)
         if launched.popen is not None:
             self._proc = launched.popen
         else:  # forked by a template: not our child, watched like an adopted worker
@@ -297,10 +310,15 @@ class Worker:
         threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
 
     def _announced(self, word: str) -> None:
-        if word == SERVING:
+        failure = parse_failure(word)
+        if failure is not None:
+            self.failure = failure
+        elif word != SERVING:
+            return
+        else:
             self._served_announced = True
-            if self._wake is not None:
-                self._wake()
+        if self._wake is not None:
+            self._wake()
 
     def _wait_for_exit(self) -> None:
         if self._proc is not None:
@@ -314,6 +332,7 @@ class Worker:
             code = None
         if not self._stopping:
             log.warning("worker %s (pid %s) exited with %s", self.id, self.pid, code)
+        self._exited.set()
         if self._on_exit:
             self._on_exit(self)
 
@@ -327,15 +346,12 @@ class Worker:
             announced.set()
         async with loopback_client(2.0) as client:
             while True:
-                if not self.alive():
-                    tail = self.log_tail()
-                    raise WorkerStartError(
-                        f"worker exited with code {self.returncode} while loading: {last_error_line(tail)}",
-                        permanent=any(marker in tail for marker in _PERMANENT_MARKERS),
-                        log_tail=tail,
-                    )
-                # An announcing worker must have said so: another process may answer on its port.
-                if (announced.is_set() or not self._announces) and await self._serves(client):
+                if self.failure is not None or not self.alive():
+                    raise await self._start_error()
+                # It must have said it serves, and prove it holds its key: another process may
+                # answer on its port (or be the one a planted record names).
+                if (announced.is_set() or not self._announces) and await self._serves(client) \
+                        and await self._proves(client):
                     self.ready_at = time.time()
                     return
                 if time.monotonic() > deadline:
@@ -352,10 +368,34 @@ class Worker:
                 except asyncio.TimeoutError:
                     pass
 
+    async def _start_error(self) -> WorkerStartError:
+        """Why it did not become ready, as the worker said (engine/worker_main.py); a worker that
+        died without saying (killed, out of memory) is worth a retry. Its log gives the message."""
+        if self.failure is None and self._announcements is not None:
+            await asyncio.to_thread(self._announcements.ended.wait, 1.0)  # its last words may be in the pipe
+        await asyncio.to_thread(self._exited.wait, 2.0)
+        tail = self.log_tail()
+        if self.failure is not None:
+            permanent, reason = self.failure
+        else:
+            code = self.returncode
+            permanent, reason = code == PERMANENT_EXIT, f"worker exited with code {code} while loading"
+        if self.alive():
+            await self.stop(grace=2.0)
+        return WorkerStartError(f"{reason}: {last_error_line(tail)}" if last_error_line(tail) not in reason else reason,
+                                permanent=permanent, log_tail=tail)
+
+    async def _proves(self, client: httpx.AsyncClient) -> bool:
+        """Whether the server on this worker's port holds this worker's key (engine/worker_auth.py).
+        Without a secret (a pool with no keys) there is nothing to prove."""
+        key = self.api_key()
+        return True if key is None else await proves_identity(client, self.address, key)
+
     async def healthy(self, timeout: float = 2.0) -> bool:
-        """Whether the worker answers /health with its model loaded (used to adopt it)."""
+        """Whether the worker answers /health with its model loaded and proves it holds its key
+        (used to adopt it: something else answering on a recorded port is not taken for it)."""
         async with loopback_client(timeout) as client:
-            return await self._serves(client)
+            return await self._serves(client) and await self._proves(client)
 
     async def _serves(self, client: httpx.AsyncClient) -> bool:
         """The one readiness test: /health answers 200 with the model loaded, under this worker's

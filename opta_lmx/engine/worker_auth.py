@@ -1,12 +1,17 @@
-"""Workers answer only the control plane: a per-worker key the gateway sends for its clients.
+"""Workers answer only the control plane, and prove they are the workers it started.
 
 Workers listen on loopback TCP, where any local user could call one directly and so skip the
 gateway's keys. Each worker therefore gets its own key through vllm-mlx's `--api-key`
-(its `/health` stays open, so readiness probes need none). The key is derived from a secret
-kept in the workers' directory (mode 600) and the worker's address, so that a restarted
-control plane can still talk to the workers it adopts. The key never appears on a command
-line (which every local user can read with `ps`): the worker's launcher takes it from its
-environment and removes it from there before vllm-mlx starts.
+(its `/health` stays open). The key is derived from a secret kept in the workers' directory
+(mode 600) and the worker's address, so that a restarted control plane can still talk to the
+workers it adopts. The key never appears on a command line (which every local user can read with
+`ps`): a cold worker's launcher (engine/worker_main.py) takes it from its environment and
+removes it from there before vllm-mlx starts; a spare or a forked worker gets it over its pipe.
+
+A worker proves it holds its key without sending it: `GET /lmx/identity?nonce=N` answers
+HMAC(key, N), which only a holder of the key can compute (engine/worker_main.py serves it beside
+vllm-mlx's routes). Readiness and adoption ask for that proof, so another process answering on a
+worker's port (or named by a planted record) is never taken for the worker (issue 22).
 
 The control plane's own HTTP calls to workers (readiness, memory) go through `loopback_client`.
 """
@@ -24,15 +29,25 @@ from pathlib import Path
 import httpx
 
 SECRET_FILE = "worker.secret"
-KEY_VARIABLE = "OPTA_WORKER_KEY"  # read and removed by LAUNCHER before vllm-mlx starts
+KEY_VARIABLE = "OPTA_WORKER_KEY"  # read and removed by the cold worker's launcher before vllm-mlx starts
+IDENTITY_PATH = "/lmx/identity"
 
-# Runs `vllm_mlx.cli` with `--api-key` appended from the environment; "vllm_mlx.cli" stays
-# on the visible command line (tools and tests find workers by it), the key does not.
-LAUNCHER = (
-    "import os, sys; key = os.environ.pop('" + KEY_VARIABLE + "', ''); "
-    "sys.argv = ['vllm-mlx', *sys.argv[2:], *(['--api-key', key] if key else [])]; "
-    "from vllm_mlx.cli import main; main()"
-)
+
+def identity_proof(key: str, nonce: str) -> str:
+    """What a worker holding `key` answers to `nonce` (the control plane computes it too)."""
+    return hmac.new(key.encode(), b"opta-lmx-identity:" + nonce.encode(), hashlib.sha256).hexdigest()
+
+
+async def proves_identity(client: httpx.AsyncClient, address: str, key: str) -> bool:
+    """Whether the server at `address` holds `key` (a fresh nonce each time: no answer can be replayed)."""
+    nonce = secrets.token_hex(16)
+    try:
+        response = await client.get(f"{address}{IDENTITY_PATH}", params={"nonce": nonce})
+        proof = response.json().get("proof") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
+    return isinstance(proof, str) and hmac.compare_digest(proof, identity_proof(key, nonce))
+
 
 # Hop-by-hop headers (RFC 9110 7.6.1), ones the upstream request recomputes, and every
 # credential a client may send: the worker sees only the control plane's key.

@@ -4,6 +4,7 @@ the line of a log that says best why a worker failed."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -45,3 +46,14 @@ def last_error_line(text: str) -> str:
         if "Error" in line or "error" in line:
             return line[:500]
     return lines[-1][:500] if lines else "no output"
+
+
+def open_log(path: Path):
+    """A log opened for appending, created 0600 whatever the umask: worker output holds prompts."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return os.fdopen(fd, "ab", buffering=0)
+
+
+def log_stamp() -> str:
+    """A worker log's name prefix: its start time, so names sort as workers started."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time_ns() % 10**9:09d}"

@@ -1,19 +1,27 @@
-"""The process a spare worker runs: import vllm-mlx's world first, then wait for a model.
+"""Every worker process runs this: vllm-mlx's own `serve`, on a socket the control plane bound.
 
-A fresh worker spends seconds importing torch, transformers, mlx and the server before it
-reads a single weight. A spare does that ahead of time, then blocks on its stdin. The control
-plane assigns it a model by writing one JSON line: the `vllm-mlx serve` arguments and the
-environment the worker would have had. The spare then becomes exactly that worker: it takes
-the environment, sends its output to the worker's log, and runs vllm-mlx's own `serve` with
-those arguments (so every engine option means what it means for a cold worker).
+Three ways in, one way to serve (`serve`):
 
-It announces on a pipe (the fd after `--announce-fd`): `waiting` once imported, `serving`
-once uvicorn listens with the model loaded. If stdin reaches end of file before an
-assignment (the control plane exited or stopped it), the spare exits: no spare outlives
-the control plane. After the assignment stdin is closed, so the worker, like a cold one,
-survives a control-plane crash and can be adopted.
+- cold: `python -m opta_lmx.engine.worker_main --announce-fd A --listen-fd L -- serve MODEL ...`,
+  with the worker's environment (its key in OPTA_WORKER_KEY, removed at once) and its log as
+  stdout;
+- spare: started with `--channel-fd C` (a Unix socket), it imports vllm-mlx's world first (~3 s,
+  ~580 MiB), warms up on a tiny model, announces `waiting` and blocks until the control plane
+  sends one JSON assignment (the `vllm-mlx serve` arguments, environment, key, log path) with the
+  listening socket attached (SCM_RIGHTS); end of file before that (the control plane exited or
+  stopped it) ends the spare, so no spare outlives the control plane;
+- forked by the template (engine/template_main.py), which calls `serve` in the child.
 
-    python -m opta_lmx.engine.worker_main --announce-fd 5
+`serve` becomes the assigned worker (environment, directory, log) and runs vllm-mlx's `serve`
+with those arguments, so every engine option means what it means for vllm-mlx, except that
+uvicorn serves on the inherited socket (the worker never binds a port: no one can take it first)
+and two routes of ours answer beside vllm-mlx's: `/lmx/identity` (a proof that this process
+holds its key, engine/worker_auth.py). It announces on its pipe (the fd after `--announce-fd`):
+`serving` once uvicorn listens with the model loaded, or `failed permanent|temporary <reason>`
+when it cannot serve, then exits with PERMANENT_EXIT or TEMPORARY_EXIT: why a worker ended is
+said by the worker, never guessed from words in its log (issue 20). Permanent: vllm-mlx refused
+its arguments, or the model cannot be read or is not one it can serve; anything else (out of
+memory, a crash) is worth a retry with backoff.
 """
 
 from __future__ import annotations
@@ -21,20 +29,59 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
+import traceback
+from urllib.parse import parse_qs
 
 WAITING = "waiting"
 SERVING = "serving"
+FAILED = "failed"
+PERMANENT_EXIT = 10  # exit code: retrying the same spec fails the same way
+TEMPORARY_EXIT = 11  # exit code: could not serve now (out of memory, a crash...); retry with backoff
+MAX_ASSIGNMENT = 1 << 20
+
+# Errors of loading a model that retrying the same spec cannot cure: missing or unreadable files,
+# a config or weights that are not a model vllm-mlx serves (mlx-lm raises ValueError for an
+# unknown model type), a package the model needs that is not installed. By class, never by words.
+_PERMANENT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+                     KeyError, NotImplementedError, ImportError)
+_PERMANENT_ERROR_NAMES = frozenset({"SafetensorError", "HeaderTooLarge", "RepositoryNotFoundError",
+                                    "LocalEntryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
+                                    "EntryNotFoundError"})
 
 
 def _announce(fd: int | None, word: str) -> None:
     if fd is None:
         return
     try:
-        os.write(fd, (word + "\n").encode())
+        os.write(fd, (word + "\n").encode("utf-8", "replace"))
     except OSError:
         pass  # the control plane stopped listening: the worker's /health still answers
+
+
+def failure_word(permanent: bool, reason: str) -> str:
+    """The announcement of a worker that cannot serve: one line, bounded."""
+    line = " ".join(reason.split())[:500]
+    return f"{FAILED} {'permanent' if permanent else 'temporary'} {line}"
+
+
+def parse_failure(word: str) -> tuple[bool, str] | None:
+    """(permanent, reason) from an announcement made by `failure_word`, else None."""
+    head, _, rest = word.partition(" ")
+    if head != FAILED:
+        return None
+    kind, _, reason = rest.partition(" ")
+    return kind == "permanent", reason or "the worker could not serve"
+
+
+def classify(error: BaseException) -> bool:
+    """Whether an error while loading a model is permanent (see _PERMANENT_ERRORS)."""
+    if isinstance(error, MemoryError):
+        return False
+    return isinstance(error, _PERMANENT_ERRORS) or any(
+        cls.__name__ in _PERMANENT_ERROR_NAMES for cls in type(error).__mro__)
 
 
 def _preimport() -> None:
@@ -93,11 +140,18 @@ def _warm_up(model_path: str) -> None:
     mx.clear_cache()
 
 
-def _read_assignment() -> dict | None:
-    line = sys.stdin.readline()
-    if not line.strip():
-        return None
-    return json.loads(line)
+def read_assignment(channel: socket.socket) -> tuple[dict, list[int]] | None:
+    """One JSON line and the descriptors sent with it; None at end of file (stopped while waiting)."""
+    buffered, fds = b"", []
+    while b"\n" not in buffered:
+        message, new_fds, _flags, _address = socket.recv_fds(channel, MAX_ASSIGNMENT, 4)
+        fds += new_fds
+        if not message:
+            for fd in fds:
+                os.close(fd)
+            return None
+        buffered += message
+    return json.loads(buffered.split(b"\n", 1)[0]), fds
 
 
 def _become(assignment: dict) -> None:
@@ -106,7 +160,7 @@ def _become(assignment: dict) -> None:
     os.environ.update(assignment["env"])
     if assignment.get("cwd"):
         os.chdir(assignment["cwd"])
-    log_fd = os.open(assignment["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log_fd = os.open(assignment["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # prompts: private
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(log_fd, 1)
@@ -124,37 +178,117 @@ def milestone(what: str, since: float | None = None) -> None:
     print(f"lmx-worker: {what} at {now:.3f}{after}", flush=True)
 
 
-def _announce_when_serving(fd: int | None, assigned: float | None = None) -> None:
-    """Make vllm-mlx's `uvicorn.run(app, ...)` announce once the server listens."""
+def identity_app(app, key: str | None):
+    """vllm-mlx's ASGI app, with `/lmx/identity` answered first (engine/worker_auth.py)."""
+    from opta_lmx.engine.worker_auth import IDENTITY_PATH, identity_proof
+
+    async def with_identity(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == IDENTITY_PATH and key:
+            nonce = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("nonce", [""])[0][:128]
+            body = json.dumps({"proof": identity_proof(key, nonce), "pid": os.getpid()}).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await app(scope, receive, send)
+
+    return with_identity
+
+
+class _Phase:
+    loading = False  # vllm-mlx has started loading the model (its arguments were accepted)
+
+
+def _install(announce_fd: int | None, listen_fd: int | None, key: str | None, assigned: float | None) -> _Phase:
+    """Make vllm-mlx's `uvicorn.run(app, host, port)` serve on the inherited socket, answer the
+    identity route, and announce once it listens; note when the model load begins."""
     import uvicorn
+    import vllm_mlx.server
+
+    phase = _Phase()
+    load_model = vllm_mlx.server.load_model
+
+    def loading(*args, **kwargs):
+        phase.loading = True
+        return load_model(*args, **kwargs)
+
+    vllm_mlx.server.load_model = loading  # vllm-mlx's serve imports it from the module when it runs
 
     class AnnouncingServer(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
             if self.started:
-                _announce(fd, SERVING)
+                _announce(announce_fd, SERVING)
                 milestone("serving", assigned)
 
     def run(app, **kwargs) -> None:
         milestone("model loaded", assigned)  # vllm-mlx loads the model before it runs uvicorn
-        server = AnnouncingServer(uvicorn.Config(app, **kwargs))
-        server.run()
+        server = AnnouncingServer(uvicorn.Config(identity_app(app, key), **kwargs))
+        sockets = [socket.socket(fileno=listen_fd)] if listen_fd is not None else None
+        server.run(sockets=sockets)
         if not server.started:
-            sys.exit(3)  # uvicorn.run does the same when it could not start
+            _announce(announce_fd, failure_word(False, "the server could not start on its socket"))
+            sys.exit(TEMPORARY_EXIT)
 
     uvicorn.run = run
+    return phase
+
+
+def serve(assignment: dict, announce_fd: int | None, listen_fd: int | None = None) -> None:
+    """Become the assigned worker and run `vllm-mlx serve` until it stops; a worker that cannot
+    serve says why on its pipe and exits with PERMANENT_EXIT or TEMPORARY_EXIT."""
+    from opta_lmx.engine.worker_auth import KEY_VARIABLE
+
+    assigned = None
+    if assignment.get("env") is not None:  # a spare or a forked worker: take the worker's world
+        assigned = time.time()
+        _become(assignment)
+        milestone("assigned")
+    key = assignment.get("key") or os.environ.pop(KEY_VARIABLE, None) or None
+    os.environ.pop(KEY_VARIABLE, None)  # no model code or child process sees it
+    for fd in (announce_fd, listen_fd):
+        if fd is not None:
+            os.set_inheritable(fd, False)  # nothing vllm-mlx starts inherits them
+    phase = _install(announce_fd, listen_fd, key, assigned)
+    import vllm_mlx.cli
+
+    sys.argv = ["vllm-mlx", *assignment["argv"], *(["--api-key", key] if key else [])]
+    try:
+        vllm_mlx.cli.main()
+    except SystemExit as stop:
+        if stop.code in (0, None) or phase.loading:
+            raise
+        # vllm-mlx refused its arguments (it prints why, with "Error: ..."): the same spec always will
+        _announce(announce_fd, failure_word(True, f"vllm-mlx refused its arguments (exit {stop.code}); see the log"))
+        sys.exit(PERMANENT_EXIT)
+    except BaseException as error:  # noqa: BLE001 - said on the pipe, then the process ends
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        traceback.print_exc()
+        permanent = classify(error)
+        _announce(announce_fd, failure_word(permanent, f"{type(error).__name__}: {error}"))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(PERMANENT_EXIT if permanent else TEMPORARY_EXIT)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="opta_lmx.engine.worker_main")
     parser.add_argument("--announce-fd", type=int, default=None)
+    parser.add_argument("--listen-fd", type=int, default=None, help="cold: the socket to serve on")
+    parser.add_argument("--channel-fd", type=int, default=None, help="spare: where its assignment comes from")
     parser.add_argument("--warm-up-model", default=None, help="a tiny model to load and drop once")
     parser.add_argument("--list-modules", default=None,
                         help="after warming up, write the imported module names here and exit (for templates)")
+    parser.add_argument("serve_argv", nargs=argparse.REMAINDER, help="cold: -- serve MODEL ...")
     args = parser.parse_args(argv)
     fd = args.announce_fd
     if fd is not None:
         os.set_inheritable(fd, False)
+    cold = [a for a in args.serve_argv if a != "--"] if args.serve_argv else []
+    if cold:
+        serve({"argv": cold}, fd, args.listen_fd)
+        return 0
     _preimport()
     if warm_up_model_usable(args.warm_up_model):
         try:
@@ -165,33 +299,27 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.list_modules, "w") as handle:
             json.dump(sorted(sys.modules), handle)
         return 0
+    if args.channel_fd is None:
+        print("Error: a spare needs --channel-fd", file=sys.stderr, flush=True)
+        return 2
+    channel = socket.socket(fileno=args.channel_fd)
     print("spare: waiting", flush=True)
     _announce(fd, WAITING)
     try:
-        assignment = _read_assignment()
-    except (ValueError, KeyError) as error:
-        print(f"Error: unreadable assignment: {error}", file=sys.stderr, flush=True)
+        received = read_assignment(channel)
+    except (ValueError, KeyError, OSError) as error:
+        print(f"unreadable assignment: {error}", file=sys.stderr, flush=True)
         return 2
-    if assignment is None:
+    if received is None:
         return 0  # stopped while waiting
-    serve(assignment, fd)
+    assignment, fds = received
+    channel.close()
+    serve(assignment, fd, fds[0] if fds else None)
     # vllm-mlx has shut down (engine stopped, caches saved). Skip the interpreter's teardown of
     # ~4000 modules: the process exits, and returns its memory, a few hundred ms sooner.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def serve(assignment: dict, announce_fd: int | None) -> None:
-    """Become the assigned worker and run `vllm-mlx serve` until it stops."""
-    assigned = time.time()
-    _become(assignment)
-    milestone("assigned")
-    _announce_when_serving(announce_fd, assigned)
-    import vllm_mlx.cli
-
-    sys.argv = ["vllm-mlx", *assignment["argv"]]
-    vllm_mlx.cli.main()
 
 
 if __name__ == "__main__":

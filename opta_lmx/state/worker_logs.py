@@ -1,43 +1,59 @@
 """Where a model's worker log is, and its last lines: read by `lmx logs` and the dashboard.
 
-The worker records (written by the engine) name each worker's log; this reads them as plain
-JSON so the api layer can find a log without importing the engine.
+Only files under the log directory are ever read: a model's logs are `<log dir>/<model>/`, one per
+worker process, named by its start (`<UTC time><ns>-<worker id>.log`), so the newest worker's is
+the last by name. No record names a file to read (a record is a claim another user might have
+planted, docs/security.md), and a name that is not a model's name is no path at all.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
+import stat
 import sys
 from pathlib import Path
 
+from opta_lmx.state.spec import NAME_PATTERN
 
-def model_log_path(name: str, state_dir: Path, log_dir: Path) -> Path | None:
-    """The current worker's log of `name`: the newest record's, else the newest file in
-    `log_dir/<name>/` (one log per worker process), else an older version's `log_dir/<name>.log`."""
-    records = state_dir / "workers" / "records"
-    newest: tuple[float, Path] | None = None
-    for path in records.glob("*.json"):
-        try:
-            record = json.loads(path.read_text())
-            started, log_path = float(record.get("started_at") or 0.0), record["log_path"]
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+_NAME = re.compile(NAME_PATTERN)
+_STAMPED = re.compile(r"^\d{8}T\d{15}-.+\.log$")
+
+
+def model_log_path(name: str, log_dir: Path) -> Path | None:
+    """The current worker's log of `name`: the newest stamped file in `log_dir/<name>/`, else the
+    newest other `*.log` there (an older version's worker ids), else an older version's
+    `log_dir/<name>.log`; None if there is none or `name` is not a model's name."""
+    if not _NAME.fullmatch(name):
+        return None
+    directory = log_dir / name
+    stamped, others = [], []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        entries = []
+    for entry in entries:
+        if not entry.name.endswith(".log"):
             continue
-        if record.get("name") == name and isinstance(log_path, str) and log_path:
-            if newest is None or started > newest[0]:
-                newest = (started, Path(log_path))
-    if newest is not None:
-        return newest[1]
-    worker_logs = []
-    for path in (log_dir / name).glob("*.log"):
         try:
-            worker_logs.append((path.stat().st_mtime, path))
+            info = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-    if worker_logs:
-        return max(worker_logs)[1]
+        if not stat.S_ISREG(info.st_mode):
+            continue  # a link (or anything else) is never read through
+        if _STAMPED.match(entry.name):
+            stamped.append(entry.name)
+        else:
+            others.append((info.st_mtime, entry.name))
+    if stamped:
+        return directory / max(stamped)
+    if others:
+        return directory / max(others)[1]
     fallback = log_dir / f"{name}.log"
-    return fallback if fallback.exists() else None
+    try:
+        return fallback if stat.S_ISREG(os.lstat(fallback).st_mode) else None
+    except OSError:
+        return None
 
 
 def tail(path: Path, lines: int, out=None) -> int:

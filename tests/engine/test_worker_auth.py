@@ -57,9 +57,10 @@ def test_worker_environment_carries_no_lmx_variables_and_command_no_key(tmp_path
     ensure_secret(tmp_path)
     env = worker.environment()
     assert env[KEY_VARIABLE] == worker.api_key() == worker_key(read_secret(tmp_path), "http://127.0.0.1:18162")
-    command = worker.command()
+    command = worker.command(7, 8)
     assert worker.api_key() not in " ".join(command) and "--api-key" not in command
-    assert "vllm_mlx.cli" in command and command[command.index("--host") + 1] == "127.0.0.1"
+    assert "opta_lmx.engine.worker_main" in command and command[command.index("--host") + 1] == "127.0.0.1"
+    assert command[command.index("--listen-fd") + 1] == "8"  # it serves on the socket it inherits
 
 
 def test_serve_args_refuse_owned_flags_even_without_validation():

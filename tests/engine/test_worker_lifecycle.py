@@ -7,10 +7,13 @@ worker (grace 0) is killed at once."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import sys
 import time
 
 import psutil
+import pytest
 
 from opta_lmx.engine.worker import Worker, WorkerSpec
 from tests.engine.standins import health_server
@@ -31,7 +34,7 @@ time.sleep(60)
 
 
 class ScriptWorker(Worker):
-    def command(self) -> list[str]:
+    def command(self, *_fds) -> list[str]:
         return [sys.executable, "-c", SCRIPT]
 
 
@@ -64,34 +67,54 @@ def test_a_worker_with_requests_left_gets_sigterm_and_its_grace(tmp_path):
     assert "got SIGTERM" in worker.log_tail()  # asked to shut down gracefully first
 
 
-def test_two_workers_never_get_the_same_port_even_if_the_kernel_offers_it_twice(monkeypatch):
-    """Seen in CI: two cold workers started together were both given one port by bind(0)."""
-    from opta_lmx.engine import ports as worker_module
+def test_a_workers_port_is_bound_by_the_control_plane_before_the_worker_exists(tmp_path):
+    """Issue 22: no one can take a worker's port first (and the kernel never hands one port to
+    two workers, as bind(0) once did to two cold workers started together)."""
+    first = Worker(WorkerSpec("a", "/m/a"), run_dir=tmp_path)
+    second = Worker(WorkerSpec("b", "/m/b"), run_dir=tmp_path)
+    try:
+        assert first.port != second.port
+        for port in (first.port, second.port):
+            squatter = socket.socket()
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError) as refused:
+                squatter.bind(("127.0.0.1", port))
+            squatter.close()
+            assert refused.value.errno == errno.EADDRINUSE
+    finally:
+        first.close_listener()
+        second.close_listener()
 
-    offered = iter([40001, 40001, 40001, 40002])
 
-    class KernelOffersTwice:
-        def __init__(self, *_args):
-            self.port = next(offered)
+def test_a_stand_in_served_on_the_inherited_socket_is_the_only_server_on_the_port(tmp_path):
+    """The cold launcher's half: the worker serves on the socket it is given (fd), never binds."""
+    worker = FdWorker(WorkerSpec("a", "/m/a"), run_dir=tmp_path / "run", log_dir=tmp_path / "logs")
+    worker.spawn()
+    try:
+        assert asyncio.run(worker.wait_ready(30)) is None and asyncio.run(worker.healthy())
+    finally:
+        asyncio.run(worker.stop(grace=0))
 
-        def __enter__(self):
-            return self
 
-        def __exit__(self, *_exc):
-            return False
+# A stand-in that serves /health on the socket it inherits (the fd after --listen-fd), like worker_main.
+FD_SCRIPT = """
+import http.server, json, socket, sys
+fd = int(sys.argv[sys.argv.index("--listen-fd") + 1])
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"status": "healthy", "model_loaded": True, "model_name": "a"}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+server = http.server.HTTPServer(("127.0.0.1", 0), Health, bind_and_activate=False)
+server.socket.close()
+server.socket = socket.socket(fileno=fd)
+server.serve_forever()
+"""
 
-        def bind(self, _address):
-            """Binding succeeds; the port comes from getsockname."""
 
-        def getsockname(self):
-            return ("127.0.0.1", self.port)
-
-    monkeypatch.setattr(worker_module.socket, "socket", KernelOffersTwice)
-    first = worker_module.free_tcp_port()
-    second = worker_module.free_tcp_port()
-    assert (first, second) == (40001, 40002)
-    worker_module.release_port(first)
-    worker_module.release_port(second)
+class FdWorker(Worker):
+    def command(self, announce_fd: int, listen_fd: int) -> list[str]:
+        return [sys.executable, "-c", FD_SCRIPT, "--listen-fd", str(listen_fd)]
 
 
 def test_readiness_is_this_workers_own_server_not_whatever_answers_on_its_port(tmp_path):
