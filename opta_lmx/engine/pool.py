@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from opta_lmx.engine.memory import WorkerMemory, metal_backend, mlx_memory_bytes
 from opta_lmx.engine.prepared import HelperMemory, PreparedStarts
-from opta_lmx.engine.records import WorkerRecords
+from opta_lmx.engine.records import WorkerRecords, belongs_to_us
 from opta_lmx.engine.template import TemplateError
 from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
 from opta_lmx.state.statedir import inside
@@ -34,6 +34,23 @@ class Measurements:
     helper: HelperMemory = field(default_factory=HelperMemory)
 
 
+@dataclass(frozen=True)
+class RejectedRecord:
+    """A worker record that did not prove its process is ours: deleted, its pid never signalled."""
+
+    worker_id: str
+    name: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """A previous run's workers (to adopt or stop) and the records that were rejected."""
+
+    workers: list[Worker] = field(default_factory=list)
+    rejected: list[RejectedRecord] = field(default_factory=list)
+
+
 @runtime_checkable
 class Pool(Protocol):
     """What the control loop needs of a pool of workers, so its tests can stand in a fake one."""
@@ -44,7 +61,7 @@ class Pool(Protocol):
 
     async def start(self, spec: WorkerSpec, ready_timeout: float) -> Worker: ...
 
-    def recover(self) -> list[Worker]: ...
+    def recover(self) -> Recovered: ...
 
     async def stop(self, worker: Worker, grace: float) -> None: ...
 
@@ -161,13 +178,15 @@ class WorkerPool:
                 log.warning("worker %s starts cold: %s", worker.id, error)
         worker.spawn()
 
-    def recover(self) -> list[Worker]:
+    def recover(self) -> Recovered:
         """Workers a previous (killed) control plane left running, rebuilt from their records.
 
-        Records of processes that are gone, or whose pid now belongs to another process
-        (create time differs), are deleted. The caller adopts or stops each returned worker.
+        Records of processes that are gone, or whose pid now belongs to another process (create
+        time differs), are deleted. So is a record whose process is not a worker this user started
+        or that names paths outside this state directory (`records.belongs_to_us`): it is reported
+        in `rejected` and its pid is never signalled. The caller adopts or stops each returned worker.
         """
-        recovered = []
+        recovered, rejected = [], []
         for record in self.records.load_all():
             if record.worker_id in self._workers:
                 continue
@@ -176,10 +195,16 @@ class WorkerPool:
                 log.info("worker %s (pid %s) from a previous run is gone", record.worker_id, record.pid)
                 self.records.remove(record.worker_id)
                 continue
+            problem = belongs_to_us(record, process, self.run_dir, self.log_dir)
+            if problem is not None:
+                log.warning("worker record %s rejected (nothing is signalled or removed): %s", record.worker_id, problem)
+                self.records.remove(record.worker_id)
+                rejected.append(RejectedRecord(record.worker_id, record.name, problem))
+                continue
             worker = Worker.from_record(record, process, on_exit=self._exited)
             self._workers[worker.id] = worker
             recovered.append(worker)
-        return recovered
+        return Recovered(recovered, rejected)
 
     async def stop(self, worker: Worker, grace: float) -> None:
         await worker.stop(grace=grace)

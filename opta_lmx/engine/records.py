@@ -2,8 +2,11 @@
 
 Workers run in their own sessions and survive a SIGKILLed control plane. Each running worker
 has a small JSON record (pid, process create time, address, spec fingerprint, log path)
-written when it starts and removed when it stops. The create time is what makes a pid safe to
-trust: a pid the kernel has reused for another process has a different create time.
+written when it starts and removed when it stops. A record is a claim, never proof (issue 22):
+the create time says the pid was not reused, `belongs_to_us` says the process is a worker this
+user started (its owner and its launcher) and that the paths the record names are ours; only
+then may the process be signalled. Adopting it further needs the worker to prove it holds its
+key over the port, and to own that port (the reconciler's adoption asks for both).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 from opta_lmx.engine.files import UnreadableFile, read_regular_file
 from opta_lmx.state.atomic import write_atomic
 from opta_lmx.state.spec import EngineOptions
+from opta_lmx.state.statedir import inside
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,31 @@ class WorkerRecord:
             return proc
         except psutil.Error:
             return None
+
+
+# What a worker's command line names (cold and spare workers run it; forked ones keep the template's).
+WORKER_MODULES = ("opta_lmx.engine.worker_main", "opta_lmx.engine.template_main")
+
+
+def belongs_to_us(record: WorkerRecord, process: psutil.Process, run_root: Path,
+                  log_root: Path | None) -> str | None:
+    """Why `process` (the record's pid, create time checked) must not be acted on, or None when it
+    is a worker this user started and the record's paths lie inside this state directory."""
+    try:
+        if process.uids().real != os.geteuid():
+            return f"pid {record.pid} belongs to uid {process.uids().real}, not to this server's user"
+        cmdline = process.cmdline()
+    except psutil.Error as error:
+        return f"pid {record.pid} cannot be inspected ({type(error).__name__})"
+    if not any(module in cmdline for module in WORKER_MODULES):
+        return f"pid {record.pid} is not a worker ({' '.join(cmdline)[:120]!r})"
+    if record.problem:
+        return None  # unreadable otherwise: a worker of ours, to be stopped (its paths are not used)
+    if Path(record.run_dir).parent != run_root or not inside(record.run_dir, run_root):
+        return f"its run directory {record.run_dir!r} is not in {run_root}"
+    if not (inside(record.log_path, log_root) if log_root is not None else inside(record.log_path, record.run_dir)):
+        return f"its log {record.log_path!r} is not in {log_root or record.run_dir}"
+    return None
 
 
 _FIELDS = {f.name for f in fields(WorkerRecord)} - {"problem"}

@@ -23,17 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import psutil
 
 from opta_lmx.engine.memory import tree_bytes
 from opta_lmx.engine.options import serve_args
+from opta_lmx.engine import readiness
+from opta_lmx.engine.readiness import WorkerStartError  # noqa: F401 (re-exported: the engine's start error)
 from opta_lmx.engine.announce import Announcements
 from opta_lmx.engine.ports import listening_socket
 from opta_lmx.engine.process_group import any_alive, group_members, signal_group
 from opta_lmx.engine.records import WorkerRecord, process_create_time
-from opta_lmx.engine.worker_main import PERMANENT_EXIT, SERVING, parse_failure
-from opta_lmx.engine.worker_auth import KEY_VARIABLE, loopback_client, proves_identity, read_secret, worker_key
+from opta_lmx.engine.worker_main import SERVING, parse_failure
+from opta_lmx.engine.worker_auth import KEY_VARIABLE, read_secret, worker_key
 from opta_lmx.engine.worker_log import (  # noqa: F401 (rotate_log, LOG_* re-exported)
     LOG_KEEP,
     LOG_MAX_BYTES,
@@ -50,15 +51,6 @@ if TYPE_CHECKING:
     from opta_lmx.engine.announce import PreparedStart
 
 log = logging.getLogger(__name__)
-
-
-class WorkerStartError(Exception):
-    """A worker did not become ready. `permanent` errors are not worth retrying unchanged."""
-
-    def __init__(self, message: str, *, permanent: bool, log_tail: str = ""):
-        super().__init__(message)
-        self.permanent = permanent
-        self.log_tail = log_tail
 
 
 @dataclass(frozen=True)
@@ -116,9 +108,10 @@ class Worker:
         self._extra_env = env or {}
         self._on_exit = on_exit
         self._proc: subprocess.Popen[bytes] | None = None
-        self._adopted: psutil.Process | None = None  # a previous run's worker (not our child)
+        self._adopted: psutil.Process | None = None  # not our child: a previous run's, or forked by the template
+        self.adopted = False  # a previous run's worker, rebuilt from its record
         self.create_time: float | None = None
-        self._stopping = False
+        self.stopping = False
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.spare_id: str | None = None  # the spare or template this worker was started through
@@ -149,6 +142,7 @@ class Worker:
         worker.id = record.worker_id
         worker.run_dir = Path(record.run_dir)
         worker._adopted = process
+        worker.adopted = True
         worker.create_time = record.create_time
         worker.started_at = record.started_at
         worker.ready_at = record.ready_at
@@ -169,10 +163,6 @@ class Worker:
         )
 
     @property
-    def adopted(self) -> bool:
-        return self._adopted is not None
-
-    @property
     def pid(self) -> int | None:
         if self._proc:
             return self._proc.pid
@@ -189,10 +179,6 @@ class Worker:
         if self._adopted is not None:
             return any_alive([self._adopted])
         return False
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
 
     @property
     def load_seconds(self) -> float | None:
@@ -249,13 +235,11 @@ class Worker:
             rotate_log(self.log_path)
         if self._listener is None:
             raise RuntimeError(f"worker {self.id} has no socket of its own to serve on (started once already?)")
-        try:
-            if prepared is not None:
-                self._spawn_from(prepared)
-            else:
-                self._spawn_cold()
-        finally:
-            self.close_listener()  # the worker has it now (or none does): ours goes
+        if prepared is not None:
+            self._spawn_from(prepared)  # raises if the spare or template failed: the socket stays for a cold start
+        else:
+            self._spawn_cold()
+        self.close_listener()  # the worker has it now: ours goes (a start that failed leaves it to the pool's drop)
 
     def _spawn_cold(self) -> None:
         read_fd, write_fd = os.pipe()
@@ -330,83 +314,24 @@ class Worker:
             while any_alive([self._adopted]):
                 time.sleep(0.5)
             code = None
-        if not self._stopping:
+        if not self.stopping:
             log.warning("worker %s (pid %s) exited with %s", self.id, self.pid, code)
         self._exited.set()
         if self._on_exit:
             self._on_exit(self)
 
     async def wait_ready(self, timeout: float) -> None:
-        """Return once the worker answers /health; raise WorkerStartError otherwise."""
-        deadline = time.monotonic() + timeout
-        announced = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        self._wake = lambda: loop.call_soon_threadsafe(announced.set)
-        if self._served_announced:
-            announced.set()
-        async with loopback_client(2.0) as client:
-            while True:
-                if self.failure is not None or not self.alive():
-                    raise await self._start_error()
-                # It must have said it serves, and prove it holds its key: another process may
-                # answer on its port (or be the one a planted record names).
-                if (announced.is_set() or not self._announces) and await self._serves(client) \
-                        and await self._proves(client):
-                    self.ready_at = time.time()
-                    return
-                if time.monotonic() > deadline:
-                    tail = self.log_tail()
-                    await self.stop(grace=2.0)
-                    raise WorkerStartError(
-                        f"worker not ready after {timeout:.0f}s", permanent=False, log_tail=tail
-                    )
-                if announced.is_set():  # announced but /health not yet right: poll, do not spin
-                    await asyncio.sleep(0.05)
-                    continue
-                try:  # a prepared start announces when it serves: no polling delay
-                    await asyncio.wait_for(announced.wait(), 0.1)
-                except asyncio.TimeoutError:
-                    pass
+        """Return once the worker serves its model and proves it holds its key (engine/readiness.py);
+        raise WorkerStartError otherwise, permanent only where the worker said so."""
+        await readiness.wait_ready(self, timeout)
 
-    async def _start_error(self) -> WorkerStartError:
-        """Why it did not become ready, as the worker said (engine/worker_main.py); a worker that
-        died without saying (killed, out of memory) is worth a retry. Its log gives the message."""
-        if self.failure is None and self._announcements is not None:
-            await asyncio.to_thread(self._announcements.ended.wait, 1.0)  # its last words may be in the pipe
-        await asyncio.to_thread(self._exited.wait, 2.0)
-        tail = self.log_tail()
-        if self.failure is not None:
-            permanent, reason = self.failure
-        else:
-            code = self.returncode
-            permanent, reason = code == PERMANENT_EXIT, f"worker exited with code {code} while loading"
-        if self.alive():
-            await self.stop(grace=2.0)
-        return WorkerStartError(f"{reason}: {last_error_line(tail)}" if last_error_line(tail) not in reason else reason,
-                                permanent=permanent, log_tail=tail)
-
-    async def _proves(self, client: httpx.AsyncClient) -> bool:
-        """Whether the server on this worker's port holds this worker's key (engine/worker_auth.py).
-        Without a secret (a pool with no keys) there is nothing to prove."""
-        key = self.api_key()
-        return True if key is None else await proves_identity(client, self.address, key)
+    def owns_port(self) -> bool:
+        """Whether this process (not another) listens on its port (reads /proc: off the event loop)."""
+        return readiness.owns_port(self.pid, self.port)
 
     async def healthy(self, timeout: float = 2.0) -> bool:
-        """Whether the worker answers /health with its model loaded and proves it holds its key
-        (used to adopt it: something else answering on a recorded port is not taken for it)."""
-        async with loopback_client(timeout) as client:
-            return await self._serves(client) and await self._proves(client)
-
-    async def _serves(self, client: httpx.AsyncClient) -> bool:
-        """The one readiness test: /health answers 200 with the model loaded, under this worker's
-        served name (another process on the port, say another model's worker, is not this one)."""
-        try:
-            response = await client.get(f"{self.address}/health")
-            body = response.json()
-            return (response.status_code == 200 and bool(body.get("model_loaded"))
-                    and body.get("model_name") in (None, self.spec.name))
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return False
+        """Whether it answers /health with its model loaded and proves it holds its key (adoption)."""
+        return await readiness.healthy(self, timeout)
 
     async def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left after `grace` seconds.
@@ -414,13 +339,13 @@ class Worker:
         `grace=0` kills at once, without SIGTERM: for a drained worker (nothing in flight), whose
         graceful shutdown would only save a prefix cache into its own HOME, which no later worker
         reads (the pool deletes it). Measured: 0.2 s sooner per unload (docs/reconciler.md)."""
-        self._stopping = True
+        self.stopping = True
         if self.pid is None:
             return
         await asyncio.get_running_loop().run_in_executor(None, self.stop_sync, grace)
 
     def stop_sync(self, grace: float = 10.0) -> None:
-        self._stopping = True
+        self.stopping = True
         if self.pid is None or (self._adopted is not None and not self.alive()):
             return  # an adopted pid that is gone may be reused by now: never signal it
         pgid = self.pid  # started with start_new_session: its pid is its process group id

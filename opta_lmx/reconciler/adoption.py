@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from opta_lmx.engine.pool import RejectedRecord
 from opta_lmx.engine.worker import Worker
 from opta_lmx.reconciler.ledger import WorkerPhase
 from opta_lmx.state.spec import DesiredModelState
@@ -17,14 +18,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def report_rejected(rec: Reconciler, rejected: list[RejectedRecord]) -> None:
+    """Records that did not prove their process is ours: deleted by the pool, never signalled."""
+    for record in rejected:
+        rec.events.record(record.name, "RecordRejected", f"worker record {record.worker_id} deleted; its process "
+                          f"is left alone: {record.why}", kind="Warning")
+
+
+async def _adoptable(worker: Worker) -> bool:
+    """It owns the port its record names, answers /health with its model loaded, and proves it
+    holds its key there (engine/worker_auth.py): only then are requests and its key sent to it."""
+    return await asyncio.to_thread(worker.owns_port) and await worker.healthy()
+
+
 async def adopt_recovered(rec: Reconciler, recovered: list[Worker]) -> None:
     """Keep the previous run's workers that are healthy and still wanted as they are; stop the rest.
 
     Adopted workers are not reloaded (same pid). Of two workers of one model (a crash
-    mid-swap) only the newer one is kept, so a restart never leaves a duplicate.
+    mid-swap) only the newer one is kept, so a restart never leaves a duplicate. Every worker
+    here is one this user started (`engine.records.belongs_to_us`), so stopping one is safe.
     """
     assert rec.desired is not None
-    health = await asyncio.gather(*(w.healthy() for w in recovered), return_exceptions=True)
+    health = await asyncio.gather(*(_adoptable(w) for w in recovered), return_exceptions=True)
     healthy = {w.id for w, ok in zip(recovered, health) if ok is True}
     adopted_names: set[str] = set()
     to_stop: list[tuple[Worker, str]] = []
@@ -38,7 +53,7 @@ async def adopt_recovered(rec: Reconciler, recovered: list[Worker]) -> None:
         elif rec.worker_spec(model).fingerprint != worker.spec.fingerprint:
             to_stop.append((worker, "its spec changed"))
         elif worker.id not in healthy:
-            to_stop.append((worker, "not healthy"))
+            to_stop.append((worker, "not healthy, or could not prove it holds its key on its port"))
         elif name in adopted_names:
             to_stop.append((worker, "a duplicate"))
         else:

@@ -159,7 +159,9 @@ class Reconciler:
     async def _reconcile_once(self) -> None:
         await observing.read_desired(self)
         if self._recovered is None:
-            self._recovered = self.pool.recover()
+            found = self.pool.recover()
+            adoption.report_rejected(self, found.rejected)
+            self._recovered = found.workers
         if self._recovered and self.desired is not None:
             recovered, self._recovered = self._recovered, []
             await adoption.adopt_recovered(self, recovered)

@@ -7,6 +7,7 @@ real store and real gauges is enough; the browser tests (tests/e2e) run the page
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -136,18 +137,25 @@ def test_a_body_that_is_not_an_object_is_refused(client):
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
 
 
-def test_log_tail_reads_the_current_workers_log_from_its_record(client, app, tmp_path):
-    records = tmp_path / "state" / "workers" / "records"
-    records.mkdir(parents=True)
-    log = tmp_path / "chat-worker.log"
+def test_log_tail_reads_the_current_workers_log_and_never_a_records_path(client, app, tmp_path):
+    _state_dir, log_dir = app.state.worker_logs
+    log = Path(log_dir) / "chat" / "20261204T101010000000001-chat-1.log"
+    log.parent.mkdir(parents=True)
     log.write_text("".join(f"line {i}\n" for i in range(500)))
-    (records / "w1.json").write_text(json.dumps({"name": "chat", "started_at": 10.0, "log_path": str(log)}))
     answer = client.get("/admin/models/chat/log?lines=3")
     assert answer.status_code == 200
     assert answer.text.splitlines() == ["line 497", "line 498", "line 499"]
     assert answer.headers["x-log-path"] == str(log)
     everything = client.get("/admin/models/chat/log?lines=100000").text.splitlines()
     assert len(everything) == 500  # capped at MAX_LOG_LINES, which is more than the file has
+    # A record naming another file (root-only, or planted) is never what the log route reads.
+    records = tmp_path / "state" / "workers" / "records"
+    records.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "secret").write_text("not a log")
+    (records / "w2.json").write_text(json.dumps({"name": "chat", "started_at": 99.0, "log_path": str(tmp_path / "secret")}))
+    assert client.get("/admin/models/chat/log").headers["x-log-path"] == str(log)
+    # A name that is a path is none (`..` encoded).
+    assert client.get("/admin/models/%2e%2e/log").status_code == 404
 
 
 def test_log_tail_of_a_model_never_loaded_is_404(client):

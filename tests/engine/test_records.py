@@ -17,17 +17,20 @@ from opta_lmx.engine.records import WorkerRecord, WorkerRecords
 from opta_lmx.engine.worker import Worker, rotate_log
 
 
-def _record(pid: int, create_time: float, worker_id: str = "a-1234abcd-000000", **changes) -> WorkerRecord:
+def _record(pid: int, create_time: float, worker_id: str = "a-1234abcd-000000", run_root: str = "/tmp/run",
+            **changes) -> WorkerRecord:
     record = WorkerRecord(worker_id=worker_id, name="a", fingerprint="f" * 16, source="/models/a", engine={},
                           pid=pid, create_time=create_time, host="127.0.0.1", port=1, address="http://127.0.0.1:1",
-                          log_path="/tmp/a.log", run_dir=f"/tmp/run/{worker_id}", started_at=time.time())
+                          log_path=f"{run_root}/{worker_id}/worker.log", run_dir=f"{run_root}/{worker_id}",
+                          started_at=time.time())
     return dataclasses.replace(record, **changes)
 
 
 @pytest.fixture
 def sleeper():
     """A stand-in for a worker left by a killed control plane: its own session, not doing much."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "opta_lmx.engine.worker_main"],
+                            start_new_session=True)  # named as a worker's launcher (records.belongs_to_us)
     yield proc
     proc.kill()
     proc.wait()
@@ -55,15 +58,16 @@ def test_a_reused_pid_is_not_the_recorded_process(sleeper):
 
 def test_recover_rebuilds_live_workers_and_drops_stale_records(tmp_path, sleeper):
     pool = WorkerPool(tmp_path / "workers")
-    live = _record(sleeper.pid, psutil.Process(sleeper.pid).create_time(), worker_id="a-live")
-    reused = _record(sleeper.pid, 12345.0, worker_id="a-reused")
+    root = str(tmp_path / "workers")
+    live = _record(sleeper.pid, psutil.Process(sleeper.pid).create_time(), worker_id="a-live", run_root=root)
+    reused = _record(sleeper.pid, 12345.0, worker_id="a-reused", run_root=root)
     pool.records.write(live)
     pool.records.write(reused)
-    (worker,) = pool.recover()
+    (worker,) = pool.recover().workers
     assert worker.id == "a-live" and worker.adopted and worker.pid == sleeper.pid and worker.alive()
     assert worker.spec.fingerprint == Worker.from_record(live, psutil.Process(sleeper.pid)).spec.fingerprint
     assert [r.worker_id for r in pool.records.load_all()] == ["a-live"]
-    assert pool.recover() == []  # already known: not recovered twice
+    assert pool.recover().workers == []  # already known: not recovered twice
 
     exited = []
     pool.add_exit_listener(exited.append)

@@ -12,6 +12,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -22,13 +23,14 @@ from opta_lmx.reconciler.controller import LoopSettings, Reconciler
 
 GOOD = {"worker_id": "a-1", "name": "a", "fingerprint": "f" * 16, "source": "/models/a", "engine": {},
         "pid": 0, "create_time": 0.0, "host": "127.0.0.1", "port": 1, "address": "http://127.0.0.1:1",
-        "log_path": "/tmp/a.log", "run_dir": "/tmp/run/a-1", "started_at": 1.0, "ready_at": 2.0}
+        "log_path": "/tmp/run/a-1/worker.log", "run_dir": "/tmp/run/a-1", "started_at": 1.0, "ready_at": 2.0}
 
 
 @pytest.fixture
 def sleeper():
     """A stand-in for a worker left by a killed control plane: its own session."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "opta_lmx.engine.worker_main"],
+                            start_new_session=True)  # named as a worker's launcher (records.belongs_to_us)
     yield proc
     proc.kill()
     proc.wait()
@@ -47,9 +49,9 @@ def test_unknown_fields_also_in_engine_are_ignored_with_a_warning(tmp_path, capl
         [record] = WorkerRecords(tmp_path).load_all()
     assert record.problem is None and record.engine == {"max_num_seqs": 4}
     assert "future_field" in caplog.text and "speculative_tree" in caplog.text
-    pool = WorkerPool(tmp_path.parent / "run")
+    pool = WorkerPool(Path("/tmp/run"))
     pool.records = WorkerRecords(tmp_path)
-    [worker] = pool.recover()
+    [worker] = pool.recover().workers
     assert worker.unadoptable is None and worker.spec.engine.max_num_seqs == 4
 
 
@@ -83,7 +85,7 @@ def test_an_unreadable_record_of_a_reused_pid_stops_nothing(tmp_path, sleeper):
             "engine": 7}
     _write(tmp_path / "run" / "records", "a-1", data)
     pool = WorkerPool(tmp_path / "run")
-    assert pool.recover() == []
+    assert pool.recover().workers == []
     assert sleeper.poll() is None and not list((tmp_path / "run" / "records").glob("*.json"))
 
 

@@ -175,7 +175,7 @@ def test_control_plane_death_leaves_no_spare_and_its_worker_is_adopted(tmp_path,
 
     async def adopt():
         pool = WorkerPool(tmp_path / "run")
-        [worker] = pool.recover()
+        [worker] = pool.recover().workers
         try:
             assert worker.pid == pids["worker"] and worker.adopted
             assert await worker.healthy()

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 
 from opta_lmx.engine.memory import WorkerMemory
-from opta_lmx.engine.pool import Measurements
+from opta_lmx.engine.pool import Measurements, Recovered
 from opta_lmx.engine.prepared import HelperMemory
 
 MiB = 1024**2
@@ -29,6 +29,10 @@ class FakeWorker:
 
     def alive(self):
         return self._alive
+
+    def owns_port(self):
+        return self._alive
+
 
     def memory_bytes(self):
         return self.memory if self._alive else None
@@ -55,7 +59,7 @@ class FakePool:
         return None  # the tests drive exits themselves
 
     def recover(self):
-        return []
+        return Recovered()
 
     def workers(self):
         return list(self._workers.values())

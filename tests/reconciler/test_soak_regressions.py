@@ -15,6 +15,7 @@ from opta_lmx.engine.pool import WorkerPool
 from opta_lmx.engine.records import WorkerRecord
 from opta_lmx.reconciler.controller import LoopSettings, Reconciler
 from opta_lmx.state.status import Phase
+from opta_lmx.engine.pool import Recovered
 from tests.reconciler.fakes import FakePool, FakeWorker, MiB, until
 
 MODEL_A = "models:\n  - {name: a, source: /tmp, memory: 10MiB}\n"
@@ -103,7 +104,7 @@ class HealthyHangsPool(FakePool):
 
         worker.healthy = healthy
         self._workers[worker.id] = worker
-        return [worker]
+        return Recovered([worker])
 
 
 def test_a_pass_stuck_on_an_await_is_cut_by_the_watchdog_and_the_loop_goes_on(tmp_path):

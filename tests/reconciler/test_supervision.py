@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from opta_lmx.engine.pool import Pool, WorkerPool
+from opta_lmx.engine.pool import Pool, Recovered, WorkerPool
 from opta_lmx.reconciler import controller as controller_module
 from opta_lmx.reconciler.controller import LoopSettings, Reconciler
 from opta_lmx.state.status import Phase
@@ -39,7 +39,7 @@ class RecoverFailsOnce(FakePool):
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("records directory unreadable")
-        return []
+        return Recovered()
 
 
 def test_a_pass_that_raises_is_recorded_counted_and_the_loop_converges(tmp_path):
