@@ -149,14 +149,15 @@ class Server:
 
 
 def start_server(config: Path, state_dir: Path, *extra_args: str, env: dict[str, str] | None = None,
-                 wait_healthy: bool = True) -> Server:
+                 wait_healthy: bool = True, umask: int | None = None) -> Server:
     port = free_port()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = state_dir.parent / f"lmx-serve-{port}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "opta_lmx.cli", "serve", "--config", str(config), "--port", str(port),
          "--state-dir", str(state_dir), "--grace", "5", *extra_args],
         stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env or lmx_env(), cwd=REPO,
+        preexec_fn=None if umask is None else (lambda: os.umask(umask)),  # the user's umask, as they start it
     )
     server = Server(config, state_dir, port, proc, log_path, list(extra_args))
     if wait_healthy:

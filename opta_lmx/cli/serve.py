@@ -61,9 +61,13 @@ def warm_up_model(state_dir: Path) -> Path | None:
     worker's lazy imports are done before it is needed (the engine may not import devmodel)."""
     from opta_lmx.devmodel import make_model
 
+    from opta_lmx.state.statedir import StateDirError, make_private
+
     try:
-        return make_model(state_dir / "warm-up-model", size="tiny")  # at once when it exists
-    except (OSError, ValueError) as error:
+        path = make_model(state_dir / "warm-up-model", size="tiny")  # at once when it exists
+        make_private(path, "warm-up model")  # like everything in the state dir (generated models are 0644)
+        return path
+    except (OSError, ValueError, StateDirError) as error:
         log.warning("no warm-up model (fast starts skip warming up): %s", error)
         return None
 

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from opta_lmx.engine.worker import Worker, WorkerSpec
+from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
 from tests.engine.standins import health_server
 
 # A stand-in worker that notes a SIGTERM in its log and keeps running for a while after it
@@ -122,3 +122,20 @@ def test_readiness_is_this_workers_own_server_not_whatever_answers_on_its_port(t
     with health_server(b'{"status": "healthy", "model_loaded": true, "model_name": "b"}') as port:
         assert asyncio.run(Worker(WorkerSpec("a", "/m/a"), run_dir=tmp_path, port=port).healthy()) is False
         assert asyncio.run(Worker(WorkerSpec("b", "/m/b"), run_dir=tmp_path, port=port).healthy()) is True
+
+
+def test_a_server_that_cannot_prove_the_workers_key_is_never_ready(tmp_path):
+    """Readiness proves identity: a process answering /health for the model on the worker's own
+    socket, but without the worker's key (it cannot answer /lmx/identity), is not the worker."""
+    from opta_lmx.engine.worker_auth import ensure_secret
+
+    ensure_secret(tmp_path / "run")
+    worker = FdWorker(WorkerSpec("a", "/m/a"), run_dir=tmp_path / "run", log_dir=tmp_path / "logs")
+    assert worker.api_key()
+    worker.spawn()
+    try:
+        with pytest.raises(WorkerStartError, match="not ready after 2s"):
+            asyncio.run(worker.wait_ready(2))
+        assert not asyncio.run(worker.healthy())
+    finally:
+        asyncio.run(worker.stop(grace=0))
