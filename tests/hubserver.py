@@ -11,6 +11,10 @@ Routes, as the real hub answers them:
   GET  /{repo}/resolve/{rev}/{path}            the bytes; `Range: bytes=N-` answers 206
 An unknown repo answers 401 with `X-Error-Code: RepoNotFound`, as the hub does for missing and
 private repos alike.
+
+A hostile hub (issue 22) is the same server with `Hostile` set on a repo: an ETag or a commit
+that is a path, a listed file name that is a path, a file whose body runs past its declared
+length, or files that stall mid-body.
 """
 
 from __future__ import annotations
@@ -28,9 +32,21 @@ CHUNK = 16 * 1024
 
 
 @dataclass
+class Hostile:
+    """What a hostile hub answers for one repo (None: what the real hub would)."""
+
+    etag: str | None = None  # sent as every file's ETag (huggingface_hub names the blob after it)
+    commit: str | None = None  # sent as the commit (huggingface_hub names the snapshot after it)
+    extra_listed: dict[str, int] = field(default_factory=dict)  # file names listed (with sizes) but not served
+    overrun: dict[str, int] = field(default_factory=dict)  # file -> bytes its body sends beyond its declared size
+    stall: set[str] = field(default_factory=set)  # files whose body stops halfway and never ends
+
+
+@dataclass
 class Repo:
     commit: str
     files: dict[str, bytes]
+    hostile: Hostile = field(default_factory=Hostile)
 
     @classmethod
     def from_directory(cls, directory: Path) -> Repo:
@@ -125,20 +141,24 @@ class HubHandler(BaseHTTPRequestHandler):
             self._json(401, {"error": "Repository not found"},
                        {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
             return None
-        if revision not in (None, "main", repo.commit):
+        if revision not in (None, "main", repo.commit, repo.hostile.commit):
             self._json(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
             return None
         return repo
 
     def _info(self, repo_id: str, revision: str | None) -> None:
         if repo := self._repo(repo_id, revision):
-            self._json(200, {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
-                             "siblings": [{"rfilename": name} for name in repo.files]})
+            names = [*repo.files, *repo.hostile.extra_listed]
+            self._json(200, {"id": repo_id, "modelId": repo_id, "sha": repo.hostile.commit or repo.commit,
+                             "private": False, "siblings": [{"rfilename": name} for name in names]})
 
     def _tree(self, repo_id: str, revision: str) -> None:
         if repo := self._repo(repo_id, revision):
-            self._json(200, [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                             for name, data in repo.files.items()])
+            listed = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                      for name, data in repo.files.items()]
+            listed += [{"type": "file", "path": name, "size": size, "oid": "0" * 40}
+                       for name, size in repo.hostile.extra_listed.items()]
+            self._json(200, listed)
 
     def _resolve(self, repo_id: str, revision: str, name: str, body: bool) -> None:
         repo = self._repo(repo_id, revision)
@@ -151,15 +171,25 @@ class HubHandler(BaseHTTPRequestHandler):
         start = 0
         if (wanted := self.headers.get("Range")) and (m := re.fullmatch(r"bytes=(\d+)-", wanted.strip())):
             start = int(m.group(1))
+        hostile = repo.hostile
         self.send_response(206 if start else 200)
-        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-        self.send_header("X-Repo-Commit", repo.commit)
+        self.send_header("ETag", f'"{hostile.etag or hashlib.sha256(data).hexdigest()}"')
+        self.send_header("X-Repo-Commit", hostile.commit or repo.commit)
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(data) - start))
+        if body and name in hostile.overrun:  # no length on the body: it runs until the server closes
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(data) - start))
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
-        if body:
+        if body and name in hostile.overrun:
+            self._send_throttled(name, data + b"\0" * hostile.overrun[name])
+        elif body and name in hostile.stall:
+            self._send_throttled(name, data[start:][: max(1, (len(data) - start) // 2)])
+            time.sleep(3600)  # never ends (the client's read timeout or a cancel must)
+        elif body:
             self._send_throttled(name, data[start:])
 
     def _send_throttled(self, name: str, data: bytes) -> None:

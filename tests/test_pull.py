@@ -120,3 +120,17 @@ def test_an_interrupted_pull_resumes_with_the_missing_files(hub, env, tmp_path):
     snapshot = Path(result.stdout.strip())
     assert {p.name: p.read_bytes() for p in snapshot.iterdir()} == hub.repos[REPO_ID].files
     assert not [p for p in snapshot.parent.parent.rglob("*") if p.name.endswith(".incomplete")]
+
+
+@pytest.mark.parametrize("hostile", ["etag", "filename", "overrun"])
+def test_a_hostile_hub_is_reported_in_one_line(env, hub, hostile, tmp_path):
+    """Issue 22: a `../` file name once crashed `lmx pull` with a raw traceback."""
+    from tests.hubserver import Hostile
+
+    hub.repos[REPO_ID].hostile = {"etag": Hostile(etag="../../x"), "filename": Hostile(extra_listed={"../x": 3}),
+                                  "overrun": Hostile(overrun={"model.safetensors": 8 * 1024**2})}[hostile]
+    result = pull(env, REPO_ID, "-q")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lmx pull:") and "refused" in lines[0], result.stderr
+    assert not (tmp_path / "x").exists()

@@ -92,8 +92,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print(f"lmx pull: {error.message.removesuffix('; will retry')}; run `lmx pull {args.source}` again: "
               "the files already fetched are kept", file=sys.stderr)
         return EXIT_TEMPORARY
-    if error is not None:
-        raise error
+    if error is not None:  # whatever else a hub can make go wrong: one line, never a traceback
+        print(f"lmx pull: {args.source}: {type(error).__name__}: {' '.join(str(error).split())[:300]}; run "
+              f"`lmx pull {args.source}` again (the files already fetched are kept)", file=sys.stderr)
+        return EXIT_TEMPORARY
     print(outcome["path"])
     return 0
 

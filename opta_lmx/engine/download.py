@@ -5,6 +5,16 @@ every other Hugging Face tool), watched through its `tqdm_class` hook so that th
 can show bytes done, bytes total and rate. Errors come out classified: a repo that does not exist
 or is private/gated is permanent (retrying will not help); a dropped or refused connection is
 temporary. A connection cut mid-file is resumed inside huggingface_hub with an HTTP Range request.
+
+The hub's answers are data, never paths (issue 22): huggingface_hub makes path parts of a
+file's ETag and the commit hash, so every answer it acts on is checked first (`guard_hub_answers`:
+plain names only), the listing's file names too, only the files the engine reads are fetched
+(top-level files, no other weight formats), the bytes written may not exceed what the hub
+declared, there must be room on the disk first, and every file of the snapshot must lie inside
+the cache once it is there. The loop downloads in a process of its own (engine/download_main.py,
+at most DOWNLOAD_SLOTS at once), so that cancelling one is killing it (within a second, whatever
+the hub does), and no thread the loop or the admin API needs is ever held by a download; the
+hub's small calls (listings, sizes) run in a pool of their own (`hub_call`).
 """
 
 from __future__ import annotations
@@ -12,10 +22,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
+import os
+import re
+import shutil
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +42,18 @@ from opta_lmx.state.spec import EngineOptions
 # The snapshot bar that counts bytes written to disk for every file (huggingface_hub >= 2.4).
 _BYTES_BAR = "huggingface_hub.snapshot_download"
 RATE_WINDOW_S = 5.0  # the rate is measured over this trailing window
-CANCEL_WAIT_S = 60.0  # how long a cancelled download may take to notice and close its files
+STOP_GRACE_S = 0.7  # a cancelled download process gets this long to stop cleanly, then SIGKILL...
+CANCEL_WAIT_S = 5.0  # ...after which it may take this long to be gone
+DOWNLOAD_SLOTS = 2  # downloads at once (each in its own process); more wait for a slot
+DISK_MARGIN_BYTES = 1024**3  # left free on the cache's disk beyond what a download needs
+OVERRUN_BYTES = 1024**2  # a hub may send this much more than it declared before the download is cut
+# Files the engine does not read (other weight formats, archives): never fetched.
+SKIPPED_SUFFIXES = (".gguf", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".tflite",
+                    ".zip", ".tar", ".gz", ".mlmodel", ".npz", ".pkl", ".pickle")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+# The hub's small calls (listings, sizes, cache checks): a pool of their own, so that a slow hub
+# never takes a thread from the default pool that reads models.yaml and answers the admin API.
+_HUB_CALLS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmx-hub")
 
 
 @dataclass(frozen=True)
@@ -65,6 +93,57 @@ class TemporaryDownloadError(DownloadError):
 
 class DownloadCancelled(DownloadError):
     """The caller asked the download to stop (the model left models.yaml, the server stops)."""
+
+
+class HostileHubAnswer(PermanentDownloadError):
+    """The hub answered something that would be a path, or more than it declared: refused."""
+
+
+def plain_name(value: object) -> bool:
+    """A name that is nothing but a name: no separator, no `..`, no control character."""
+    return isinstance(value, str) and bool(_PLAIN_NAME.fullmatch(value)) and ".." not in value
+
+
+def safe_relative_path(value: object) -> bool:
+    """A file path inside a repo: plain names separated by `/` (no absolute path, no `..`)."""
+    return isinstance(value, str) and bool(value) and all(plain_name(part) for part in value.split("/"))
+
+
+def hub_call(fn: Callable, *args, **kwargs):
+    """Run a blocking hub call (listing, sizing, cache check) in the hub's own threads."""
+    return asyncio.get_running_loop().run_in_executor(_HUB_CALLS, functools.partial(fn, *args, **kwargs))
+
+
+_guard_lock = threading.Lock()
+
+
+def guard_hub_answers() -> None:
+    """Make every answer huggingface_hub takes from a hub's HEAD (the ETag it names a blob after,
+    the commit hash it names a snapshot after) pass `plain_name` first, in this process, once.
+
+    huggingface_hub joins those into cache paths; a hostile (or broken) hub answering
+    `../../x` would have files written outside the cache. Patched where it is read, so the
+    checked values are the ones used (no second request can answer differently)."""
+    from huggingface_hub import file_download
+
+    with _guard_lock:
+        original = file_download._get_metadata_or_catch_error
+        if getattr(original, "__opta_guard__", False):
+            return
+
+        @functools.wraps(original)
+        def checked(*args, **kwargs):
+            answer = original(*args, **kwargs)
+            _url, etag, commit_hash, _size, _xet, _error = answer
+            for what, value in (("ETag", etag), ("commit hash", commit_hash)):
+                if value is not None and not plain_name(value):
+                    repo = kwargs.get("repo_id", "?")
+                    raise HostileHubAnswer(repo, f"{repo}: the hub answered a {what} that is not a plain name "
+                                                 f"({str(value)[:80]!r}); refused (it would be a path in the cache)")
+            return answer
+
+        checked.__opta_guard__ = True  # type: ignore[attr-defined]
+        file_download._get_metadata_or_catch_error = checked
 
 
 @dataclass(frozen=True)
@@ -128,10 +207,57 @@ def repo_listing(source: str, *, revision: str | None = None, endpoint: str | No
     with classified(repo_id):
         info = api.model_info(repo_id, revision=revision)
         commit = info.sha or revision or "main"
-        sizes = {entry.path: int(entry.size or 0)
-                 for entry in api.list_repo_tree(repo_id, recursive=True, revision=commit)
-                 if isinstance(entry, RepoFile)}
+        if not plain_name(commit):
+            raise HostileHubAnswer(repo_id, f"{repo_id}: the hub answered a commit that is not a plain name "
+                                            f"({str(commit)[:80]!r}); refused")
+        entries = [entry for entry in api.list_repo_tree(repo_id, recursive=True, revision=commit)
+                   if isinstance(entry, RepoFile)]
+        for entry in entries:
+            if not safe_relative_path(entry.path):
+                raise HostileHubAnswer(repo_id, f"{repo_id}: the hub listed a file name that is a path "
+                                                f"({str(entry.path)[:80]!r}); refused")
+            if not isinstance(entry.size, int) or entry.size < 0:
+                raise HostileHubAnswer(repo_id, f"{repo_id}: the hub listed {entry.path} with no valid size")
+        sizes = {entry.path: int(entry.size) for entry in entries}
     return RepoListing(repo_id, commit, sizes)
+
+
+def engine_files(listing: RepoListing) -> dict[str, int]:
+    """The files the engine reads (what is fetched): top-level ones, other weight formats left out."""
+    return {path: size for path, size in listing.sizes.items()
+            if "/" not in path and not path.lower().endswith(SKIPPED_SUFFIXES)}
+
+
+def check_disk(repo_id: str, needed: int, cache_dir: str | Path | None) -> None:
+    """Refuse (temporarily: space may be freed) a download the cache's disk cannot hold."""
+    from huggingface_hub import constants
+
+    directory = Path(cache_dir or constants.HF_HUB_CACHE)
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + DISK_MARGIN_BYTES > free:
+        raise TemporaryDownloadError(repo_id, f"{repo_id} needs {_size(needed)} more on the disk of {directory}, "
+                                              f"which has {_size(free)} free (and {_size(DISK_MARGIN_BYTES)} is kept "
+                                              "free): make room, then it is tried again")
+
+
+def check_inside(repo_id: str, snapshot: Path, cache_dir: str | Path | None) -> None:
+    """Every file of the snapshot, links resolved, lies inside the hub cache."""
+    from huggingface_hub import constants
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE).resolve()
+    for path in [snapshot, *snapshot.rglob("*")]:
+        resolved = path.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise HostileHubAnswer(repo_id, f"{repo_id}: {path.name} resolves outside the hub cache; refused")
+
+
+def _size(n: int) -> str:
+    from opta_lmx.state.quantities import format_size
+
+    return format_size(n)
 
 
 def hub_estimate(source: str, engine: EngineOptions, override_bytes: int | None = None, *,
@@ -144,6 +270,7 @@ def hub_estimate(source: str, engine: EngineOptions, override_bytes: int | None 
     """
     if override_bytes is not None:
         return MemoryEstimate(override_bytes=override_bytes)
+    guard_hub_answers()
     listing = repo_listing(source, endpoint=endpoint, token=token)
     config: dict = {}
     if "config.json" in listing.sizes:
@@ -175,11 +302,15 @@ class ProgressTracker:
         self._last_report = -float("inf")
 
     def add(self, n: int) -> None:
-        """Count `n` bytes (negative when huggingface_hub restarts a file the server would not resume)."""
+        """Count `n` bytes (negative when huggingface_hub restarts a file the server would not resume);
+        cut the download once the hub has sent more than it declared."""
         if self._cancel is not None and self._cancel.is_set():
             raise DownloadCancelled(self.repo_id, f"the download of {self.repo_id} was cancelled")
         with self._lock:
             self.done_bytes += n
+            if self.done_bytes > self.total_bytes + OVERRUN_BYTES:
+                raise HostileHubAnswer(self.repo_id, f"{self.repo_id}: the hub sent more than the "
+                                                     f"{_size(self.total_bytes)} it declared; refused")
             now = self._clock()
             due = now - self._last_report >= self._interval
             if due:
@@ -238,36 +369,93 @@ def download(source: str, on_progress: ProgressCallback | None = None, *, revisi
         raise PermanentDownloadError(repo_id, f"{repo_id} is not in the local model cache and HF_HUB_OFFLINE is set")
     from huggingface_hub import snapshot_download, try_to_load_from_cache
 
+    guard_hub_answers()
     listing = repo_listing(repo_id, revision=revision, endpoint=endpoint, token=token)
-    cached = sum(size for path, size in listing.sizes.items() if isinstance(
+    files = engine_files(listing)
+    total = sum(files.values())
+    cached = sum(size for path, size in files.items() if isinstance(
         try_to_load_from_cache(repo_id, path, cache_dir=cache_dir, revision=listing.commit), str))
-    tracker = ProgressTracker(repo_id, listing.total_bytes, cached, on_progress, interval=interval, cancel=cancel)
+    check_disk(repo_id, total - cached, cache_dir)
+    tracker = ProgressTracker(repo_id, total, cached, on_progress, interval=interval, cancel=cancel)
     tracker.report()
     with classified(repo_id):
-        path = snapshot_download(repo_id, revision=revision, endpoint=endpoint, cache_dir=cache_dir, token=token,
-                                 tqdm_class=_bar_class(tracker), max_workers=max_workers)
-    tracker.done_bytes = max(tracker.done_bytes, listing.total_bytes)
+        # Only the names checked above are fetched (allow_patterns; plain names hold no glob
+        # characters), whatever a second listing says; the revision stays the one asked for, so the
+        # cache's ref (main) is written and later starts find the snapshot.
+        path = Path(snapshot_download(repo_id, revision=revision, endpoint=endpoint, cache_dir=cache_dir,
+                                      token=token, tqdm_class=_bar_class(tracker), max_workers=max_workers,
+                                      allow_patterns=sorted(files) or ["config.json"]))
+    check_inside(repo_id, path, cache_dir)
+    tracker.done_bytes = max(tracker.done_bytes, total)
     tracker.report(finished=True)
-    return Path(path)
+    return path
 
 
-async def download_async(source: str, on_progress: ProgressCallback | None = None, **options) -> Path:
-    """`download` in a thread; `on_progress` runs on the event loop; cancelling the task stops the download."""
+_slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+
+async def download_async(source: str, on_progress: ProgressCallback | None = None, *,
+                         revision: str | None = None, endpoint: str | None = None,
+                         cache_dir: str | Path | None = None, token: str | bool | None = None,
+                         interval: float = 0.5, chunk_bytes: int = 1024**2) -> Path:
+    """`download` in a process of its own (engine/download_main.py), at most DOWNLOAD_SLOTS at once;
+    `on_progress` runs on the event loop. Cancelling the task kills that process at once (its
+    partial files stay: the next attempt resumes them); the error classes are `download`'s."""
     loop = asyncio.get_running_loop()
-    cancel = threading.Event()
+    slots = _slots.setdefault(loop, asyncio.Semaphore(DOWNLOAD_SLOTS))
+    async with slots:
+        command = [sys.executable, "-m", "opta_lmx.engine.download_main", source, "--interval", str(interval),
+                   "--chunk-bytes", str(chunk_bytes)]
+        for flag, value in (("--revision", revision), ("--endpoint", endpoint), ("--cache-dir", cache_dir)):
+            if value is not None:
+                command += [flag, str(value)]
+        if token is False:
+            command.append("--no-token")
+        env = dict(os.environ)
+        if isinstance(token, str):
+            env["HF_TOKEN"] = token  # never on a command line
+        proc = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True)
+        try:
+            return await _follow(proc, source, on_progress)
+        except BaseException:
+            await asyncio.shield(_stop(proc))
+            raise
 
-    def hop(progress: DownloadProgress) -> None:
-        if on_progress is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(on_progress, progress)
 
-    task = asyncio.ensure_future(asyncio.to_thread(download, source, hop, cancel=cancel, **options))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        cancel.set()  # the thread stops at its next chunk; wait (bounded) so no file is left open
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(task, CANCEL_WAIT_S)
-        raise
+async def _follow(proc: asyncio.subprocess.Process, source: str, on_progress: ProgressCallback | None) -> Path:
+    """Read the download process's JSON lines: progress, then its result or its classified error."""
+    assert proc.stdout is not None
+    result: dict = {}
+    while line := await proc.stdout.readline():
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if "progress" in message and on_progress is not None:
+            on_progress(DownloadProgress(**message["progress"]))
+        elif "path" in message or "error" in message:
+            result = message
+    await proc.wait()
+    if "path" in result:
+        return Path(result["path"])
+    kind = {"permanent": PermanentDownloadError, "cancelled": DownloadCancelled}.get(result.get("kind"),
+                                                                                    TemporaryDownloadError)
+    raise kind(source, result.get("error") or f"the download process of {source} exited with {proc.returncode}")
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM (it stops at its next chunk and huggingface_hub removes its partial file), then,
+    if it is still there after STOP_GRACE_S, SIGKILL: a cancelled download is gone within a second."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, CANCEL_WAIT_S)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            async with asyncio.timeout(wait):
+                await proc.wait()
+            return
+        except TimeoutError:
+            continue
 
 
 def _require_hub_id(source: str) -> str:

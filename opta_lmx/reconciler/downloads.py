@@ -142,7 +142,7 @@ class Downloads:
 
     async def _size(self, sizing: Sizing, spec: WorkerSpec, override: int | None) -> None:
         try:
-            sizing.result = await asyncio.to_thread(self.client.size, spec.source, spec.engine, override)
+            sizing.result = await hub.hub_call(self.client.size, spec.source, spec.engine, override)  # the hub's threads
             self._needs[spec.source] = sizing.result.needs_download
         except DownloadError as error:
             sizing.error = error
@@ -182,7 +182,7 @@ class Downloads:
 
     async def _download(self, d: Download) -> None:
         try:
-            if not await asyncio.to_thread(self.client.needs_download, d.source):
+            if not await hub.hub_call(self.client.needs_download, d.source):
                 return  # fetched meanwhile (`lmx pull`, another model of the same repo)
             await self.client.fetch(d.source, lambda progress: self._progress(d, progress))
             seconds = self.clock() - d.started_at

@@ -12,6 +12,7 @@ import re
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from opta_lmx.cli import main
@@ -125,3 +126,41 @@ def test_a_hub_model_downloads_in_its_own_phase_then_serves(serve, hub, tmp_path
     assert passes_at_failure is not None and passes(server) >= passes_at_failure + 3  # the loop went on...
     assert [r for r in hub.requests if MISSING in r.path] == asked and len(asked) == 1  # ...without asking again
     assert server.phases()["gone"] == "Failed"
+
+
+def test_stalled_downloads_never_wedge_the_loop_and_a_stop_ends_them_within_the_grace(serve, hub, tiny_model,
+                                                                                       tmp_path):
+    """Issue 22: a few slow (here: stalled) hub downloads once left /admin/models hanging, models.yaml
+    rejected ("reading the file took longer than 30s") and SIGTERM unfinished after two minutes.
+    Downloads run in processes of their own now: the admin API answers, an edit converges, removing
+    a model ends its download at once, and a stop ends them all within the stop grace."""
+    for index in range(4):  # more stalled repos than download slots, and than the default pool holds
+        repo = hub.add(f"opta-test/stalled-{index}", tiny_model)
+        repo.hostile.stall = {"model.safetensors"}
+    env = lmx_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"))
+    env.pop("HF_HUB_OFFLINE")
+    env.pop("HF_HUB_CACHE", None)
+    stalled = "".join(f"  - {{name: s{i}, source: opta-test/stalled-{i}}}\n" for i in range(4))
+    server = serve("models:\n" + stalled, env=env)
+    server.wait_for(lambda s: sum(p == "Downloading" for p in s.phases().values()) >= 2, 60, "downloads stalled")
+    time.sleep(2.0)
+    for _ in range(5):  # the admin API answers at once, while every download is stuck
+        started = time.monotonic()
+        assert server.get("/admin/models").status_code == 200
+        assert time.monotonic() - started < 2.0
+    server.write_config("models:\n" + stalled + f"  - {{name: local, source: {tiny_model}}}\n")
+    server.wait_ready("local", timeout=90)  # an edit is read and converges beside them
+    processes = [p for p in psutil.process_iter(["cmdline"]) if "opta_lmx.engine.download_main" in (
+        p.info["cmdline"] or []) and "opta-test/stalled-0" in p.info["cmdline"]]
+    server.write_config("models:\n" + stalled.split("\n", 1)[1] + f"  - {{name: local, source: {tiny_model}}}\n")
+    server.wait_for(lambda s: "s0" not in s.phases(), 30, "s0 removed")
+    assert processes
+    server.wait_for(lambda s: not any(p.is_running() and p.status() != "zombie" for p in processes), 10,
+                    "the removed model's download process gone")
+    assert "DownloadCancelled" in [e["reason"] for e in server.get("/admin/events").json()["events"]
+                                   if e["object"] == "s0"]
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 5 + 5  # the stop grace (5 s here), with room for the process exit
+    left = [p for p in psutil.process_iter(["cmdline"]) if "opta_lmx.engine.download_main" in (p.info["cmdline"] or [])]
+    assert not [p for p in left if p.is_running() and p.status() != "zombie"]
