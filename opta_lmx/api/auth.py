@@ -85,6 +85,11 @@ def presented_keys(headers: dict[str, str]) -> list[str]:
 
 # FastAPI's API pages describe the admin API: with keys set, they are admin pages too.
 _DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# With keys set: /metrics names every model and its traffic, so it needs a key (the API key or the
+# admin key, as a Prometheus scraper is configured); /health and /readyz answer anyone, but only
+# up/down and ready or not without a key (probes need no secret); /healthz stays a bare liveness.
+_KEYED_OPERATIONS = frozenset({"/metrics"})
+_DETAILED_PROBES = frozenset({"/health", "/readyz"})
 
 
 class KeyAuth:
@@ -98,14 +103,17 @@ class KeyAuth:
         if scope["type"] != "http" or (self.keys.admin is None and self.keys.inference is None):
             return await self.app(scope, receive, send)
         path: str = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        presented = presented_keys(headers) or [None]
+        if path in _DETAILED_PROBES:  # answered to anyone; the details only with a key
+            scope.setdefault("state", {})["lmx_authenticated"] = any(self.keys.inference_ok(k) for k in presented)
+            return await self.app(scope, receive, send)
         if path == "/admin" or path.startswith("/admin/") or path in _DOCS_PATHS:
             check, which = self.keys.admin_ok, "admin"
-        elif path.startswith("/v1/"):
+        elif path.startswith("/v1/") or path in _KEYED_OPERATIONS:
             check, which = self.keys.inference_ok, "API"
         else:
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        presented = presented_keys(headers) or [None]
         if any(check(key) for key in presented):
             return await self.app(scope, receive, send)
         message = (

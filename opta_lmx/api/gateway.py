@@ -40,6 +40,8 @@ from opta_lmx.state.spec import DesiredModelState
 from opta_lmx.state.status import Phase
 
 log = logging.getLogger(__name__)
+
+STALE_CONNECTION_RETRIES = 2  # fresh connections tried when pooled ones turn out closed by the worker
 T = TypeVar("T")
 
 router = APIRouter()
@@ -204,7 +206,13 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
     query = request.url.query
     if name != requested:
         body, query = renamed(found, body, query, name)
-    reconciler.note_request(name)
+    if from_a_foreign_page(request):  # `<img src=...>` on any page: it may use a resident model, never load one
+        if reconciler.route(name) is None:
+            raise APIError(403, f"a GET from another site cannot load `{name}` (no request a web page makes "
+                                "without asking may have that effect); ask from the client itself",
+                           "cross_site_load_refused")
+    else:
+        reconciler.note_request(name)
     admission: Admission = app_state.admission
     try:
         # Waiters register on the route table and poll their client (a load nobody waits for is
@@ -222,7 +230,7 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
         url = URL(to.address + path + ("?" + query if query else ""), encoded=True)
         headers = worker_headers(app_state, to.address, request.headers.items())
         return _unless_client_leaves(  # a non-streaming answer's head comes only at its end
-            request, app_state.upstream.request(request.method, url, data=body, headers=headers), _close_response)
+            request, _on_live_connection(app_state.upstream, request.method, url, body, headers), _close_response)
 
     try:
         try:
@@ -272,6 +280,30 @@ async def _send(admission: Admission, name: str, route: Route,
     raise not_reached
 
 
+def from_a_foreign_page(request: Request) -> bool:
+    """A simple GET (or HEAD) a browser made for another site's page: no Origin is sent with those
+    (an `<img>`), but `Sec-Fetch-Site` is, by every current browser. Clients (SDKs, curl, the
+    dashboard itself: same-origin) send none or `same-origin`/`none`."""
+    return request.method in ("GET", "HEAD") and request.headers.get("sec-fetch-site", "").lower() in (
+        "cross-site", "same-site")
+
+
+async def _on_live_connection(session: aiohttp.ClientSession, method: str, url: URL, body: bytes,
+                              headers: list[tuple[str, str]]) -> aiohttp.ClientResponse:
+    """Send, and send again on another connection when the pooled one turns out closed by the
+    worker before it answered anything (aiohttp's ServerDisconnectedError: the worker had closed
+    the idle connection, so it never read this request). Any other error may have reached the
+    worker: it is the caller's (a 502, or the next route when nothing was sent at all)."""
+    for attempt in range(STALE_CONNECTION_RETRIES + 1):
+        try:
+            return await session.request(method, url, data=body, headers=headers)
+        except aiohttp.ServerDisconnectedError:
+            if attempt == STALE_CONNECTION_RETRIES:
+                raise
+            log.info("a pooled connection to %s was closed by the worker; sending on a new one", url.host)
+    raise AssertionError("unreachable")
+
+
 async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMetrics, arrived: float, admission: Admission,
                  route: Route):
     """Yield the upstream body as it comes.
@@ -302,10 +334,13 @@ async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMe
             yield f"data: {message}\n\ndata: [DONE]\n\n".encode()
     finally:
         with anyio.CancelScope(shield=True):
-            if complete:
+            if complete and upstream.status < 500:
                 upstream.release()  # the connection goes back to the pool
             else:
-                upstream.close()  # drops the connection, so the worker stops generating
+                # Dropped: a worker that failed (5xx) may close the connection after its answer, and
+                # a pooled dead connection would fail the next client's request; an unfinished one
+                # is dropped so that the worker stops generating.
+                upstream.close()
             await admission.release(name, route)
         metrics.duration.labels(name).observe(time.perf_counter() - arrived)
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import aiohttp
 from fastapi import APIRouter, Request
 
 from opta_lmx.engine.worker_auth import worker_key
+from opta_lmx.api.admin.protocol import json_depth
 from opta_lmx.api.errors import APIError
 
 router = APIRouter()
@@ -71,13 +72,18 @@ def renamed(found: RequestedModel, body: bytes, query: str, name: str) -> tuple[
     return body, query
 
 
+MAX_BODY_DEPTH = 256  # nesting a request body may have (tool schemas nest; nothing real nests this deep)
+
+
 def _json_model(body: bytes) -> tuple[object, str, dict]:
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # a nesting bomb is the client's error, not a 500
         raise APIError(400, "the request body must be a JSON object", "invalid_json") from None
     if not isinstance(payload, dict):
         raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    if json_depth(payload) > MAX_BODY_DEPTH:
+        raise APIError(400, f"the request body nests deeper than {MAX_BODY_DEPTH} levels", "invalid_json")
     return payload.get("model"), "json", payload
 
 
@@ -121,7 +127,8 @@ async def _cancel(request: Request, request_id: str) -> dict:
         try:
             secret = getattr(request.app.state, "worker_secret", None)
             headers = {"Authorization": f"Bearer {worker_key(secret, route.address)}"} if secret else None
-            async with session.post(f"{route.address}/v1/requests/{request_id}/cancel", timeout=timeout,
+            # The id is a path segment of the worker's URL: escaped, so `../x` or `?` can name nothing else.
+            async with session.post(f"{route.address}/v1/requests/{quote(request_id, safe='')}/cancel", timeout=timeout,
                                     headers=headers) as reply:
                 return await reply.json() if reply.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
@@ -150,6 +157,8 @@ async def health(request: Request) -> dict:
     reconciler = request.app.state.reconciler
     ready = [route.name for route in _ready_routes(request)]
     running = reconciler.health().running
+    if not getattr(request.state, "lmx_authenticated", True):  # keys set, none sent: up or down, nothing more
+        return {"status": "healthy" if running else "unhealthy"}
     return {
         "status": "healthy" if running else "unhealthy",
         "model_loaded": bool(ready),

@@ -128,3 +128,58 @@ def test_a_request_for_a_worker_whose_process_exited_is_not_sent_to_it(tmp_path)
                 await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+async def closing_worker(port: int, hits: list):
+    """A worker that answers a request holding `BREAK` with 500 and then closes the connection
+    (vllm-mlx did so for a lone surrogate in `content`), and answers the others normally."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length")), b"0"))
+                body = await reader.readexactly(length)
+                hits.append(b"BREAK" in body)
+                reply = b'{"error": "Internal Server Error"}' if b"BREAK" in body else b'{"choices": []}'
+                status = b"500 Internal Server Error" if b"BREAK" in body else b"200 OK"
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(reply)).encode() + b"\r\n\r\n" + reply)
+                await writer.drain()
+                if b"BREAK" in body:
+                    await asyncio.sleep(0.05)
+                    writer.close()  # after its answer, without saying so (no Connection: close)
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", port)
+
+
+def test_a_workers_500_that_closes_its_connection_never_reaches_the_next_client(tmp_path):
+    """Issue 22: one client's bad request left a dead pooled connection and the next client got
+    502 (3 of 4 rounds). The connection is dropped after a 5xx, and a pooled connection that turns
+    out closed by the worker before it answered anything is replaced by a new one."""
+    reconciler, app = gateway(tmp_path, wait_timeout=30)
+    hits: list = []
+
+    async def scenario():
+        await observing.read_desired(reconciler)
+        server = await closing_worker(OLD_PORT, hits)
+        app.state.upstream = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        try:
+            await reconciler.routes.set(Route("a", f"http://127.0.0.1:{OLD_PORT}", "w", Traffic()))
+            codes = []
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+                for _round in range(4):
+                    bad = await client.post("/v1/chat/completions", json={**CHAT, "note": "BREAK"})
+                    good = await client.post("/v1/chat/completions", json=CHAT)
+                    codes.append((bad.status_code, good.status_code))
+            return codes
+        finally:
+            await app.state.upstream.close()
+            server.close()
+
+    assert asyncio.run(scenario()) == [(500, 200)] * 4
+    assert hits.count(True) == 4 and hits.count(False) == 4

@@ -167,3 +167,90 @@ def test_api_pages_need_the_admin_key_when_keys_are_set(config, tmp_path):
         assert call(app, "GET", path, headers={"Authorization": f"Bearer {API}"}).status_code == 401
     assert call(app, "GET", "/openapi.json", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
     assert call(make_app(config, tmp_path), "GET", "/openapi.json").status_code == 200  # no keys: open
+
+
+# -- issue 22: no side effects from simple GETs, bounded bodies, keyed operations -----------------
+
+def test_a_cross_site_get_never_loads_a_model(config, tmp_path):
+    """`<img src=http://127.0.0.1:PORT/v1/audio/voices?model=NAME>` on any page: a no-cors GET has no
+    Origin, but browsers say `Sec-Fetch-Site: cross-site`. It may not make a model load."""
+    config.write_text(MODELS + "  - {name: od, source: /m, state: on-demand}\n")
+    app = make_app(config, tmp_path, load_wait_timeout=0.2)
+    reconciler = app.state.reconciler
+
+    async def read():
+        from opta_lmx.reconciler import observing
+
+        await observing.read_desired(reconciler)
+
+    asyncio.run(read())
+    for site in ("cross-site", "same-site"):
+        refused = call(app, "GET", "/v1/audio/voices?model=od", headers={"Sec-Fetch-Site": site})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "cross_site_load_refused"
+    assert "od" not in reconciler.demand  # nothing asked the loop to load it
+    call(app, "GET", "/v1/audio/voices?model=od", headers={"Sec-Fetch-Site": "same-origin"})
+    assert "od" in reconciler.demand  # the dashboard (same origin) or a client (no header) may
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_500(config, tmp_path):
+    app = make_app(config, tmp_path)
+    for depth in (300, 100_000):
+        body = b'{"model": "m0", "x": ' + b"[" * depth + b"]" * depth + b"}"
+        answer = call(app, "POST", "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
+
+
+def test_with_keys_metrics_need_one_and_probes_say_only_up_or_ready(config, tmp_path):
+    app = make_app(config, tmp_path, keys=Keys(admin=ADMIN, inference=API))
+    assert call(app, "GET", "/metrics").status_code == 401
+    assert call(app, "GET", "/metrics", headers={"Authorization": f"Bearer {API}"}).status_code == 200
+    assert call(app, "GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+    bare = call(app, "GET", "/health").json()
+    assert set(bare) == {"status"}  # no model names without a key
+    assert "available_models" in call(app, "GET", "/health", headers={"Authorization": f"Bearer {API}"}).json()
+    ready = call(app, "GET", "/readyz")
+    assert ready.status_code == 503 and ready.json() == {"ready": False}
+    detailed = call(app, "GET", "/readyz", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert detailed.status_code == 503 and "reasons" in detailed.json()
+    assert call(app, "GET", "/healthz").status_code == 200  # bare liveness stays open
+
+
+def test_the_cancel_relay_escapes_the_id_it_puts_in_the_workers_url(config, tmp_path):
+    from aiohttp import web
+
+    from opta_lmx.reconciler.ledger import Traffic
+    from opta_lmx.reconciler.routes import Route
+
+    seen: list[str] = []
+
+    async def scenario():
+        async def anything(request):
+            seen.append(request.raw_path)
+            return web.json_response({"id": "x"}, status=404)
+
+        worker = web.Application()
+        worker.router.add_route("*", "/{tail:.*}", anything)
+        runner = web.AppRunner(worker)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        app = make_app(config, tmp_path)
+        from opta_lmx.reconciler import observing
+
+        await observing.read_desired(app.state.reconciler)
+        await app.state.reconciler.routes.set(Route("m0", f"http://127.0.0.1:{port}", "w", Traffic()))
+        import aiohttp
+
+        app.state.upstream = aiohttp.ClientSession()
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as client:
+                answer = await client.post("/v1/requests/req%3Fmodel=x%23frag/cancel", json={})
+                assert answer.status_code == 404, answer.text
+        finally:
+            await app.state.upstream.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+    assert seen == ["/v1/requests/req%3Fmodel=x%23frag/cancel"], seen  # one path segment, no query

@@ -273,4 +273,6 @@ async def health(request: Request) -> dict:
 async def readyz(request: Request) -> JSONResponse:
     """Ready once the loop runs, a valid desired state is in force and every model is as desired."""
     body = _service(request).readiness()
+    if not getattr(request.state, "lmx_authenticated", True):  # keys set, none sent: ready or not, nothing more
+        body = {"ready": body["ready"]}
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
