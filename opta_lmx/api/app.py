@@ -16,7 +16,7 @@ from opta_lmx.api.admin import router as admin
 from opta_lmx.api.admin.serving import AdminService, MachineMemory
 from opta_lmx.api.auth import KeyAuth, Keys, load_keys
 from opta_lmx.api.errors import install_error_handlers
-from opta_lmx.api.gateway import Admission
+from opta_lmx.api.request_gate import RequestGate
 from opta_lmx.api.metrics import GatewayMetrics
 from opta_lmx.engine.memory import machine_memory as probe_machine_memory
 from opta_lmx.api.security import MAX_ADMIN_BODY_BYTES, install_request_guard
@@ -65,7 +65,7 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     app.state.reconciler = reconciler
     app.state.settings = settings
     app.state.metrics = GatewayMetrics(reconciler)
-    app.state.admission = Admission(reconciler, app.state.metrics, queue_limit=settings.queue_limit,
+    app.state.admission = RequestGate(reconciler, app.state.metrics, queue_limit=settings.queue_limit,
                                     wait_timeout=settings.load_wait_timeout)
     app.state.store = store or ModelsStore(reconciler.config_path)
     app.add_middleware(KeyAuth, keys=keys if keys is not None else load_keys())

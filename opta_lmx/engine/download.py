@@ -11,28 +11,21 @@ file's ETag and the commit hash, so every answer it acts on is checked first (`g
 plain names only), the listing's file names too, only the files the engine reads are fetched
 (top-level files, no other weight formats), the bytes written may not exceed what the hub
 declared, there must be room on the disk first, and every file of the snapshot must lie inside
-the cache once it is there. The loop downloads in a process of its own (engine/download_main.py,
-at most DOWNLOAD_SLOTS at once), so that cancelling one is killing it (within a second, whatever
-the hub does), and no thread the loop or the admin API needs is ever held by a download; the
-hub's small calls (listings, sizes) run in a pool of their own (`hub_call`).
+the cache once it is there. The loop runs each download in a process of its own and the hub's
+small calls in threads of their own (engine/download_process.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import functools
 import json
-import os
 import re
 import shutil
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,18 +35,12 @@ from opta_lmx.state.spec import EngineOptions
 # The snapshot bar that counts bytes written to disk for every file (huggingface_hub >= 2.4).
 _BYTES_BAR = "huggingface_hub.snapshot_download"
 RATE_WINDOW_S = 5.0  # the rate is measured over this trailing window
-STOP_GRACE_S = 0.7  # a cancelled download process gets this long to stop cleanly, then SIGKILL...
-CANCEL_WAIT_S = 5.0  # ...after which it may take this long to be gone
-DOWNLOAD_SLOTS = 2  # downloads at once (each in its own process); more wait for a slot
 DISK_MARGIN_BYTES = 1024**3  # left free on the cache's disk beyond what a download needs
 OVERRUN_BYTES = 1024**2  # a hub may send this much more than it declared before the download is cut
 # Files the engine does not read (other weight formats, archives): never fetched.
 SKIPPED_SUFFIXES = (".gguf", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".tflite",
                     ".zip", ".tar", ".gz", ".mlmodel", ".npz", ".pkl", ".pickle")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
-# The hub's small calls (listings, sizes, cache checks): a pool of their own, so that a slow hub
-# never takes a thread from the default pool that reads models.yaml and answers the admin API.
-_HUB_CALLS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmx-hub")
 
 
 @dataclass(frozen=True)
@@ -107,11 +94,6 @@ def plain_name(value: object) -> bool:
 def safe_relative_path(value: object) -> bool:
     """A file path inside a repo: plain names separated by `/` (no absolute path, no `..`)."""
     return isinstance(value, str) and bool(value) and all(plain_name(part) for part in value.split("/"))
-
-
-def hub_call(fn: Callable, *args, **kwargs):
-    """Run a blocking hub call (listing, sizing, cache check) in the hub's own threads."""
-    return asyncio.get_running_loop().run_in_executor(_HUB_CALLS, functools.partial(fn, *args, **kwargs))
 
 
 _guard_lock = threading.Lock()
@@ -389,73 +371,6 @@ def download(source: str, on_progress: ProgressCallback | None = None, *, revisi
     tracker.done_bytes = max(tracker.done_bytes, total)
     tracker.report(finished=True)
     return path
-
-
-_slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
-
-
-async def download_async(source: str, on_progress: ProgressCallback | None = None, *,
-                         revision: str | None = None, endpoint: str | None = None,
-                         cache_dir: str | Path | None = None, token: str | bool | None = None,
-                         interval: float = 0.5, chunk_bytes: int = 1024**2) -> Path:
-    """`download` in a process of its own (engine/download_main.py), at most DOWNLOAD_SLOTS at once;
-    `on_progress` runs on the event loop. Cancelling the task kills that process at once (its
-    partial files stay: the next attempt resumes them); the error classes are `download`'s."""
-    loop = asyncio.get_running_loop()
-    slots = _slots.setdefault(loop, asyncio.Semaphore(DOWNLOAD_SLOTS))
-    async with slots:
-        command = [sys.executable, "-m", "opta_lmx.engine.download_main", source, "--interval", str(interval),
-                   "--chunk-bytes", str(chunk_bytes)]
-        for flag, value in (("--revision", revision), ("--endpoint", endpoint), ("--cache-dir", cache_dir)):
-            if value is not None:
-                command += [flag, str(value)]
-        if token is False:
-            command.append("--no-token")
-        env = dict(os.environ)
-        if isinstance(token, str):
-            env["HF_TOKEN"] = token  # never on a command line
-        proc = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True)
-        try:
-            return await _follow(proc, source, on_progress)
-        except BaseException:
-            await asyncio.shield(_stop(proc))
-            raise
-
-
-async def _follow(proc: asyncio.subprocess.Process, source: str, on_progress: ProgressCallback | None) -> Path:
-    """Read the download process's JSON lines: progress, then its result or its classified error."""
-    assert proc.stdout is not None
-    result: dict = {}
-    while line := await proc.stdout.readline():
-        try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        if "progress" in message and on_progress is not None:
-            on_progress(DownloadProgress(**message["progress"]))
-        elif "path" in message or "error" in message:
-            result = message
-    await proc.wait()
-    if "path" in result:
-        return Path(result["path"])
-    kind = {"permanent": PermanentDownloadError, "cancelled": DownloadCancelled}.get(result.get("kind"),
-                                                                                    TemporaryDownloadError)
-    raise kind(source, result.get("error") or f"the download process of {source} exited with {proc.returncode}")
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM (it stops at its next chunk and huggingface_hub removes its partial file), then,
-    if it is still there after STOP_GRACE_S, SIGKILL: a cancelled download is gone within a second."""
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, CANCEL_WAIT_S)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            async with asyncio.timeout(wait):
-                await proc.wait()
-            return
-        except TimeoutError:
-            continue
 
 
 def _require_hub_id(source: str) -> str:

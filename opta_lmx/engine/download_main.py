@@ -1,4 +1,4 @@
-"""One hub download in a process of its own: what the loop runs (engine/download.py `download_async`).
+"""One hub download in a process of its own: what the loop runs (engine/download_process.py `download_async`).
 
     python -m opta_lmx.engine.download_main OWNER/NAME [--endpoint URL] [--cache-dir DIR] ...
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opta_lmx.engine import download as hub
+from opta_lmx.engine import download_process
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.download import DownloadError, DownloadProgress, PermanentDownloadError
 from opta_lmx.engine.memory import MemoryEstimate, ModelDirectoryError
@@ -58,7 +59,7 @@ class HubClient:
 
     size: Callable[[str, EngineOptions, int | None], HubSize] = size_from_hub  # blocking
     needs_download: Callable[[str], bool] = hub.needs_download  # blocking
-    fetch: Callable[[str, Callable[[DownloadProgress], None]], Awaitable[Path]] = hub.download_async
+    fetch: Callable[[str, Callable[[DownloadProgress], None]], Awaitable[Path]] = download_process.download_async
 
 
 @dataclass
@@ -142,7 +143,7 @@ class Downloads:
 
     async def _size(self, sizing: Sizing, spec: WorkerSpec, override: int | None) -> None:
         try:
-            sizing.result = await hub.hub_call(self.client.size, spec.source, spec.engine, override)  # the hub's threads
+            sizing.result = await download_process.hub_call(self.client.size, spec.source, spec.engine, override)  # the hub's threads
             self._needs[spec.source] = sizing.result.needs_download
         except DownloadError as error:
             sizing.error = error
@@ -182,7 +183,7 @@ class Downloads:
 
     async def _download(self, d: Download) -> None:
         try:
-            if not await hub.hub_call(self.client.needs_download, d.source):
+            if not await download_process.hub_call(self.client.needs_download, d.source):
                 return  # fetched meanwhile (`lmx pull`, another model of the same repo)
             await self.client.fetch(d.source, lambda progress: self._progress(d, progress))
             seconds = self.clock() - d.started_at

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from opta_lmx.api import gateway
+from opta_lmx.api.request_gate import RequestGate
 from opta_lmx.api.app import create_app
 from opta_lmx.api.auth import Keys
 from opta_lmx.api.errors import APIError
@@ -41,7 +42,8 @@ class _Content:
 class FakeUpstream:
     """What _relay reads of an aiohttp response: headers, content.iter_any(), release(), close()."""
 
-    def __init__(self, chunks, content_type="application/json"):
+    def __init__(self, chunks, content_type="application/json", status=200):
+        self.status = status
         self.headers = {"content-type": content_type}
         self.content = _Content(chunks)
         self.released = self.closed = False
@@ -137,7 +139,7 @@ def test_a_queued_request_leaves_the_queue_with_its_client(tmp_path):
     (tmp_path / "models.yaml").write_text("models:\n  - {name: a, source: /tmp, memory: 10MiB}\n")
     reconciler = Reconciler(tmp_path / "models.yaml", FakePool(), memory_probe=lambda: (16_000 * MiB, 10_000 * MiB))
     metrics = GatewayMetrics(reconciler)
-    admission = gateway.Admission(reconciler, metrics, queue_limit=4, wait_timeout=60)
+    admission = RequestGate(reconciler, metrics, queue_limit=4, wait_timeout=60)
 
     async def scenario():
         await observing.read_desired(reconciler)  # desired, but no worker: a request must wait

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from opta_lmx.engine import download as dl
+from opta_lmx.engine import download_process
 from opta_lmx.engine.memory import estimate
 from opta_lmx.state.spec import EngineOptions
 from tests.hubserver import FakeHub
@@ -153,7 +154,7 @@ def test_download_async_reports_on_the_loop(hub, options):
             threads.add(threading.get_ident())
             seen.append(progress)
 
-        path = await dl.download_async(REPO, on_progress, interval=0.05, **options)
+        path = await download_process.download_async(REPO, on_progress, interval=0.05, **options)
         await asyncio.sleep(0)  # let the last call_soon_threadsafe callback run
         return path, seen, threads, loop_thread
 
@@ -178,7 +179,7 @@ def test_cancelling_download_async_ends_its_process_within_a_second(hub, options
 
     async def run():
         started = asyncio.Event()
-        task = asyncio.create_task(dl.download_async(
+        task = asyncio.create_task(download_process.download_async(
             REPO, lambda p: p.done_bytes > 0 and started.set(), interval=0.0, chunk_bytes=16 * 1024, **options))
         await asyncio.wait_for(started.wait(), 60)
         processes = [p for p in psutil.Process().children() if "opta_lmx.engine.download_main" in p.cmdline()]
@@ -193,5 +194,5 @@ def test_cancelling_download_async_ends_its_process_within_a_second(hub, options
     assert dl.needs_download(REPO, cache_dir=options["cache_dir"])
     assert list(options["cache_dir"].rglob("*.incomplete")) == []  # it stopped cleanly: no partial file left
     hub.bytes_per_second = 8 * 1024**2
-    asyncio.run(dl.download_async(REPO, **options))
+    asyncio.run(download_process.download_async(REPO, **options))
     assert not dl.needs_download(REPO, cache_dir=options["cache_dir"])

@@ -11,6 +11,7 @@ import os
 import pytest
 
 from opta_lmx.engine import download as dl
+from opta_lmx.engine import download_process
 from opta_lmx.state.spec import EngineOptions
 from tests.hubserver import FakeHub, Hostile
 
@@ -105,4 +106,4 @@ def test_a_disk_without_room_refuses_the_download_in_one_line(hub, options, monk
 def test_a_hostile_answer_reaches_the_loop_as_a_permanent_error_from_the_download_process(hub, options):
     hub.repos[REPO].hostile = Hostile(etag="../../x")
     with pytest.raises(dl.PermanentDownloadError, match="not a plain name"):
-        asyncio.run(dl.download_async(REPO, **options))
+        asyncio.run(download_process.download_async(REPO, **options))

@@ -76,7 +76,7 @@ def _record(state_dir, worker_id, name, log_path, started_at):
 def test_model_log_path_finds_the_newest_worker_file_without_records(tmp_path):
     import os
 
-    state, log_dir = tmp_path / "state", tmp_path / "logs"
+    log_dir = tmp_path / "logs"
     (log_dir / "a").mkdir(parents=True)
     for index, name in enumerate(["a-1.log", "a-2.log"]):
         (log_dir / "a" / name).write_text(name)
