@@ -64,7 +64,9 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     app = FastAPI(title="Opta-LMX", version="0.1.0", lifespan=lifespan)
     app.state.reconciler = reconciler
     app.state.settings = settings
-    app.state.metrics = GatewayMetrics(reconciler)
+    app.state.metrics = GatewayMetrics(reconciler, reconciler.routes)
+    reconciler.pass_listeners.append(app.state.metrics.reconcile_duration.observe)
+    app.state.traffic = reconciler.routes  # in flight and waiting, per model: the dashboard reads them
     app.state.admission = RequestGate(reconciler, app.state.metrics, queue_limit=settings.queue_limit,
                                     wait_timeout=settings.load_wait_timeout)
     app.state.store = store or ModelsStore(reconciler.config_path)

@@ -160,13 +160,10 @@ def _tail_text(path: Path, lines: int) -> str:
 
 @reads.get("/traffic")
 async def traffic(request: Request) -> dict:
-    """Per model: requests being answered and requests waiting (the gateway's own gauges)."""
-    metrics = request.app.state.metrics
+    """Per model: requests being answered and requests waiting (their one owner: the route table)."""
+    routes = request.app.state.traffic
     models: dict[str, dict[str, int]] = {}
-    for gauge, key in ((metrics.in_flight, "in_flight"), (metrics.queued, "queued")):
-        for family in gauge.collect():
-            for sample in family.samples:
-                model = sample.labels.get("model")
-                if model is not None:
-                    models.setdefault(model, {"in_flight": 0, "queued": 0})[key] = int(sample.value)
+    for key, counts in (("in_flight", routes.in_flight_by_model()), ("queued", routes.waiters_by_model())):
+        for model, count in counts.items():
+            models.setdefault(model, {"in_flight": 0, "queued": 0})[key] = count
     return {"models": models}

@@ -33,7 +33,7 @@ from opta_lmx.api.passthrough import EXTRA_GET_PATHS, EXTRA_POST_PATHS, renamed,
 from opta_lmx.api.passthrough import router as passthrough_router
 from opta_lmx.api.request_gate import RequestGate
 from opta_lmx.engine.worker_auth import upstream_headers, worker_key
-from opta_lmx.reconciler.controller import Reconciler
+from opta_lmx.reconciler.view import GatewayView
 from opta_lmx.reconciler.routes import Route
 from opta_lmx.state.spec import DesiredModelState
 
@@ -75,7 +75,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 async def proxy(request: Request, path: str) -> StreamingResponse:
     app_state = request.app.state
-    reconciler: Reconciler = app_state.reconciler
+    reconciler: GatewayView = app_state.reconciler
     metrics: GatewayMetrics = app_state.metrics
     arrived = time.perf_counter()
     body = await _read_body(request, app_state.settings.max_body_bytes)
@@ -139,9 +139,8 @@ async def _send(admission: RequestGate, name: str, route: Route,
     or it refused the connection: it died and the loop has not dropped its route yet) waits for
     the model's next route, bounded by the load-wait timeout, and is sent once more there, its
     count moved to that route. Returns the response and its route."""
-    worker = admission.reconciler.pool.get(route.worker_id)
     not_reached: Exception = aiohttp.ClientConnectionError(f"worker {route.worker_id} has exited")
-    if worker is None or worker.alive():
+    if admission.loop.worker_alive(route.worker_id):
         try:
             return await send_to(route), route
         except aiohttp.ClientConnectorError as error:  # connect failed: nothing was sent
@@ -152,11 +151,11 @@ async def _send(admission: RequestGate, name: str, route: Route,
         if new is None:
             break  # no longer expected (removed, failed) or the bound passed
         if new.worker_id != route.worker_id:
-            route.end(), new.begin()
+            admission.routes.moved(route, new)
             try:
                 return await send_to(new), new
             except BaseException:
-                new.end(), route.begin()  # the caller releases the route it acquired
+                admission.routes.moved(new, route)  # the caller releases the route it acquired
                 raise
         await asyncio.sleep(0.05)  # the dead worker's route is still up: the loop has not noticed yet
     raise not_reached
@@ -315,7 +314,7 @@ async def list_models(request: Request) -> dict:
     """Every model a client may ask for: desired loaded and on-demand ones (resident or not), each
     with its desired state, phase and aliases (aliases are also entries of their own); models
     desired `unloaded` are not listed. The OpenAI list shape, with extra fields."""
-    reconciler: Reconciler = request.app.state.reconciler
+    reconciler: GatewayView = request.app.state.reconciler
     data = []
     if reconciler.desired is not None:
         for model in reconciler.desired.models:

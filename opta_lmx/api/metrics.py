@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from opta_lmx.reconciler.controller import Reconciler
+from opta_lmx.reconciler.routes import RouteTable
 from opta_lmx.reconciler.view import ControlLoopView
 from opta_lmx.state.status import Phase
 
@@ -15,12 +15,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class GatewayMetrics:
     """One registry per app, so several apps (tests) never share counters."""
 
-    def __init__(self, reconciler: Reconciler):
+    def __init__(self, reconciler: ControlLoopView, routes: RouteTable):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("lmx_requests", "Inference requests by model and HTTP status", ["model", "status"], registry=r)
-        self.in_flight = Gauge("lmx_requests_in_flight", "Requests being answered now", ["model"], registry=r)
-        self.queued = Gauge("lmx_queue_depth", "Requests waiting for their model or a concurrency slot", ["model"], registry=r)
         self.ttft = Histogram("lmx_time_to_first_token_seconds", "Arrival to first body byte from the worker",
                               ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.duration = Histogram("lmx_request_duration_seconds", "Arrival to last byte", ["model"],
@@ -31,8 +29,31 @@ class GatewayMetrics:
                                    ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.reconcile_duration = Histogram("lmx_reconcile_duration_seconds", "Duration of reconcile passes",
                                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.loop_lag = Histogram("lmx_event_loop_lag_seconds", "How late the event loop ran a timer (what "
+                                  "every relayed token waits when something blocks the loop)",
+                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
         r.register(_ModelCollector(reconciler))
-        reconciler.pass_listeners.append(self.reconcile_duration.observe)
+        r.register(_TrafficCollector(routes))
+
+
+class _TrafficCollector:
+    """Requests in flight and waiting, read at scrape time from their one owner, the route table."""
+
+    def __init__(self, routes: RouteTable):
+        self.routes = routes
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        in_flight = GaugeMetricFamily("lmx_requests_in_flight", "Requests being answered now", labels=["model"])
+        for name, count in sorted(self.routes.in_flight_by_model().items()):
+            in_flight.add_metric([name], count)
+        queued = GaugeMetricFamily("lmx_queue_depth", "Requests waiting for their model or a concurrency slot",
+                                   labels=["model"])
+        for name, count in sorted(self.routes.waiters_by_model().items()):
+            queued.add_metric([name], count)
+        yield from (in_flight, queued)
 
 
 class _DownloadGauges:

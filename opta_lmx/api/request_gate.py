@@ -3,7 +3,8 @@
 A request for a model that is still loading waits (bounded by the load-wait timeout), registered
 on the route table so the loop sees who waits (demand swapping; a load nobody waits for any more
 is cancelled); a waiting client that goes away is noticed within 0.5 s. A model's
-`max_concurrency` is a slot count here.
+`max_concurrency` is a slot limit here. The counts themselves (in flight, waiting) are the route
+table's: one owner, read by this gate, by the loop and by /metrics alike.
 """
 
 from __future__ import annotations
@@ -12,81 +13,65 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from opta_lmx.api.errors import APIError
 from opta_lmx.api.metrics import GatewayMetrics
-from opta_lmx.reconciler.controller import Reconciler
 from opta_lmx.reconciler.routes import Route
+from opta_lmx.reconciler.view import GatewayView
 from opta_lmx.state.status import Phase
 
 _DISCONNECT_POLL = 0.5  # seconds between checks that a waiting request's client is still there
 Disconnected = Callable[[], Awaitable[bool]]
 
 
-@dataclass
-class ModelGate:
-    """Per-model admission: a bounded queue of waiting requests and an optional concurrency limit."""
-
-    waiting: int = 0
-    in_flight: int = 0
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-
 class RequestGate:
     """Per model: who may send a request now (Ready, a concurrency slot free), and the bounded wait of the rest."""
 
-    def __init__(self, reconciler: Reconciler, metrics: GatewayMetrics, *, queue_limit: int, wait_timeout: float):
-        self.reconciler = reconciler
-        self.routes = reconciler.routes  # the route table: the gateway reads and waits on it
+    def __init__(self, loop: GatewayView, metrics: GatewayMetrics, *, queue_limit: int, wait_timeout: float):
+        self.loop = loop
+        self.routes = loop.routes  # the route table: the gateway reads and waits on it
         self.metrics = metrics
         self.queue_limit = queue_limit
         self.wait_timeout = wait_timeout
-        self._gates: dict[str, ModelGate] = {}
+        self._slots: dict[str, asyncio.Condition] = {}  # per model: a slot was freed
 
-    def gate(self, name: str) -> ModelGate:
-        return self._gates.setdefault(name, ModelGate())
+    def _slot(self, name: str) -> asyncio.Condition:
+        return self._slots.setdefault(name, asyncio.Condition())
 
     async def acquire(self, name: str, limit: int | None, disconnected: Disconnected | None = None) -> Route:
         """The route to use once the model is Ready and a concurrency slot is free; release() after.
 
         `disconnected` is polled while the request waits: a client that went away stops waiting
         (and the loop cancels a load that no request waits for any more)."""
-        gate = self.gate(name)
         route = self.routes.get(name)
-        if route is None or (limit is not None and gate.in_flight >= limit):
+        if route is None or (limit is not None and self.routes.in_flight(name) >= limit):
             if route is None and not self.routes.expects_ready(name):
                 raise self._not_loaded(name)
-            if gate.waiting >= self.queue_limit:
-                raise APIError(429, f"Too many requests are waiting for `{name}` ({gate.waiting})", "queue_full",
+            waiting = self.routes.waiters(name)
+            if waiting >= self.queue_limit:
+                raise APIError(429, f"Too many requests are waiting for `{name}` ({waiting})", "queue_full",
                                headers={"Retry-After": "1"})
-            route = await self._wait(name, gate, limit, disconnected)
-        gate.in_flight += 1
-        self.metrics.in_flight.labels(name).inc()
-        route.begin()  # per worker: the loop drains a worker until this reaches 0
+            route = await self._wait(name, limit, disconnected)
+        self.routes.begin(route)  # the loop drains a worker until its requests have ended
         return route
 
     def free_now(self, name: str, limit: int | None) -> bool:
         """Whether acquire() would return at once (the model is routed and a slot is free)."""
-        return self.routes.get(name) is not None and (limit is None or self.gate(name).in_flight < limit)
+        return self.routes.get(name) is not None and (limit is None or self.routes.in_flight(name) < limit)
 
     def _not_loaded(self, name: str) -> APIError:
-        status = self.reconciler.statuses.get(name)
+        status = self.loop.statuses.get(name)
         why = f" ({status.phase.value}: {status.message or status.last_error})" if status else ""
         code = "model_unschedulable" if status and status.phase == Phase.UNSCHEDULABLE else "model_not_loaded"
         return APIError(503, f"The model `{name}` is not loaded{why}", code, headers={"Retry-After": "30"})
 
     async def release(self, name: str, route: Route) -> None:
-        route.end()
-        gate = self.gate(name)
-        gate.in_flight -= 1
-        self.metrics.in_flight.labels(name).dec()
-        async with gate.changed:
-            gate.changed.notify(1)
+        self.routes.end(route)
+        slot = self._slot(name)
+        async with slot:
+            slot.notify(1)
 
-    async def _wait(self, name: str, gate: ModelGate, limit: int | None, disconnected: Disconnected | None) -> Route:
-        gate.waiting += 1
-        self.metrics.queued.labels(name).inc()
+    async def _wait(self, name: str, limit: int | None, disconnected: Disconnected | None) -> Route:
         token = self.routes.register(name)  # the loop counts waiters (demand, serve_queue, load cancel)
         started = time.monotonic()
         deadline = started + self.wait_timeout
@@ -99,29 +84,28 @@ class RequestGate:
                 if route is None:
                     raise APIError(503, f"The model `{name}` did not become ready within {self.wait_timeout:.0f}s",
                                    "model_loading", headers={"Retry-After": "5"})
-                await self._wait_for_slot(name, gate, limit, deadline)
-                current = self.routes.get(name)  # no await from here to the caller's route.begin()
+                await self._wait_for_slot(name, limit, deadline)
+                current = self.routes.get(name)  # no await from here to the caller's routes.begin()
                 if current is not None:
                     if loading:
                         self.metrics.load_wait.labels(name).observe(time.monotonic() - started)
                     return current
                 # The route went away while this request woke (its worker is being swapped away): wait
                 # again, and say so to the loop (its demand ended when the route appeared).
-                self.reconciler.note_request(name)
+                self.loop.note_request(name)
         finally:
             self.routes.unregister(name, token)
-            gate.waiting -= 1
-            self.metrics.queued.labels(name).dec()
 
-    async def _wait_for_slot(self, name: str, gate: ModelGate, limit: int | None, deadline: float) -> None:
-        async with gate.changed:
-            while limit is not None and gate.in_flight >= limit:
+    async def _wait_for_slot(self, name: str, limit: int | None, deadline: float) -> None:
+        slot = self._slot(name)
+        async with slot:
+            while limit is not None and self.routes.in_flight(name) >= limit:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise APIError(503, f"No free slot for `{name}` within {self.wait_timeout:.0f}s",
                                    "model_busy", headers={"Retry-After": "1"})
                 try:
-                    await asyncio.wait_for(gate.changed.wait(), remaining)
+                    await asyncio.wait_for(slot.wait(), remaining)
                 except asyncio.TimeoutError:
                     pass
 

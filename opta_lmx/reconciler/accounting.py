@@ -186,3 +186,23 @@ class MemoryAccounts:
         elif helper.mode == SPARE and helper.waiting and helper.waiting_bytes:
             self.helper_costs = HelperCosts(costs.template_bytes, costs.template_warming_bytes,
                                             helper.waiting_bytes // helper.waiting)
+
+
+def planning_estimates(accounts: MemoryAccounts, desired: DesiredState, spec_of: Callable[[ModelSpec], WorkerSpec],
+                       fingerprints: dict[str, str], forked: bool = False) -> dict[str, int]:
+    """Each model's planning figure for workers started this way (`forked`: from a waiting template),
+    raised to what a worker of the same spec started the same way was measured at."""
+    return {m.name: accounts.planning(accounts.estimate(spec_of(m), m.memory_bytes()), fingerprints[m.name], forked)
+            for m in desired.models}
+
+
+def worker_bytes(accounts: MemoryAccounts, desired: DesiredState | None, spec_of: Callable[[ModelSpec], WorkerSpec],
+                 entry) -> int:
+    """What a running worker (a ledger entry) counts for: its `memory:` override, else its measurement."""
+    model = desired.model(entry.model) if desired is not None else None
+    current = None
+    if model is not None:
+        spec = spec_of(model)
+        if spec.fingerprint == entry.fingerprint:
+            current = accounts.estimate(spec, model.memory_bytes())
+    return accounts.held(current, entry.fingerprint, entry.measured_bytes, entry.forked)

@@ -2,6 +2,9 @@
 
 Every way a load can end is handled here: ready (a route), cancelled (its entry changed), or
 failed, whatever raised (a Failure with backoff, so the loop never retries in a tight cycle).
+`Actions` is handed the parts it acts on (the ledger, the pool, the route table, the downloads,
+the event log), never the controller; phases change only through `Ledger.move`, and statuses are
+written by statuses.py (`on_settled` asks it to show a model's new state at once).
 """
 
 from __future__ import annotations
@@ -9,20 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from opta_lmx.engine.download import DownloadError
-from opta_lmx.engine.worker import Worker, WorkerSpec, WorkerStartError
-from opta_lmx.reconciler import statuses
-from opta_lmx.reconciler.ledger import WorkerEntry, WorkerPhase
+from opta_lmx.engine.pool import Pool, WorkerHandle
+from opta_lmx.engine.worker import WorkerSpec, WorkerStartError
+from opta_lmx.reconciler.downloads import Downloads
+from opta_lmx.reconciler.ledger import Ledger, WorkerEntry, WorkerPhase
 from opta_lmx.reconciler.plan import LoadModel, UnloadModel, UnloadReason
-from opta_lmx.reconciler.routes import Route
+from opta_lmx.reconciler.routes import Route, RouteTable
 from opta_lmx.state.quantities import format_size
-from opta_lmx.state.status import ModelStatus, Phase
-
-if TYPE_CHECKING:
-    from opta_lmx.reconciler.controller import Reconciler
+from opta_lmx.state.spec import ModelSpec
+from opta_lmx.state.status import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +42,32 @@ _UNLOAD_EVENT = {
 }
 
 
-class Actions:
-    """Starts and tracks the load and unload tasks of one reconciler."""
+@dataclass(frozen=True)
+class ActingSettings:
+    """The deadlines acting keeps (from the loop's settings)."""
 
-    def __init__(self, rec: Reconciler):
-        self.rec = rec
+    ready_timeout: float
+    memory_wait_timeout: float
+    drain_timeout: float
+    stop_grace: float
+
+
+class Actions:
+    """Starts and tracks the load and unload tasks of one loop."""
+
+    def __init__(self, ledger: Ledger, pool: Pool, routes: RouteTable, downloads: Downloads, events: EventLog,
+                 settings: ActingSettings, *, spec_of: Callable[[ModelSpec], WorkerSpec],
+                 on_ready: Callable[[str], None], on_settled: Callable[[str], None], nudge: Callable[[], None]):
+        self.ledger, self.pool, self.routes, self.downloads, self.events = ledger, pool, routes, downloads, events
+        self.settings = settings
+        self.spec_of = spec_of
+        self.on_ready = on_ready  # a model became Ready (its demand is met)
+        self.on_settled = on_settled  # show a model's status now (Ready, BackOff, Failed, Loading)
+        self.nudge = nudge
         self.tasks: dict[str, asyncio.Task] = {}  # "load:<name>" or "unload:<worker id>" -> task
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Future] = set()
         self.freed = asyncio.Event()  # set when a ledger entry leaves: loads waiting for memory re-check
-        rec.ledger.on_gone = self.freed.set
+        ledger.on_gone = self.freed.set
 
     def apply(self, actions) -> None:
         """Start each action; one that raises fails alone (a load backs off), the others still start."""
@@ -63,15 +83,14 @@ class Actions:
                 if isinstance(action, LoadModel):
                     self.fail(action.name, action.fingerprint, message, permanent=False)
                 else:
-                    self.rec.events.record(action.name, "UnloadFailed", message, kind="Warning")
+                    self.events.record(action.name, "UnloadFailed", message, kind="Warning")
 
     # -- loads ----------------------------------------------------------------------
     def start_load(self, action: LoadModel) -> None:
-        rec = self.rec
         key = f"load:{action.name}"
         if key in self.tasks:
             return
-        spec = rec.worker_spec(action.spec)
+        spec = self.spec_of(action.spec)
         if spec.source.startswith("/") and not Path(spec.source).exists():
             self.fail(action.name, action.fingerprint, f"source path does not exist: {spec.source}", permanent=True)
             return
@@ -80,16 +99,14 @@ class Actions:
             return
         why = (f"waiting for {len(action.after)} worker(s) to drain and unload to free memory "
                f"({format_size(action.bytes)} needed)") if action.after else ""
-        if rec.downloads.will_download(spec.source):  # a hub model not in the cache: fetched first
-            rec.statuses.setdefault(action.name, ModelStatus()).phase = Phase.DOWNLOADING
-            entry = rec.ledger.begin_load(action.name, action.fingerprint, why, None, download=True,
-                                          planned_bytes=action.bytes)
+        if self.downloads.will_download(spec.source):  # a hub model not in the cache: fetched first
+            entry = self.ledger.begin_load(action.name, action.fingerprint, why, None, download=True,
+                                           planned_bytes=action.bytes)
         elif action.after:
-            entry = rec.ledger.begin_load(action.name, action.fingerprint, why, ("WaitingForMemory", why),
-                                          planned_bytes=action.bytes)
+            entry = self.ledger.begin_load(action.name, action.fingerprint, why, ("WaitingForMemory", why),
+                                           planned_bytes=action.bytes)
         else:
-            rec.statuses.setdefault(action.name, ModelStatus()).phase = Phase.LOADING
-            entry = rec.ledger.begin_load(action.name, action.fingerprint, "", (
+            entry = self.ledger.begin_load(action.name, action.fingerprint, "", (
                 "Loading", f"loading {spec.source} ({action.reason}; planned at {format_size(action.bytes)})"),
                 planned_bytes=action.bytes)
         task = asyncio.create_task(self._load(entry, spec, action.after), name=key)
@@ -101,21 +118,20 @@ class Actions:
         self._end_load(entry)
         if self.tasks.get(key) is task:
             del self.tasks[key]
-            self.rec.nudge()
+            self.nudge()
 
     async def _load(self, entry: WorkerEntry, spec: WorkerSpec, after: tuple[str, ...] = ()) -> None:
-        rec, name = self.rec, entry.model
+        name = entry.model
         try:
             if entry.phase == WorkerPhase.DOWNLOADING:
                 await self._download(entry, spec, after)
             if entry.phase == WorkerPhase.WAITING:
                 await self._wait_for_memory(entry, spec, after)
-            worker = await rec.pool.start(spec, rec.settings.ready_timeout)
-            rec.ledger.move(entry, WorkerPhase.READY, (
+            worker = await self.pool.start(spec, self.settings.ready_timeout)
+            self.ledger.move(entry, WorkerPhase.READY, (
                 "Ready", f"serving at {worker.address} (pid {worker.pid}, loaded in {worker.load_seconds:.1f}s)"),
                 worker=worker)
-            rec.demand.pop(name, None)
-            rec.statuses.setdefault(name, ModelStatus()).load_seconds = worker.load_seconds
+            self.on_ready(name)
             log.info("model %s ready at %s in %.1fs", name, worker.address, worker.load_seconds or 0)
             await self.route_ready(entry, worker)
         except asyncio.CancelledError:
@@ -133,30 +149,32 @@ class Actions:
             self.fail(name, entry.fingerprint, f"{type(error).__name__}: {error}", permanent=False)
         finally:
             self.tasks.pop(f"load:{name}", None)
-            try:  # Ready, BackOff or Failed in status now, not at the next pass (which rewrites it anyway)
-                statuses.refresh_status(rec, name)
-            except Exception:  # noqa: BLE001 - a status is not worth a lost nudge
-                log.exception("refreshing the status of %s raised", name)
-            rec.nudge()
+            self._settled(name)
+            self.nudge()
+
+    def _settled(self, name: str) -> None:
+        """Ready, BackOff or Failed in status now, not at the next pass (which writes it anyway)."""
+        try:
+            self.on_settled(name)
+        except Exception:  # noqa: BLE001 - a status is not worth a lost nudge
+            log.exception("refreshing the status of %s raised", name)
 
     async def _download(self, entry: WorkerEntry, spec: WorkerSpec, after: tuple[str, ...]) -> None:
         """Fetch a hub model's files before its worker starts: the readiness deadline covers only the load."""
-        rec = self.rec
-        await rec.downloads.fetch(entry.model, spec.source)
-        if after and any(rec.ledger.present(w) for w in after):
-            rec.ledger.move(entry, WorkerPhase.WAITING, ("WaitingForMemory", entry.why))
+        await self.downloads.fetch(entry.model, spec.source)
+        if after and any(self.ledger.present(w) for w in after):
+            self.ledger.move(entry, WorkerPhase.WAITING, ("WaitingForMemory", entry.why))
         else:
-            rec.statuses.setdefault(entry.model, ModelStatus()).phase = Phase.LOADING
-            rec.ledger.move(entry, WorkerPhase.LOADING, ("Loading", f"loading {spec.source} (downloaded)"))
-        rec.nudge()  # a pass rewrites the status (no download block, the new phase's message)
+            self.ledger.move(entry, WorkerPhase.LOADING, ("Loading", f"loading {spec.source} (downloaded)"))
+        self._settled(entry.model)
+        self.nudge()
 
     async def _wait_for_memory(self, entry: WorkerEntry, spec: WorkerSpec, after: tuple[str, ...]) -> None:
-        rec = self.rec
-        deadline = time.monotonic() + rec.settings.memory_wait_timeout
-        while any(rec.ledger.present(w) for w in after):
+        deadline = time.monotonic() + self.settings.memory_wait_timeout
+        while any(self.ledger.present(w) for w in after):
             if time.monotonic() > deadline:
                 raise WorkerStartError(
-                    f"memory was not freed within {rec.settings.memory_wait_timeout:.0f}s", permanent=False
+                    f"memory was not freed within {self.settings.memory_wait_timeout:.0f}s", permanent=False
                 )
             self.freed.clear()  # woken the moment an unload ends (was: the next 50 ms poll)
             try:
@@ -164,74 +182,72 @@ class Actions:
                     await self.freed.wait()
             except TimeoutError:
                 pass
-        rec.statuses.setdefault(entry.model, ModelStatus()).phase = Phase.LOADING
-        rec.ledger.move(entry, WorkerPhase.LOADING, ("Loading", f"loading {spec.source} (memory freed)"))
+        self.ledger.move(entry, WorkerPhase.LOADING, ("Loading", f"loading {spec.source} (memory freed)"))
+        self._settled(entry.model)
 
     def _end_load(self, entry: WorkerEntry) -> None:
         if entry.loading:
-            self.rec.ledger.move(entry, WorkerPhase.GONE)
+            self.ledger.move(entry, WorkerPhase.GONE)
 
     def fail(self, name: str, fingerprint: str, message: str, *, permanent: bool, log_tail: str = "") -> None:
-        self.rec.ledger.fail(name, fingerprint, message, permanent=permanent)
-        self.rec.statuses.setdefault(name, ModelStatus()).last_error = message
+        self.ledger.fail(name, fingerprint, message, permanent=permanent)
         log.error("model %s failed to load: %s%s", name, message, ("\n" + log_tail[-1500:]) if log_tail else "")
 
     # -- unloads --------------------------------------------------------------------
     def start_unload(self, action: UnloadModel) -> None:
-        rec = self.rec
-        entry = rec.ledger.get(action.worker_id)
+        entry = self.ledger.get(action.worker_id)
         if entry is None:
             return
         if entry.loading:  # still loading (its spec changed, it was removed or evicted): cancel the load
             task = self.tasks.get(f"load:{entry.model}")
             if task and not task.cancelling():  # one cancel (a second would cut the pool's shielded stop short)
-                rec.events.record(entry.model, "LoadCancelled", action.message or action.reason.value)
+                self.events.record(entry.model, "LoadCancelled", action.message or action.reason.value)
                 task.cancel()
             return
         key = f"unload:{action.worker_id}"
         if key in self.tasks or entry.phase != WorkerPhase.READY:
             return
-        worker = rec.pool.get(action.worker_id)
+        worker = self.pool.get(action.worker_id)
         why = action.message or action.reason.value
         kind = "Warning" if action.reason in (UnloadReason.EVICTED, UnloadReason.PRESSURE) else "Normal"
-        rec.ledger.move(entry, WorkerPhase.DRAINING, (
+        self.ledger.move(entry, WorkerPhase.DRAINING, (
             _UNLOAD_EVENT[action.reason], f"draining and stopping worker pid {worker.pid if worker else '?'}: {why}"),
             kind)
         entry.why = why
         self.drop_route(entry)  # no new requests from here on
         self.tasks[key] = asyncio.create_task(self._unload(entry, worker), name=key)
 
-    async def _unload(self, entry: WorkerEntry, worker: Worker | None) -> None:
+    async def _unload(self, entry: WorkerEntry, worker: WorkerHandle | None) -> None:
         """Drain (in-flight requests finish, bounded by drain_timeout), then stop: at once once drained,
         else SIGTERM bounded by stop_grace."""
-        rec, name, traffic = self.rec, entry.model, entry.traffic
+        name, traffic = entry.model, entry.traffic
         try:
             if traffic.in_flight:
-                rec.events.record(name, "Draining", f"waiting for {traffic.in_flight} request(s) in flight")
-                deadline = time.monotonic() + rec.settings.drain_timeout
+                self.events.record(name, "Draining", f"waiting for {traffic.in_flight} request(s) in flight")
+                deadline = time.monotonic() + self.settings.drain_timeout
                 while traffic.in_flight and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 if traffic.in_flight:
-                    rec.events.record(name, "DrainTimeout", f"{traffic.in_flight} request(s) still in flight after "
-                                      f"{rec.settings.drain_timeout:.0f}s; stopping anyway", kind="Warning")
-            rec.ledger.move(entry, WorkerPhase.STOPPING)
+                    self.events.record(name, "DrainTimeout", f"{traffic.in_flight} request(s) still in flight after "
+                                       f"{self.settings.drain_timeout:.0f}s; stopping anyway", kind="Warning")
+            self.ledger.move(entry, WorkerPhase.STOPPING)
             if worker is not None:  # drained: nothing to finish or save, so no SIGTERM (Worker.stop)
-                await rec.pool.stop(worker, 0.0 if not traffic.in_flight else rec.settings.stop_grace)
-            rec.ledger.move(entry, WorkerPhase.GONE, ("Unloaded", f"worker {entry.worker_id} stopped"))
+                await self.pool.stop(worker, 0.0 if not traffic.in_flight else self.settings.stop_grace)
+            self.ledger.move(entry, WorkerPhase.GONE, ("Unloaded", f"worker {entry.worker_id} stopped"))
         finally:
             if entry.phase != WorkerPhase.GONE:
-                rec.ledger.move(entry, WorkerPhase.GONE)
+                self.ledger.move(entry, WorkerPhase.GONE)
             self.tasks.pop(f"unload:{entry.worker_id}", None)
-            rec.nudge()
+            self.nudge()
 
     # -- routes ---------------------------------------------------------------------
     # (soak bug 2: a ready worker must be routed or stopped, never left alive and unrouted)
-    async def route_ready(self, entry: WorkerEntry, worker: Worker) -> None:
+    async def route_ready(self, entry: WorkerEntry, worker: WorkerHandle) -> None:
         """Route a worker that just became ready. Setting the route waits for the table's lock
         (the gateway's waiters contend for it), so it is shielded: a cancel of this task meanwhile
         does not leave the worker unrouted. If a pass unloaded the worker meanwhile, its route is
         dropped again once set. Bounded: after ROUTE_WAIT_S the setting finishes in the background."""
-        setting = asyncio.ensure_future(self.rec.routes.set(self.route_to(entry.model, worker, entry)))
+        setting = asyncio.ensure_future(self.routes.set(Route(entry.model, worker.address, worker.id, entry.traffic)))
         self._background.add(setting)
         setting.add_done_callback(self._background.discard)
         setting.add_done_callback(lambda _done: None if entry.serving else self.drop_route(entry))
@@ -242,17 +258,13 @@ class Actions:
             log.warning("routing %s to worker %s took over %.0fs; it finishes in the background",
                         entry.model, worker.id, ROUTE_WAIT_S)
 
-    def route_to(self, name: str, worker: Worker, entry: WorkerEntry) -> Route:
-        """A route to `worker`, carrying its one in-flight counter (the drain and idle TTL read it)."""
-        return Route(name, worker.address, worker.id, entry.traffic)
-
     def drop_route(self, entry: WorkerEntry) -> None:
         """Stop routing to `entry`'s worker; fall back to another ready worker of the model (mid-swap)."""
-        rec = self.rec
-        other = rec.ledger.serving(entry.model, besides=entry.worker_id)
-        worker = rec.pool.get(other.worker_id) if other and other.worker_id else None
-        fallback = self.route_to(entry.model, worker, other) if worker and other else None
-        rec.routes.drop(entry.model, entry.worker_id or "", fallback)
+        other = self.ledger.serving(entry.model, besides=entry.worker_id)
+        fallback = None
+        if other is not None and other.worker_id and other.address:
+            fallback = Route(entry.model, other.address, other.worker_id, other.traffic)
+        self.routes.drop(entry.model, entry.worker_id or "", fallback)
 
     async def cancel_all(self) -> None:
         for task in list(self.tasks.values()) + list(self._background):

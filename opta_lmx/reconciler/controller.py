@@ -1,18 +1,18 @@
-"""The level-triggered control loop.
+"""The level-triggered control loop: one pass as a pipeline of data.
 
-A file change, a worker exit, a finished load and a periodic resync all just say
-"reconcile"; every pass re-reads the desired state and the engine's workers, plans, and
-acts. Loads and unloads run as tasks so a slow load never blocks the loop from reacting
-to the next edit. The rooms: ledger.py (workers and failures), routes.py (the gateway's
-table), accounting.py (memory figures), acting.py (loads, unloads), adoption.py (a previous
-run's workers, exits), observing.py (read and measure), statuses.py, supervision.py (the loop).
+A file change, a worker exit, a finished load and a periodic resync all just say "reconcile";
+the supervisor (supervision.py) runs every pass. A pass reads models.yaml (intake.py), settles a
+previous run's workers and the ones that exited (adoption.py), observes into a frozen
+`Observation` (observing.py: estimates, the pool's measurements, the ledger, the routes, the
+requests), plans (plan.py and starts.py: pure), acts through `Actions` (acting.py, tasks so a slow
+load never blocks the next edit), and writes every status once (statuses.py). `Reconciler` owns
+the parts and hands each one only what it needs; it is also what the api reads (view.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import os
 import time
@@ -21,28 +21,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opta_lmx.engine import memory as engine_memory
-from opta_lmx.engine.memory import MemoryEstimate
-from opta_lmx.engine.pool import Pool
+from opta_lmx.engine.pool import Pool, WorkerHandle
 from opta_lmx.engine.prepared import HelperMemory, resolve_mode
-from opta_lmx.engine.worker import Worker, WorkerSpec
-from opta_lmx.reconciler import adoption, observing, starts, statuses
-from opta_lmx.reconciler.starts import engine_start
+from opta_lmx.engine.worker import WorkerSpec
+from opta_lmx.reconciler import accounting, observing, report, starts
 from opta_lmx.reconciler.accounting import MemoryAccounts, memory_figures, resolve_source, worker_spec
-from opta_lmx.reconciler.acting import Actions
-from opta_lmx.reconciler.demand import Waiting
+from opta_lmx.reconciler.acting import ActingSettings, Actions
+from opta_lmx.reconciler.adoption import Adopter, reap_exited
 from opta_lmx.reconciler.downloads import Downloads, HubClient
-from opta_lmx.reconciler.ledger import Backoff, Failure, Ledger, Traffic, WorkerEntry, WorkerPhase
-from opta_lmx.reconciler.plan import MemoryFigures, ObservedWorker, Plan, Unschedulable, plan
+from opta_lmx.reconciler.intake import ConfigIntake
+from opta_lmx.reconciler.ledger import Backoff, Failure, Ledger, Traffic, WorkerEntry
+from opta_lmx.reconciler.observing import Observation
+from opta_lmx.reconciler.plan import MemoryFigures, Plan, plan
+from opta_lmx.reconciler.requests import Requests
 from opta_lmx.reconciler.routes import Route, RouteTable
-from opta_lmx.reconciler.supervision import Supervisor
+from opta_lmx.reconciler.starts import engine_start
+from opta_lmx.reconciler.statuses import PassVerdicts, StatusBook
+from opta_lmx.reconciler.supervision import Supervisor, SupervisorSettings
 from opta_lmx.reconciler.view import LoopHealth
-from opta_lmx.state.document import Document
 from opta_lmx.state.spec import DesiredModelState, DesiredState, ModelSpec
-from opta_lmx.state.status import ConfigStatus, EventLog, ModelStatus, Phase
+from opta_lmx.state.status import EventLog, ModelStatus, Phase
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Failure", "LoopSettings", "Reconciler", "Route", "Traffic", "resolve_source"]
+__all__ = ["Failure", "LoopSettings", "Reconciler", "Route", "Traffic", "engine_start", "resolve_source"]
+
+ACCEPT_TIMEOUT = 30.0  # how long a writer waits for the pass that reads its edit
 
 
 @dataclass(frozen=True)
@@ -66,75 +70,76 @@ class LoopSettings:
 
 
 class Reconciler:
-    def __init__(
-        self,
-        config_path: str | os.PathLike[str],
-        pool: Pool,
-        *,
-        settings: LoopSettings = LoopSettings(),
-        events: EventLog | None = None,
-        clock=time.time,
-        memory_probe: Callable[[], tuple[int, int]] = engine_memory.machine_memory,
-        hub: HubClient | None = None,
-    ):
+    def __init__(self, config_path: str | os.PathLike[str], pool: Pool, *, settings: LoopSettings = LoopSettings(),
+                 events: EventLog | None = None, clock=time.time,
+                 memory_probe: Callable[[], tuple[int, int]] = engine_memory.machine_memory,
+                 hub: HubClient | None = None):
         self.config_path = Path(config_path)
         self.pool = pool
         self.settings = settings
         self.events = events or EventLog(clock=clock)
         self.clock = clock
-        self.desired: DesiredState | None = None
-        self.document: Document | None = None
-        self.generation = 0
-        self.observed_generation = 0
-        self.config_status = ConfigStatus(path=str(self.config_path))
-        self.statuses: dict[str, ModelStatus] = {}
+        self.memory_probe = memory_probe  # () -> (physical bytes, available bytes)
+        self.intake = ConfigIntake(self.config_path, self.events, lambda: self.clock())
         self.ledger = Ledger(self.events, lambda: self.clock(), Backoff(settings.backoff_base, settings.backoff_max))
         self.routes = RouteTable(self.expects_ready, on_waiters_changed=self.nudge)
-        self.downloads = Downloads(self.events, self.nudge, self._download_failed, lambda: self.clock(),
-                                   hub or HubClient(), lambda name: statuses.show_download(self, name))
+        self.requests = Requests(self.routes, self.ledger, lambda: self.clock(), demand_ttl=settings.demand_ttl,
+                                 demand_grace=settings.demand_grace, nudge=self.nudge)
+        self.downloads = Downloads(self.events, self.nudge, lambda *failed: sizing_failed(self.actions, *failed),
+                                   lambda: self.clock(),
+                                   hub or HubClient(), lambda name: self.book.show_download(name))
         self.accounts = MemoryAccounts(hub=self.downloads)
-        self.actions = Actions(self)
-        self.supervisor = Supervisor(self, Backoff(settings.pass_backoff_base, settings.pass_backoff_max))
-        self.memory_probe = memory_probe  # () -> (physical bytes, available bytes)
+        self.book = StatusBook(self.ledger, self.routes, self.downloads, self.accounts, self.events,
+                               lambda: self.clock(), self.worker_spec, lambda: self.requests.demand, self._worker_bytes)
+        self.actions = Actions(self.ledger, pool, self.routes, self.downloads, self.events, ActingSettings(
+            settings.ready_timeout, settings.memory_wait_timeout, settings.drain_timeout, settings.stop_grace),
+            spec_of=self.worker_spec, on_ready=self.requests.served, on_settled=self.book.refresh, nudge=self.nudge)
+        self.adopter = Adopter(pool, self.ledger, self.events, settings.stop_grace, self.actions.route_ready)
+        self.supervisor = Supervisor(self.reconcile_once, SupervisorSettings(
+            settings.resync_interval, settings.pass_timeout, settings.stop_grace, settings.watch_debounce_ms,
+            settings.watch_step_ms, settings.memory_check_interval), self.events, config_path=self.config_path,
+            memory_probe=memory_probe,
+            reserve=lambda: self.desired.memory.reserve_bytes() if self.desired is not None else None,
+            backoff=Backoff(settings.pass_backoff_base, settings.pass_backoff_max))
         self.memory = MemoryFigures()
         self.physical_bytes = 0
         self.helper = HelperMemory()  # what the fast starts held at the last pass
-        self.start_choice: starts.StartChoice | None = None  # how workers start, and why (reconciler/starts.py)
+        self.start_choice: starts.StartChoice | None = None  # how workers start, and why (starts.py)
         self._yielded: str | None = None
-        self.demand: dict[str, float] = {}  # on-demand model -> when a request last asked for it
-        self.verdicts: dict[str, Unschedulable] = {}
-        self.waiting: dict[str, Waiting] = {}  # requested models waiting for protected holders (demand.py)
+        self.observed: Observation | None = None  # the last pass's observation
+        self.observed_generation = 0
         self.unloads_by_reason: collections.Counter[str] = collections.Counter()  # workers unloaded, by reason
         self.demand_evictions: collections.Counter[tuple[str, str]] = collections.Counter()  # (evicted, for)
-        self.wake = asyncio.Event()
-        self.stopping = False
         self.passes = 0
         self.pass_listeners: list = []  # called with each pass's duration in seconds
-        self._pass_lock = asyncio.Lock()
-        self._recovered: list[Worker] | None = None  # a previous run's workers, until adopted or stopped
         self._loop: asyncio.AbstractEventLoop | None = None
         pool.add_exit_listener(self._worker_exited)
 
-    # -- signals ------------------------------------------------------------------
+    # -- what the api reads (view.py) ---------------------------------------------------
+    generation = property(lambda self: self.intake.generation)
+    desired = property(lambda self: self.intake.desired)
+    document = property(lambda self: self.intake.document)
+    config_status = property(lambda self: self.intake.status)
+    statuses = property(lambda self: self.book.statuses)
+    demand = property(lambda self: self.requests.demand)
+    stopping = property(lambda self: self.supervisor.stopping)
+
+    # -- signals ------------------------------------------------------------------------
     def nudge(self) -> None:
         """Ask for a pass soon. Safe to call from any coroutine on the loop."""
-        self.wake.set()
+        self.supervisor.nudge()
 
     async def accept_now(self) -> int:
-        """Read models.yaml and reconcile right away; the generation now in force.
-
-        For a writer (the admin API) that just wrote the file and must answer with the
-        generation its content was accepted as, without waiting for the file watcher.
-        """
-        await self.reconcile_once()
+        """Ask for a pass that reads models.yaml as it is now, await it, and return the generation in
+        force: for a writer (the admin API) that must answer with the generation of its edit."""
+        await self.supervisor.request_pass(ACCEPT_TIMEOUT)
         return self.generation
 
-    def _worker_exited(self, _worker: Worker) -> None:
+    def _worker_exited(self, _worker: WorkerHandle) -> None:
         """A worker's waiter thread saw it exit: reconcile on the loop's thread."""
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.wake.set)
+            self._loop.call_soon_threadsafe(self.supervisor.wake.set)
 
-    # -- the loop -----------------------------------------------------------------
     async def run(self) -> None:
         """Reconcile until stopped or cancelled, surviving passes that raise (supervision.py)."""
         self._loop = asyncio.get_running_loop()
@@ -144,11 +149,16 @@ class Reconciler:
         """Whether the loop runs, and what went wrong in its passes (read by readiness and /metrics)."""
         return self.supervisor.health()
 
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return when statuses are written again (after a pass, or a model settling), or after `timeout`."""
+        await self.book.wait_for_change(timeout)
+
+    # -- one pass -----------------------------------------------------------------------
     async def reconcile_once(self) -> None:
+        """One pass (the supervisor runs it): read, settle leftovers, observe, plan, act, write status."""
         started = time.perf_counter()
         try:
-            async with self._pass_lock:
-                await self._reconcile_once()
+            await self._pass()
         finally:
             self.passes += 1
             took = time.perf_counter() - started
@@ -156,62 +166,74 @@ class Reconciler:
             for listener in self.pass_listeners:
                 listener(took)
 
-    async def _reconcile_once(self) -> None:
-        await observing.read_desired(self)
-        if self._recovered is None:
-            found = self.pool.recover()
-            adoption.report_rejected(self, found.rejected)
-            self._recovered = found.workers
-        if self._recovered and self.desired is not None:
-            recovered, self._recovered = self._recovered, []
-            await adoption.adopt_recovered(self, recovered)
-        adoption.reap_exited(self)
-        if self.desired is None:
+    async def _pass(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if await self.intake.read():
+            desired = self.intake.desired
+            assert desired is not None
+            self.ledger.forget_failures(lambda name, failure: _unchanged(desired, self.worker_spec, name, failure))
+        await self.adopter.adopt(self.desired, self.worker_spec)
+        reap_exited(self.pool, self.ledger, self.actions.drop_route, self.clock(), self.settings.stable_after)
+        desired = self.desired
+        if desired is None:
             return
-        await observing.estimate_models(self)
+        observation = await self._observe(desired)
+        choice = self._choose(observation)
+        result = choice.plan
+        count_unloads(self, result)
+        self.actions.apply(result.actions)
+        self.downloads.keep({m.name: self.worker_spec(m).source for m in desired.models
+                             if m.state != DesiredModelState.UNLOADED})
+        self.book.write(PassVerdicts(desired, self.generation, result.unschedulable, result.waiting,
+                                     self.memory.budget_bytes, choice.option.forked))
+        self.observed_generation = self.generation
+        self._schedule(observation, result)
+
+    async def _observe(self, desired: DesiredState) -> Observation:
+        await observing.estimate_models(desired, self.worker_spec, self.accounts, self.actions.fail, self.events)
         fingerprints = self.fingerprints()
         measurements = await self.pool.measure()  # every worker and the helpers, off the event loop
         self.accounts.learn_helper(measurements.helper)
+        self.helper = measurements.helper
         now = self.clock()
-        observed = with_traffic(self, observing.observe(self, fingerprints, measurements.workers), now)
+        workers = observing.observe_workers(self.ledger, self.routes, measurements.workers, self.accounts,
+                                            self._worker_bytes, now)
         physical, available = self.memory_probe()
         self.physical_bytes = physical
-        self.helper = measurements.helper
-        self.planning_estimates(fingerprints)  # starts reading hub models' sizes (off the loop): held back meanwhile
-        blocked = observing.blocked(self, fingerprints, now)
-        demand, idle, waited = self.active_demand(), self.idle_seconds(now), self.routes.waited_seconds()
+        accounting.planning_estimates(self.accounts, desired, self.worker_spec, fingerprints)  # starts sizing hub ids
+        blocked = self.ledger.blocked(fingerprints, now) | self.downloads.sizing()
+        self.observed = Observation(now, desired, self.generation, fingerprints, workers, blocked,
+                                    self.requests.active(), self.requests.idle(now), self.routes.waited_seconds(),
+                                    physical, available, measurements.helper)
+        return self.observed
 
+    def _choose(self, seen: Observation) -> starts.StartChoice:
+        """Plan once per way of starting workers and keep the first that costs no model (starts.py)."""
         def plan_for(option: starts.StartOption) -> Plan:
-            return plan(self.desired, fingerprints, observed, blocked,
-                        memory=memory_figures(self.desired, physical, available, option.fixed_bytes),
-                        estimates=self.planning_estimates(fingerprints, option.forked),
-                        demand=demand, idle=idle, waited=waited)
+            return plan(seen.desired, seen.fingerprints, list(seen.workers), seen.blocked,
+                        memory=memory_figures(seen.desired, seen.physical_bytes, seen.available_bytes,
+                                              option.fixed_bytes),
+                        estimates=accounting.planning_estimates(self.accounts, seen.desired, self.worker_spec,
+                                                                dict(seen.fingerprints), option.forked),
+                        demand=seen.demand, idle=seen.idle, waited=seen.waited)
 
-        wanted = engine_start(self.desired)
-        choice = starts.choose(starts.options(resolve_mode(wanted.mode), wanted.spares, measurements.helper,
+        wanted = engine_start(seen.desired)
+        choice = starts.choose(starts.options(resolve_mode(wanted.mode), wanted.spares, seen.helper,
                                               self.accounts.helper_costs), plan_for)
         self._yielded = starts.announce(self.events, self._yielded, choice)
         self.start_choice = choice
         self.pool.configure_starts(choice.option.engine_start(wanted))  # fast starts (engine/prepared.py)
-        self.memory = memory_figures(self.desired, physical, available, choice.option.fixed_bytes)
-        result = choice.plan
-        self.verdicts, self.waiting = result.unschedulable, result.waiting
-        count_unloads(self, result)
-        self.actions.apply(result.actions)
-        self.downloads.keep({m.name: self.worker_spec(m).source for m in self.desired.models
-                             if m.state != DesiredModelState.UNLOADED})
-        statuses.update_statuses(self, fingerprints, blocked)
-        self.observed_generation = self.generation
-        wake_times = observing.wake_times(self, now) + [now + w.retry_after for w in result.waiting.values()]
-        wake_times += [since + self.settings.demand_grace for since in self.demand.values()
-                       if since + self.settings.demand_grace > now]
-        if wake_times:
-            asyncio.get_running_loop().call_later(min(wake_times) - now + 0.01, self.nudge)
+        self.memory = memory_figures(seen.desired, seen.physical_bytes, seen.available_bytes,
+                                     choice.option.fixed_bytes)
+        return choice
 
-    def _download_failed(self, name: str, fingerprint: str, message: str, permanent: bool) -> float:
-        """Reading a hub model's size failed: a failure like a load's; when it may be tried again."""
-        self.actions.fail(name, fingerprint, message, permanent=permanent)
-        return self.ledger.failures[name].retry_at
+    def _schedule(self, seen: Observation, result: Plan) -> None:
+        """A later pass when something is due: a backoff or an idle TTL ends, demand runs out, a swap."""
+        now = seen.now
+        times = observing.wake_times(seen.desired, self.ledger, seen.idle, now) + self.requests.wake_times(now)
+        times += [now + w.retry_after for w in result.waiting.values()]
+        if times:
+            asyncio.get_running_loop().call_later(min(times) - now + 0.01, self.nudge)
 
     # -- specs and memory (accounting.py holds the rules) ------------------------------
     def worker_spec(self, model: ModelSpec) -> WorkerSpec:
@@ -222,66 +244,30 @@ class Reconciler:
         """Each desired model's wanted worker fingerprint."""
         return {m.name: self.worker_spec(m).fingerprint for m in self.desired.models} if self.desired else {}
 
-    def estimate(self, model: ModelSpec) -> MemoryEstimate:
-        """The footprint `model` is planned with before it runs (cached per fingerprint)."""
-        return self.accounts.estimate(self.worker_spec(model), model.memory_bytes())
+    def _worker_bytes(self, entry: WorkerEntry) -> int:
+        return accounting.worker_bytes(self.accounts, self.desired, self.worker_spec, entry)
 
-    def planning_estimates(self, fingerprints: dict[str, str], forked: bool = False) -> dict[str, int]:
-        """Estimates for workers started this way (`forked`: from a waiting template), raised to what
-        a worker of the same spec started the same way was measured at (no re-admission on a guess)."""
-        assert self.desired is not None
-        return {m.name: self.accounts.planning(self.estimate(m), fingerprints[m.name], forked)
-                for m in self.desired.models}
-
-    def worker_bytes(self, entry: WorkerEntry) -> int:
-        """What a worker counts for in planning: the entry's `memory:` override, else its measurement."""
-        assert self.desired is not None
-        model = self.desired.model(entry.model)
-        current = None
-        if model is not None and self.worker_spec(model).fingerprint == entry.fingerprint:
-            current = self.estimate(model)
-        return self.accounts.held(current, entry.fingerprint, entry.measured_bytes, entry.forked)
-
-    # -- demand and idleness (observations the planner reads) -------------------------
-    def request_model(self, name: str) -> None:
-        """A request is waiting for on-demand model `name`: an observation the next pass reads."""
-        self.demand[name] = self.clock()
-        self.nudge()
-
-    def active_demand(self) -> frozenset[str]:
-        """Models requests wait for: asked for within `demand_grace`, or with a waiter registered
-        on the route table (bounded by `demand_ttl`). A model with a route is served, not in demand."""
-        now = self.clock()
-        for name, since in list(self.demand.items()):
-            abandoned = now - since > self.settings.demand_grace and not self.routes.waiters(name)
-            if now - since > self.settings.demand_ttl or name in self.routes or abandoned:
-                del self.demand[name]
-        return frozenset(self.demand)
-
-    def idle_seconds(self, now: float) -> dict[str, float]:
-        """Per model, seconds since its workers last served or became Ready (0 while any request is
-        in flight or waits for it: a request woken by the route is not yet counted in flight)."""
-        idle: dict[str, float] = {}
-        for entry in self.ledger.processes():
-            seconds = 0.0 if self.routes.waiters(entry.model) else entry.traffic.idle_seconds(now)
-            ready_at = getattr(self.pool.get(entry.worker_id or ""), "ready_at", None)
-            if ready_at:
-                seconds = min(seconds, max(0.0, now - ready_at))
-            idle[entry.model] = min(idle.get(entry.model, seconds), seconds)
-        return idle
-
-    # -- what the gateway asks ------------------------------------------------------
+    # -- what the gateway asks (view.GatewayView) ---------------------------------------
     def resolve(self, name_or_alias: str) -> ModelSpec | None:
         return self.desired.resolve(name_or_alias) if self.desired else None
 
     def note_request(self, name: str) -> None:
-        """The gateway saw a request for `name`: an observation the loop may read (idle, demand)."""
+        """The gateway saw a request for `name`: an on-demand model without a route is now in demand."""
         model = self.desired.model(name) if self.desired else None
         if model is not None and model.state == DesiredModelState.ON_DEMAND and name not in self.routes:
-            self.request_model(name)
+            self.requests.asked(name)
+
+    def request_model(self, name: str) -> None:
+        """A request is waiting for on-demand model `name` (tests and the gateway's note_request)."""
+        self.requests.asked(name)
 
     def route(self, name: str) -> Route | None:
         return self.routes.get(name)
+
+    def worker_alive(self, worker_id: str) -> bool:
+        """Whether the worker behind a route still runs (a request to a dead one waits for the next route)."""
+        worker = self.pool.get(worker_id)
+        return worker is None or worker.alive()
 
     def expects_ready(self, name: str) -> bool:
         """Whether `name` may still become ready (so waiting is worthwhile): desired loaded, or
@@ -290,14 +276,15 @@ class Reconciler:
         if model is None or model.state == DesiredModelState.UNLOADED:
             return False
         loading = self.ledger.load_of(name) is not None
-        if model.state == DesiredModelState.ON_DEMAND and name not in self.demand and not loading:
+        if model.state == DesiredModelState.ON_DEMAND and name not in self.requests.demand and not loading:
             return False
-        if name in self.verdicts and not loading:
+        verdicts = self.book.verdicts
+        if verdicts is not None and name in verdicts.unschedulable and not loading:
             return False
         failure = self.ledger.failures.get(name)
         return not (failure and failure.permanent and failure.fingerprint == self.worker_spec(model).fingerprint)
 
-    # -- what the api reads (view.py) -------------------------------------------------
+    # -- what the admin api reads (view.ControlLoopView) ---------------------------------
     def desired_phase(self, model: ModelSpec) -> Phase:
         return Phase.READY if model.state == DesiredModelState.LOADED else Phase.UNLOADED
 
@@ -316,34 +303,31 @@ class Reconciler:
 
     def observation(self) -> dict:
         """What the loop observes, as plain data: enough for `lmx plan` to plan against this server."""
-        return statuses.observation(self)
+        now = self.clock()
+        return report.observation(ledger=self.ledger, accounts=self.accounts, memory=self.memory,
+                                  physical_bytes=self.physical_bytes, choice=self.start_choice, helper=self.helper,
+                                  worker_bytes=self._worker_bytes, demand=self.requests.demand,
+                                  waited=self.routes.waited_seconds(), idle=self.requests.idle(now), now=now)
 
-    # -- shutdown -----------------------------------------------------------------
+    # -- shutdown -----------------------------------------------------------------------
     async def shutdown(self) -> None:
         """Stop the loop, every load and unload, then every worker; bounded by the stop grace."""
-        self.stopping = True  # before cancelling: the loop cannot start another pass
-        self.wake.set()
-        await self.supervisor.stop(self.settings.stop_grace)
+        await self.supervisor.stop(self.settings.stop_grace)  # sets `stopping` first: no pass starts after
         await self.actions.cancel_all()
         await self.downloads.cancel_all(self.settings.stop_grace)
         await self.pool.stop_all(self.settings.stop_grace)
 
 
-def with_traffic(rec: Reconciler, observed: list[ObservedWorker], now: float) -> list[ObservedWorker]:
-    """Observed workers with what demand swapping reads: seconds since Ready, requests in flight
-    plus those queued for a concurrency slot."""
-    result = []
-    for worker in observed:
-        process = rec.pool.get(worker.worker_id) if worker.ready else None
-        ready_at = getattr(process, "ready_at", None)
-        route = rec.routes.get(worker.name)
-        queued = rec.routes.waiters(worker.name) if route and route.worker_id == worker.worker_id else 0
-        entry = rec.ledger.get(worker.worker_id)
-        draining = entry is not None and entry.phase in (WorkerPhase.DRAINING, WorkerPhase.STOPPING)
-        result.append(dataclasses.replace(
-            worker, ready_seconds=max(0.0, now - ready_at) if ready_at else 0.0,
-            in_flight=worker.in_flight + queued, draining=draining, queued=queued))
-    return result
+def _unchanged(desired: DesiredState, spec_of: Callable[[ModelSpec], WorkerSpec], name: str, failure: Failure) -> bool:
+    """Whether a failure's entry is unchanged (a changed entry is tried again from scratch)."""
+    model = desired.model(name)
+    return model is not None and spec_of(model).fingerprint == failure.fingerprint
+
+
+def sizing_failed(actions: Actions, name: str, fingerprint: str, message: str, permanent: bool) -> float:
+    """Reading a hub model's size failed: a failure like a load's; when it may be tried again."""
+    actions.fail(name, fingerprint, message, permanent=permanent)
+    return actions.ledger.failures[name].retry_at
 
 
 def count_unloads(rec: Reconciler, result: Plan) -> None:

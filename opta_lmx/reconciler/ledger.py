@@ -8,6 +8,7 @@ so the phase is written in one place and an impossible step fails loudly instead
 
 from __future__ import annotations
 
+import collections
 import enum
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,13 @@ _TRANSITIONS: dict[WorkerPhase, frozenset[WorkerPhase]] = {
     WorkerPhase.STOPPING: frozenset({WorkerPhase.GONE}),
     WorkerPhase.GONE: frozenset(),
 }
+
+
+def _take(entry: WorkerEntry, worker) -> None:
+    """What the ledger keeps of a running worker (the engine's WorkerHandle)."""
+    entry.worker_id, entry.pid, entry.address = worker.id, worker.pid, worker.address
+    entry.forked = bool(worker.forked)
+    entry.started_at, entry.ready_at, entry.load_seconds = worker.started_at, worker.ready_at, worker.load_seconds
 
 
 def is_valid_transition(old: WorkerPhase, new: WorkerPhase) -> bool:
@@ -82,6 +90,9 @@ class WorkerEntry:
     mlx_bytes: int = 0  # MLX active + cache bytes the worker reported (Metal; 0 on the CPU backend)
     planned_bytes: int = 0  # what its load was planned at (counted until it runs and is measured)
     forked: bool = False  # forked from the template: measured as its own pages, the template's counted apart
+    started_at: float | None = None  # the process's start (wall clock), once it runs
+    ready_at: float | None = None  # when it became Ready (demand's min_residency reads it)
+    load_seconds: float | None = None
 
     @property
     def key(self) -> str:
@@ -130,6 +141,10 @@ class Ledger:
     entries: dict[str, WorkerEntry] = field(default_factory=dict)  # by entry key
     failures: dict[str, Failure] = field(default_factory=dict)  # by model
     on_gone: Callable[[], None] | None = None  # called when an entry leaves (a load waiting for memory wakes)
+    # Per model, what its status shows of its history: unexpected exits, the last error, the last load time.
+    restarts: collections.Counter = field(default_factory=collections.Counter)
+    last_errors: dict[str, str] = field(default_factory=dict)
+    last_load_seconds: dict[str, float | None] = field(default_factory=dict)
 
     # -- entries --------------------------------------------------------------------
     def begin_load(self, model: str, fingerprint: str, waiting_for: str, event: tuple[str, str] | None,
@@ -146,9 +161,10 @@ class Ledger:
 
     def adopt(self, model: str, fingerprint: str, worker, message: str) -> WorkerEntry:
         """A worker of the previous run, kept as it is: it enters the ledger READY."""
-        entry = WorkerEntry(model, fingerprint, WorkerPhase.READY, Traffic(self.clock), worker.id, worker.pid,
-                            worker.address, forked=bool(getattr(worker, "forked", False)))
+        entry = WorkerEntry(model, fingerprint, WorkerPhase.READY, Traffic(self.clock))
+        _take(entry, worker)
         self.entries[entry.key] = entry
+        self.last_load_seconds[model] = entry.load_seconds
         self.events.record(model, "Adopted", message)
         return entry
 
@@ -160,8 +176,8 @@ class Ledger:
         old_key = entry.key
         entry.phase = phase
         if worker is not None:
-            entry.worker_id, entry.pid, entry.address = worker.id, worker.pid, worker.address
-            entry.forked = bool(getattr(worker, "forked", False))
+            _take(entry, worker)
+            self.last_load_seconds[entry.model] = entry.load_seconds
         if phase in (WorkerPhase.LOADING, WorkerPhase.STOPPING):
             entry.why = ""
         if self.entries.get(old_key) is entry:
@@ -206,6 +222,7 @@ class Ledger:
         delay = 0.0 if permanent else self.backoff.delay(attempts)
         failure = Failure(fingerprint, message, permanent, attempts, self.clock() + delay)
         self.failures[model] = failure
+        self.last_errors[model] = message
         self.events.record(model, "LoadFailed", message + ("" if permanent else f"; retrying in {delay:.0f}s"),
                            kind="Warning")
         return failure
@@ -221,6 +238,8 @@ class Ledger:
             message += f" (crash-looping: {attempts} crashes in a row)"
         failure = Failure(fingerprint, message, False, attempts, self.clock() + delay)
         self.failures[model] = failure
+        self.restarts[model] += 1
+        self.last_errors[model] = message
         self.events.record(model, "CrashLoopBackOff" if attempts > 1 else "WorkerExited", message, kind="Warning")
         return failure
 

@@ -1,15 +1,18 @@
 """The route table: where requests for each model go now, read by the gateway.
 
 The loop writes it (a worker became ready, a worker drains or exited); the gateway reads it,
-waits on it while a model loads, and counts requests in flight on the route's `Traffic`, the
-same counter the loop reads to drain a worker and to measure idleness. Every request waiting
-for a model is registered here while it waits, so the loop sees how many wait and for how long
-(demand swapping's serve_queue; a load nobody waits for any more is cancelled).
+waits on it while a model loads, and begins and ends every request here: the table is the one
+owner of what is in flight (per model, for a concurrency limit and /metrics; per worker, on its
+route's `Traffic`, the counter the loop reads to drain a worker and to measure idleness) and of
+what waits (every request waiting for a model is registered here while it waits, so the loop sees
+how many wait and for how long: demand swapping's serve_queue; a load nobody waits for any more is
+cancelled; /metrics' queue depth).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,13 +29,6 @@ class Route:
     worker_id: str
     traffic: Traffic = field(compare=False)
 
-    def begin(self) -> None:
-        """A request starts on this worker (the loop drains it until every one has ended)."""
-        self.traffic.begin()
-
-    def end(self) -> None:
-        self.traffic.end()
-
 
 class RouteTable:
     """Model name -> Route, with a wait for a route that is still loading (every wait bounded)."""
@@ -42,8 +38,33 @@ class RouteTable:
         self._routes: dict[str, Route] = {}
         self._changed = asyncio.Condition()
         self._waiters: dict[str, list[float]] = {}  # model -> when each waiting request began (monotonic)
+        self._in_flight: collections.Counter[str] = collections.Counter()  # model -> requests being answered
         self.expects_ready = expects_ready  # whether waiting for `name` is worthwhile (set by the loop)
         self.on_waiters_changed = on_waiters_changed  # the loop's nudge: a waiter came or went
+
+    def begin(self, route: Route) -> None:
+        """A request starts on `route`'s worker (the loop drains it until every one has ended)."""
+        route.traffic.begin()
+        self._in_flight[route.name] += 1
+
+    def end(self, route: Route) -> None:
+        route.traffic.end()
+        self._in_flight[route.name] = max(0, self._in_flight[route.name] - 1)
+
+    def moved(self, old: Route, new: Route) -> None:
+        """A request begun on `old` is sent to `new` instead (its worker died before it was read)."""
+        old.traffic.end()
+        new.traffic.begin()
+
+    def in_flight(self, name: str) -> int:
+        """Requests being answered for `name` now, on any of its workers."""
+        return self._in_flight[name]
+
+    def in_flight_by_model(self) -> dict[str, int]:
+        return {name: count for name, count in self._in_flight.items() if count}
+
+    def waiters_by_model(self) -> dict[str, int]:
+        return {name: len(starts) for name, starts in self._waiters.items() if starts}
 
     def waiters(self, name: str) -> int:
         """How many requests wait for `name` now (for its route, or for a concurrency slot)."""

@@ -1,8 +1,9 @@
-"""What the api layer may read of the control loop, and the one thing it may ask of it: a pass.
+"""What the api layer may read of the control loop, and what it may ask of it.
 
-The admin API and the metrics read the loop through this typed, read-only view (plus `nudge`
-and `accept_now`), never through the loop's private members, so the loop can change inside
-without the api noticing, and api tests can stand in a small fake.
+The admin API and the metrics read the loop through `ControlLoopView` (plus `nudge`, `accept_now`
+and `wait_for_change`), the gateway through `GatewayView`; never through the loop's private
+members, so the loop can change inside without the api noticing, and api tests can stand in
+small fakes (checked against these Protocols by the type checker, tests/test_types.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from opta_lmx.reconciler.routes import Route, RouteTable
 from opta_lmx.state.document import Document
 from opta_lmx.state.spec import DesiredState, ModelSpec
 from opta_lmx.state.status import ConfigStatus, EventLog, ModelStatus, Phase
@@ -50,3 +52,26 @@ class ControlLoopView(Protocol):
     def nudge(self) -> None: ...
 
     async def accept_now(self) -> int: ...
+
+    async def wait_for_change(self, timeout: float) -> None: ...
+
+
+class GatewayView(Protocol):
+    """What the gateway may read of the loop and tell it: where a model's requests go, and that a
+    request asked for one."""
+
+    routes: RouteTable
+    statuses: Mapping[str, ModelStatus]
+    desired: DesiredState | None
+
+    def resolve(self, name_or_alias: str) -> ModelSpec | None: ...
+
+    def note_request(self, name: str) -> None: ...
+
+    def route(self, name: str) -> Route | None: ...
+
+    def expects_ready(self, name: str) -> bool: ...
+
+    def worker_alive(self, worker_id: str) -> bool: ...
+
+    def health(self) -> LoopHealth: ...

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from prometheus_client import CollectorRegistry, Gauge
 
 from opta_lmx.api import dashboard
 from opta_lmx.api.errors import install_error_handlers
+from opta_lmx.reconciler.ledger import Traffic
+from opta_lmx.reconciler.routes import Route, RouteTable
 from opta_lmx.state.document import content_etag
 from opta_lmx.state.store import ModelsStore
 from opta_lmx.state.yamledit import merge_patch, require_model
@@ -40,14 +40,9 @@ models:
 def app(tmp_path):
     path = tmp_path / "models.yaml"
     path.write_text(CONFIG)
-    registry = CollectorRegistry()
-    metrics = SimpleNamespace(
-        in_flight=Gauge("lmx_requests_in_flight", "in flight", ["model"], registry=registry),
-        queued=Gauge("lmx_queue_depth", "queued", ["model"], registry=registry),
-    )
     app = FastAPI()
     app.state.store = ModelsStore(path)
-    app.state.metrics = metrics
+    app.state.traffic = RouteTable()
     app.state.worker_logs = (tmp_path / "state", tmp_path / "logs")
     install_error_handlers(app)
     app.include_router(dashboard.page)
@@ -165,9 +160,13 @@ def test_log_tail_of_a_model_never_loaded_is_404(client):
 
 def test_traffic_reports_in_flight_and_queued_per_model(client, app):
     assert client.get("/admin/traffic").json() == {"models": {}}
-    app.state.metrics.in_flight.labels("chat").set(2)
-    app.state.metrics.queued.labels("chat").set(5)
-    app.state.metrics.queued.labels("coder").set(1)
+    routes = app.state.traffic
+    chat = Route("chat", "http://127.0.0.1:9", "w", Traffic())
+    routes.begin(chat)
+    routes.begin(chat)
+    for name, count in (("chat", 5), ("coder", 1)):
+        for _ in range(count):
+            routes.register(name)
     assert client.get("/admin/traffic").json()["models"] == {
         "chat": {"in_flight": 2, "queued": 5}, "coder": {"in_flight": 0, "queued": 1},
     }

@@ -13,7 +13,6 @@ import httpx
 from aiohttp import web
 
 from opta_lmx.api.app import GatewaySettings, create_app
-from opta_lmx.reconciler import observing
 from opta_lmx.reconciler.controller import Reconciler
 from opta_lmx.reconciler.ledger import Traffic
 from opta_lmx.reconciler.routes import Route
@@ -56,7 +55,7 @@ def test_a_refused_connection_waits_for_the_next_route_and_retries_there(tmp_pat
     dead, live = Traffic(), Traffic()
 
     async def scenario():
-        await observing.read_desired(reconciler)  # the file is read; no pass runs: the test drives the routes
+        await reconciler.intake.read()  # the file is read; no pass runs: the test drives the routes
         runner = await live_worker()
         app.state.upstream = aiohttp.ClientSession()
         try:
@@ -83,7 +82,7 @@ def test_a_refused_connection_with_no_next_route_is_a_502_within_the_wait_bound(
     dead = Traffic()
 
     async def scenario():
-        await observing.read_desired(reconciler)  # the file is read; no pass runs: the test drives the routes
+        await reconciler.intake.read()  # the file is read; no pass runs: the test drives the routes
         app.state.upstream = aiohttp.ClientSession()
         try:
             await reconciler.routes.set(Route("a", f"http://127.0.0.1:{DEAD_PORT}", "dead", dead))
@@ -108,7 +107,7 @@ def test_a_request_for_a_worker_whose_process_exited_is_not_sent_to_it(tmp_path)
     old, live, hits = Traffic(), Traffic(), []
 
     async def scenario():
-        await observing.read_desired(reconciler)  # the file is read; no pass runs: the test drives the routes
+        await reconciler.intake.read()  # the file is read; no pass runs: the test drives the routes
         # the exited worker's address still answers here, so a request sent there would show
         runners = [await live_worker(OLD_PORT, "from the exited worker", hits), await live_worker(hits=hits)]
         app.state.upstream = aiohttp.ClientSession()
@@ -165,7 +164,7 @@ def test_a_workers_500_that_closes_its_connection_never_reaches_the_next_client(
     hits: list = []
 
     async def scenario():
-        await observing.read_desired(reconciler)
+        await reconciler.intake.read()
         server = await closing_worker(OLD_PORT, hits)
         app.state.upstream = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         try:

@@ -10,6 +10,7 @@ import threading
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 
 from opta_lmx.api import gateway
 from opta_lmx.api.request_gate import RequestGate
@@ -17,7 +18,7 @@ from opta_lmx.api.app import create_app
 from opta_lmx.api.auth import Keys
 from opta_lmx.api.errors import APIError
 from opta_lmx.api.metrics import GatewayMetrics
-from opta_lmx.reconciler import observing
+from opta_lmx.reconciler import intake
 from opta_lmx.reconciler.controller import LoopSettings, Reconciler
 from opta_lmx.reconciler.ledger import Traffic
 from opta_lmx.reconciler.routes import Route
@@ -64,7 +65,8 @@ class FakeAdmission:
 
 
 def _metrics():
-    return GatewayMetrics(Reconciler("/nonexistent/models.yaml", FakePool()))
+    reconciler = Reconciler("/nonexistent/models.yaml", FakePool())
+    return GatewayMetrics(reconciler, reconciler.routes)
 
 
 @pytest.mark.parametrize("usage", ODD_USAGE)
@@ -138,24 +140,24 @@ def test_a_queued_request_leaves_the_queue_with_its_client(tmp_path):
     """A request waiting for a model that is not ready is dropped from the queue when it leaves."""
     (tmp_path / "models.yaml").write_text("models:\n  - {name: a, source: /tmp, memory: 10MiB}\n")
     reconciler = Reconciler(tmp_path / "models.yaml", FakePool(), memory_probe=lambda: (16_000 * MiB, 10_000 * MiB))
-    metrics = GatewayMetrics(reconciler)
+    metrics = GatewayMetrics(reconciler, reconciler.routes)
     admission = RequestGate(reconciler, metrics, queue_limit=4, wait_timeout=60)
 
     async def scenario():
-        await observing.read_desired(reconciler)  # desired, but no worker: a request must wait
+        await reconciler.intake.read()  # desired, but no worker: a request must wait
         request = FakeRequest()
         waiting = asyncio.create_task(gateway._unless_client_leaves(
             request, admission.acquire("a", None), lambda r: admission.release("a", r)))
         for _ in range(200):
-            if admission.gate("a").waiting:
+            if reconciler.routes.waiters("a"):
                 break
             await asyncio.sleep(0.01)
-        assert admission.gate("a").waiting == 1
+        assert reconciler.routes.waiters("a") == 1
         request.gone.set()
         with pytest.raises(APIError):
             await asyncio.wait_for(waiting, 10)
-        assert admission.gate("a").waiting == 0 and admission.gate("a").in_flight == 0
-        assert metrics.queued.labels("a")._value.get() == 0
+        assert reconciler.routes.waiters("a") == 0 and reconciler.routes.in_flight("a") == 0
+        assert 'lmx_queue_depth{model="a"}' not in generate_latest(metrics.registry).decode()
 
     asyncio.run(scenario())
 
@@ -164,7 +166,7 @@ def test_parsing_models_yaml_never_blocks_serving(tmp_path, monkeypatch):
     """Issue 12 item 8: while models.yaml is being read (here: a read that takes seconds), the
     server answers; the read finishing later is what proves it ran off the event loop."""
     (tmp_path / "models.yaml").write_text("models:\n  - {name: a, source: /tmp, memory: 10MiB}\n")
-    real, reading, finished = observing.read_document, threading.Event(), threading.Event()
+    real, reading, finished = intake.read_document, threading.Event(), threading.Event()
 
     def slow_read(path):
         reading.set()
@@ -174,7 +176,7 @@ def test_parsing_models_yaml_never_blocks_serving(tmp_path, monkeypatch):
         finally:
             finished.set()
 
-    monkeypatch.setattr(observing, "read_document", slow_read)
+    monkeypatch.setattr(intake, "read_document", slow_read)
     reconciler = Reconciler(tmp_path / "models.yaml", FakePool(), settings=LoopSettings(),
                             memory_probe=lambda: (16_000 * MiB, 10_000 * MiB))
     app = create_app(reconciler, keys=Keys())

@@ -179,9 +179,8 @@ def test_a_cross_site_get_never_loads_a_model(config, tmp_path):
     reconciler = app.state.reconciler
 
     async def read():
-        from opta_lmx.reconciler import observing
 
-        await observing.read_desired(reconciler)
+        await reconciler.intake.read()
 
     asyncio.run(read())
     for site in ("cross-site", "same-site"):
@@ -236,9 +235,8 @@ def test_the_cancel_relay_escapes_the_id_it_puts_in_the_workers_url(config, tmp_
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         app = make_app(config, tmp_path)
-        from opta_lmx.reconciler import observing
 
-        await observing.read_desired(app.state.reconciler)
+        await app.state.reconciler.intake.read()
         await app.state.reconciler.routes.set(Route("m0", f"http://127.0.0.1:{port}", "w", Traffic()))
         import aiohttp
 

@@ -28,7 +28,8 @@ def test_transition_table(old, new):
 
 
 def _worker(wid="w-1"):
-    return SimpleNamespace(id=wid, pid=4242, address="http://127.0.0.1:9")
+    return SimpleNamespace(id=wid, pid=4242, address="http://127.0.0.1:9", forked=False, started_at=1.0,
+                           ready_at=2.0, load_seconds=1.0)
 
 
 def test_a_worker_lives_through_the_door_and_each_step_records_its_event():
@@ -79,10 +80,10 @@ def test_route_table_waits_for_a_route_and_counts_in_flight():
         route = Route("a", "http://127.0.0.1:9", "w-1", traffic)
         await table.set(route)
         assert await waiter is route
-        route.begin()
-        route.begin()
-        route.end()
-        assert traffic.in_flight == 1
+        table.begin(route)
+        table.begin(route)
+        table.end(route)
+        assert traffic.in_flight == 1 and table.in_flight("a") == 1  # one owner: per worker and per model
         assert await table.wait("never", timeout=10) is None  # not expected to become ready: no wait
         assert await table.wait("a", timeout=0) is route
         table.drop("a", "other-worker")  # not the routed worker: nothing changes

@@ -87,28 +87,23 @@ def test_a_worker_unloaded_while_its_route_was_being_set_is_not_routed(tmp_path)
     asyncio.run(scenario())
 
 
-class HealthyHangsPool(FakePool):
-    """A previous run's worker whose health check never answers: the first pass awaits it forever."""
+class MeasureHangsOncePool(FakePool):
+    """The first pass awaits a measurement that never comes (the real pool bounds its own; the
+    watchdog is what bounds every await of a pass, whatever it is)."""
 
     def __init__(self):
         super().__init__()
         self.hung = asyncio.Event()
 
-    def recover(self):
-        spec = types.SimpleNamespace(name="a", fingerprint="old", source="/tmp")
-        worker = FakeWorker(spec)
-
-        async def healthy():
+    async def measure(self):
+        if not self.hung.is_set():
             self.hung.set()
             await asyncio.Event().wait()  # never answers
-
-        worker.healthy = healthy
-        self._workers[worker.id] = worker
-        return Recovered([worker])
+        return await super().measure()
 
 
 def test_a_pass_stuck_on_an_await_is_cut_by_the_watchdog_and_the_loop_goes_on(tmp_path):
-    reconciler, pool = make(tmp_path, HealthyHangsPool())
+    reconciler, pool = make(tmp_path, MeasureHangsOncePool())
 
     async def scenario():
         task = asyncio.create_task(reconciler.run())

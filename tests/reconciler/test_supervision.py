@@ -91,9 +91,11 @@ def test_pass_backoff_is_exponential_and_capped(tmp_path):
         raise OSError("disk")
 
     async def scenario():
-        delays = [await supervisor.guarded_pass(failing) for _ in range(5)]
+        supervisor.run_pass = failing
+        delays = [await supervisor.guarded_pass() for _ in range(5)]
         assert delays == [0.05, 0.1, 0.2, 0.2, 0.2]
-        assert await supervisor.guarded_pass(reconciler.reconcile_once) == SETTINGS.resync_interval
+        supervisor.run_pass = reconciler.reconcile_once
+        assert await supervisor.guarded_pass() == SETTINGS.resync_interval
         assert supervisor.pass_failures == 5 and supervisor.failures_in_a_row == 0
 
     asyncio.run(scenario())
