@@ -6,6 +6,7 @@ its desired phase at once, as a loop with instant workers would. No engine, no p
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -58,6 +59,10 @@ class FakeLoop:
 
     def nudge(self) -> None:
         self.nudges += 1
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Statuses of this fake change only in accept_now: a waiter waits its time out."""
+        await asyncio.sleep(min(timeout, 0.05))
 
     async def accept_now(self) -> int:
         """Read the file like a pass does: a new valid content is a new generation."""

@@ -15,8 +15,7 @@ from opta_lmx.engine.pool import WorkerPool
 from opta_lmx.engine.records import WorkerRecord
 from opta_lmx.reconciler.controller import LoopSettings, Reconciler
 from opta_lmx.state.status import Phase
-from opta_lmx.engine.pool import Recovered
-from tests.reconciler.fakes import FakePool, FakeWorker, MiB, until
+from tests.reconciler.fakes import FakePool, MiB, until
 
 MODEL_A = "models:\n  - {name: a, source: /tmp, memory: 10MiB}\n"
 SETTINGS = LoopSettings(backoff_base=1, backoff_max=4, pass_backoff_base=0.05, pass_backoff_max=0.2,

@@ -259,19 +259,15 @@ class AdminService:
         return False
 
     async def wait(self, name: str | None, generation: int, timeout: float) -> bool | str:
-        """Poll the loop's statuses until settled or `timeout`; nudge it each second meanwhile so a
-        status that changes without an event of its own (a load refused before it started) shows."""
+        """Until settled or `timeout`: woken each time the loop writes statuses (after every pass,
+        and as a model becomes Ready or fails between passes), never by a timer of its own."""
         deadline = time.monotonic() + timeout
-        next_nudge = time.monotonic() + 1.0
         while True:
             outcome = self.settled(name, generation)
-            now = time.monotonic()
-            if outcome is not False or now >= deadline:
+            remaining = deadline - time.monotonic()
+            if outcome is not False or remaining <= 0:
                 return outcome
-            if now >= next_nudge:
-                self.loop.nudge()
-                next_nudge = now + 1.0
-            await asyncio.sleep(min(0.1, max(0.0, deadline - now)))
+            await self.loop.wait_for_change(remaining)
 
     async def answer(self, result: WriteResult, generation: int, name: str | None, timeout: float | None,
                      *, extra: dict | None = None) -> Answer:
