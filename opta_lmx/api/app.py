@@ -17,7 +17,7 @@ from opta_lmx.api.admin.serving import AdminService, MachineMemory
 from opta_lmx.api.auth import KeyAuth, Keys, load_keys
 from opta_lmx.api.errors import install_error_handlers
 from opta_lmx.api.request_gate import RequestGate
-from opta_lmx.api.metrics import GatewayMetrics
+from opta_lmx.api.metrics import GatewayMetrics, watch_loop_lag
 from opta_lmx.engine.memory import machine_memory as probe_machine_memory
 from opta_lmx.api.security import MAX_ADMIN_BODY_BYTES, install_request_guard
 from opta_lmx.reconciler.controller import Reconciler
@@ -53,12 +53,14 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
             auto_decompress=False, skip_auto_headers=("User-Agent", "Content-Type"),
         )
         loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
+        lag_task = asyncio.create_task(watch_loop_lag(app.state.metrics.loop_lag), name="loop-lag")
         try:
             yield
         finally:
             log.info("shutting down: stopping every worker")
+            lag_task.cancel()
             await reconciler.shutdown()  # stops the loop first (bounded), then every worker
-            await asyncio.gather(loop_task, return_exceptions=True)
+            await asyncio.gather(loop_task, lag_task, return_exceptions=True)
             await app.state.upstream.close()
 
     app = FastAPI(title="Opta-LMX", version="0.1.0", lifespan=lifespan)

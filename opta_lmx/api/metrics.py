@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -125,3 +127,13 @@ class _ModelCollector:
         yield CounterMetricFamily("lmx_reconcile_errors", "Reconcile passes that raised (each logged, retried after "
                                   "a backoff)", value=health.pass_failures)
         yield GaugeMetricFamily("lmx_loop_running", "1 while the control loop task runs", value=1.0 if health.running else 0.0)
+
+
+async def watch_loop_lag(histogram: Histogram, interval: float = 0.05) -> None:
+    """Observe how late the event loop runs a timer, every `interval` seconds, until cancelled:
+    anything that blocks the loop (a read, a wait) delays every relayed token by as much."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time()
+        await asyncio.sleep(interval)
+        histogram.observe(max(0.0, loop.time() - asked - interval))

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+from typing import Any
 
 EXIT_PERMANENT = 1  # missing, private or gated repo; offline and not cached
 EXIT_TEMPORARY = 75  # EX_TEMPFAIL: the hub could not be reached or the line broke; run it again
@@ -34,7 +35,7 @@ class ProgressBar:
 
     def __init__(self, quiet: bool):
         self._quiet = quiet
-        self._bar = None
+        self._bar: Any = None  # a tqdm once the total is known
 
     def __call__(self, progress) -> None:
         if self._quiet:

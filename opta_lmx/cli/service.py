@@ -181,6 +181,26 @@ class Platform:
         self.dry_run = dry_run
         self.out = out or sys.stdout
 
+    # What each service manager implements (launchd, systemd).
+    @property
+    def file(self) -> Path:
+        raise NotImplementedError
+
+    def install(self, settings: ServiceSettings) -> None:
+        raise NotImplementedError
+
+    def uninstall(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def status(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
     def run(self, argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
         if self.dry_run:
             print(f"would run: {shlex.join(argv)}", file=self.out)

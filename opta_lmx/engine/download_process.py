@@ -23,6 +23,7 @@ from pathlib import Path
 
 from opta_lmx.engine.download import (
     DownloadCancelled,
+    DownloadError,
     DownloadProgress,
     PermanentDownloadError,
     ProgressCallback,
@@ -90,8 +91,8 @@ async def _follow(proc: asyncio.subprocess.Process, source: str, on_progress: Pr
     await proc.wait()
     if "path" in result:
         return Path(result["path"])
-    kind = {"permanent": PermanentDownloadError, "cancelled": DownloadCancelled}.get(result.get("kind"),
-                                                                                    TemporaryDownloadError)
+    kinds: dict[str, type[DownloadError]] = {"permanent": PermanentDownloadError, "cancelled": DownloadCancelled}
+    kind = kinds.get(str(result.get("kind")), TemporaryDownloadError)
     raise kind(source, result.get("error") or f"the download process of {source} exited with {proc.returncode}")
 
 

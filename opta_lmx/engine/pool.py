@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class RejectedRecord:
 class Recovered:
     """A previous run's workers (to adopt or stop) and the records that were rejected."""
 
-    workers: list[WorkerHandle] = field(default_factory=list)
+    workers: Sequence[WorkerHandle] = field(default_factory=list)
     rejected: list[RejectedRecord] = field(default_factory=list)
 
 
@@ -64,6 +65,7 @@ class WorkerHandle(Protocol):
     spare_id: str | None
     stopping: bool
     adopted: bool
+    unadoptable: str | None  # a previous run's worker whose record could not be read: stopped, not adopted
 
     @property
     def pid(self) -> int | None: ...
@@ -92,7 +94,7 @@ class WorkerHandle(Protocol):
 class Pool(Protocol):
     """What the control loop needs of a pool of workers, so its tests can stand in a fake one."""
 
-    def workers(self) -> list[WorkerHandle]: ...
+    def workers(self) -> Sequence[WorkerHandle]: ...
 
     def get(self, worker_id: str) -> WorkerHandle | None: ...
 
@@ -135,13 +137,23 @@ class WorkerPool:
         self._stopping: set[asyncio.Future] = set()  # stops of cancelled starts, kept until done
         # The template or spares that start workers faster (cold until configure_starts).
         self.prepared = PreparedStarts(self.run_dir, self._worker_env, warm_up_model=warm_up_model)
-        # Measuring reads /proc (a forked worker's smaps: milliseconds) and, on Metal, asks each
-        # worker: in threads of its own, so neither the event loop nor a download waits for it.
+        # Nothing that blocks runs on the event loop that relays every token (issue 20), and each
+        # kind of work has threads of its own, so that none waits behind another: measuring (/proc,
+        # a forked worker's smaps), starting (process starts, the template's fork handshake of up
+        # to 10 s, record writes with fsync), cleaning up (removing a worker's home), and switching
+        # the fast starts (closing a template waits for it to exit).
         self._measuring = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lmx-measure")
+        self._starting = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lmx-start")
+        self._cleaning = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmx-cleanup")
+        self._configuring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmx-configure")
 
     def configure_starts(self, wanted: EngineStart | None) -> None:
-        """models.yaml's `engine_start`, applied every pass (also restarts what died)."""
-        self.prepared.configure(wanted)
+        """models.yaml's `engine_start` as the loop chose it, applied every pass (also restarts a
+        template or spares that died), in a thread of its own: the pass does not wait for it."""
+        try:
+            self._configuring.submit(self.prepared.configure, wanted)
+        except RuntimeError:  # shut down: the server is stopping
+            pass
 
     async def measure(self) -> Measurements:
         """Every live worker and the helpers, measured concurrently off the event loop, at most
@@ -153,16 +165,17 @@ class WorkerPool:
         helper = loop.run_in_executor(self._measuring, self._helper_memory)
         metal = {w.id: asyncio.ensure_future(mlx_memory_bytes(w.address, key=w.api_key()))
                  for w in workers if metal_backend() and w.ready_at is not None}
-        pending = [*reads.values(), helper, *metal.values()]
+        pending: list[asyncio.Future] = [*reads.values(), helper, *metal.values()]
         done, late = await asyncio.wait(pending, timeout=MEASURE_TIMEOUT)
         for future in late:
             future.cancel()
         figures = {}
         for worker_id, read in reads.items():
-            if read in done and read.exception() is None and read.result() is not None:
+            measured = read.result() if read in done and read.exception() is None else None
+            if measured is not None:
                 mlx = metal.get(worker_id)
                 mlx_bytes = mlx.result() if mlx is not None and mlx in done and mlx.exception() is None else 0
-                figures[worker_id] = WorkerMemory(read.result(), mlx_bytes)
+                figures[worker_id] = WorkerMemory(measured, mlx_bytes)
             elif read in done and read.exception() is not None:
                 log.warning("measuring worker %s raised: %r", worker_id, read.exception())
         measured_helper = helper.result() if helper in done and helper.exception() is None else HelperMemory()
@@ -186,23 +199,41 @@ class WorkerPool:
         """Start a worker and wait until it serves; on failure nothing is left running."""
         worker = Worker(spec, run_dir=self.run_dir, env=self._worker_env, on_exit=self._exited, log_dir=self.log_dir)
         self._workers[worker.id] = worker
+        loop = asyncio.get_running_loop()
+        spawning = loop.run_in_executor(self._starting, self._spawn_and_record, worker)
         try:
-            self._spawn(worker)
-            self.records.write(worker.record())  # before it is ready: a crash now still leaves no orphan
+            await asyncio.shield(spawning)  # a cancel must not leave a process starting unwatched
             await worker.wait_ready(ready_timeout)
-            self.records.write(worker.record())
+            await loop.run_in_executor(self._starting, self.records.write, worker.record())
         except WorkerStartError:
             await worker.stop(grace=2.0)
             self._drop(worker)
             raise
         except BaseException:  # cancelled while loading: leave nothing behind
-            # The record goes once the worker is stopped, even if a second cancel cuts this wait short.
-            stopping = asyncio.ensure_future(worker.stop(grace=2.0))
+            # The record goes once the worker is stopped, even if a second cancel cuts this wait short;
+            # a start still under way in its thread is let finish first, then stopped.
+            stopping = asyncio.ensure_future(self._stop_started(worker, spawning))
             self._stopping.add(stopping)
-            stopping.add_done_callback(lambda done: (self._stopping.discard(done), self._drop(worker)))
+            stopping.add_done_callback(lambda done: self._stopped(done, worker))
             await asyncio.shield(stopping)
             raise
         return worker
+
+    def _stopped(self, done: asyncio.Future, worker: Worker) -> None:
+        self._stopping.discard(done)
+        self._drop(worker)
+
+    def _spawn_and_record(self, worker: Worker) -> None:
+        """In a start thread: the process, then its record (before it is ready: a crash of the
+        control plane from here on still leaves no orphan)."""
+        self._spawn(worker)
+        self.records.write(worker.record())
+
+    @staticmethod
+    async def _stop_started(worker: Worker, spawning: asyncio.Future) -> None:
+        with contextlib.suppress(BaseException):
+            await spawning
+        await worker.stop(grace=2.0)
 
     def _spawn(self, worker: Worker) -> None:
         """Through the template or a waiting spare when one suits, else cold."""
@@ -243,13 +274,20 @@ class WorkerPool:
             recovered.append(worker)
         return Recovered(recovered, rejected)
 
-    async def stop(self, worker: Worker, grace: float) -> None:
-        await worker.stop(grace=grace)
-        self._drop(worker)
+    async def stop(self, worker: WorkerHandle, grace: float) -> None:
+        own = self._own(worker)
+        await own.stop(grace=grace)
+        self._drop(own)
 
-    def forget(self, worker: Worker) -> None:
+    def forget(self, worker: WorkerHandle) -> None:
         """Drop a worker that has exited by itself."""
-        self._drop(worker)
+        self._drop(self._own(worker))
+
+    @staticmethod
+    def _own(worker: WorkerHandle) -> Worker:
+        """Every worker a pool hands out is one of its Workers (the loop sees them as WorkerHandles)."""
+        assert isinstance(worker, Worker), f"not a worker of this pool: {worker!r}"
+        return worker
 
     def _drop(self, worker: Worker) -> None:
         self._workers.pop(worker.id, None)
@@ -261,13 +299,19 @@ class WorkerPool:
             # Its HOME (vllm-mlx's prefix cache) is never reused by another worker id: over
             # weeks of a service these directories would pile up. Its log lives in log_dir/<model>/.
             # Only ever a directory of ours: a record's run_dir is a claim (adoption checks it too).
-            shutil.rmtree(worker.run_dir, ignore_errors=True)
+            # In the cleanup thread: a home with a cache in it takes a while to remove.
+            try:
+                self._cleaning.submit(shutil.rmtree, worker.run_dir, True)
+            except RuntimeError:  # shut down (the server is stopping): now, then
+                shutil.rmtree(worker.run_dir, ignore_errors=True)
 
     async def stop_all(self, grace: float) -> None:
         """Stop every worker, and the template or spares (nothing outlives the control plane)."""
         await asyncio.gather(asyncio.to_thread(self.prepared.close), *(self.stop(w, grace) for w in self.workers()),
                              return_exceptions=True)
-        self._measuring.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._measuring, self._configuring, self._starting):
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._cleaning.shutdown(wait=True)  # the homes of the workers just stopped: removed before exit
 
     def stop_all_sync(self, grace: float) -> None:
         self.prepared.close()

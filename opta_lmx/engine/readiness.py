@@ -39,7 +39,10 @@ async def wait_ready(worker: Worker, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     announced = asyncio.Event()
     loop = asyncio.get_running_loop()
-    worker._wake = lambda: loop.call_soon_threadsafe(announced.set)
+    def wake() -> None:
+        loop.call_soon_threadsafe(announced.set)
+
+    worker._wake = wake
     if worker._served_announced:
         announced.set()
     async with loopback_client(2.0) as client:

@@ -122,7 +122,8 @@ def parse_record(data: object, worker_id: str, run_root: Path) -> WorkerRecord |
     pid, create_time = data.get("pid"), data.get("create_time")
     if isinstance(pid, bool) or not isinstance(pid, int) or not isinstance(create_time, (int, float)) or pid <= 1:
         return None
-    name = data.get("name") if isinstance(data.get("name"), str) else "unknown"
+    named = data.get("name")
+    name = named if isinstance(named, str) else "unknown"
     return WorkerRecord(worker_id=worker_id, name=name, fingerprint="", source="", engine={}, pid=pid,
                         create_time=float(create_time), host="127.0.0.1", port=0, address="", log_path="",
                         run_dir=str(run_root / f"unreadable-{worker_id}"), problem=problem)

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from opta_lmx.engine.announce import Announcements, Launched
 from opta_lmx.engine.records import process_create_time
@@ -56,7 +57,7 @@ class WorkerTemplate:
         self._python = python
         self._proc: subprocess.Popen[bytes] | None = None
         self._channel: socket.socket | None = None
-        self._reader = None
+        self._reader: Any = None  # the channel's file, for reading answers
         self._lock = threading.Lock()
         self.waiting = threading.Event()
         self.restarts = 0
@@ -122,7 +123,7 @@ class WorkerTemplate:
             try:
                 self._channel.settimeout(FORK_TIMEOUT)
                 socket.send_fds(self._channel, [request.encode() + b"\n"], [write_fd, listener.fileno()])
-                answer = json.loads(self._reader.readline() or b"{}")
+                answer = json.loads((self._reader.readline() if self._reader else b"") or b"{}")
             except (OSError, ValueError) as error:
                 os.close(read_fd)
                 raise TemplateError(f"the worker template did not fork: {error}") from error

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from opta_lmx.engine.announce import PreparedStart
 
 log = logging.getLogger(__name__)
+
+_STOPS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lmx-stop")  # stopping waits (grace, exit)
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,12 @@ class Worker:
         self.host = host
         # A new worker's socket is bound here, by the control plane, and handed to the worker
         # (engine/ports.py): no one can take its port first. An adopted worker's port is given.
-        self._listener: socket.socket | None = None if port else listening_socket(host)
-        self.port = port or self._listener.getsockname()[1]
+        self._listener: socket.socket | None = None
+        if port:
+            self.port = port
+        else:
+            self._listener = listening_socket(host)
+            self.port = self._listener.getsockname()[1]
         self.address = f"http://{host}:{self.port}"
         # One log per worker process (<log_dir>/<model>/<worker id>.log): failure classification
         # reads only this worker's output, never an older worker's (whose clients' prompts may say
@@ -342,7 +349,8 @@ class Worker:
         self.stopping = True
         if self.pid is None:
             return
-        await asyncio.get_running_loop().run_in_executor(None, self.stop_sync, grace)
+        # Threads of their own: the default pool is the file reads' and the admin API's.
+        await asyncio.get_running_loop().run_in_executor(_STOPS, self.stop_sync, grace)
 
     def stop_sync(self, grace: float = 10.0) -> None:
         self.stopping = True

@@ -106,7 +106,7 @@ def _preimport() -> None:
 def warm_up_model_usable(model_path: str | None) -> bool:
     """Whether a warm-up model was given and exists (the command line generates it: the engine
     must not import the generated-model tools). Without one, warming up is skipped."""
-    return bool(model_path) and os.path.isfile(os.path.join(model_path, "config.json"))
+    return model_path is not None and bool(model_path) and os.path.isfile(os.path.join(model_path, "config.json"))
 
 
 def _warm_up(model_path: str) -> None:

@@ -42,7 +42,7 @@ class Adopter:
         here is one this user started (`engine.records.belongs_to_us`), so stopping one is safe.
         """
         if self.pending is None:
-            found = self.pool.recover()
+            found = await asyncio.to_thread(self.pool.recover)  # reads the records: off the event loop
             self._report(found.rejected)
             self.pending = list(found.workers)
         if not self.pending or desired is None:
@@ -67,8 +67,8 @@ class Adopter:
         for worker in sorted(recovered, key=lambda w: w.started_at or 0.0, reverse=True):
             name = worker.spec.name
             model = desired.model(name)
-            if getattr(worker, "unadoptable", None):
-                to_stop.append((worker, str(getattr(worker, "unadoptable"))))
+            if worker.unadoptable:
+                to_stop.append((worker, worker.unadoptable))
             elif model is None or model.state == DesiredModelState.UNLOADED:  # on-demand ones are kept (idle TTL)
                 to_stop.append((worker, "no longer desired"))
             elif spec_of(model).fingerprint != worker.spec.fingerprint:

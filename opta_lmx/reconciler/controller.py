@@ -169,9 +169,9 @@ class Reconciler:
     async def _pass(self) -> None:
         self._loop = asyncio.get_running_loop()
         if await self.intake.read():
-            desired = self.intake.desired
-            assert desired is not None
-            self.ledger.forget_failures(lambda name, failure: _unchanged(desired, self.worker_spec, name, failure))
+            accepted = self.intake.desired
+            assert accepted is not None
+            self.ledger.forget_failures(lambda name, failure: _unchanged(accepted, self.worker_spec, name, failure))
         await self.adopter.adopt(self.desired, self.worker_spec)
         reap_exited(self.pool, self.ledger, self.actions.drop_route, self.clock(), self.settings.stable_after)
         desired = self.desired

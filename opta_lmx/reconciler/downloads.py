@@ -179,6 +179,7 @@ class Downloads:
             current = Download(model, source, self.clock())
             current.task = asyncio.get_running_loop().create_task(self._download(current), name=f"download:{model}")
             self.active[model] = current
+        assert current.task is not None
         await asyncio.shield(current.task)  # a cancelled load leaves the download to `keep`
 
     async def _download(self, d: Download) -> None:

@@ -65,7 +65,7 @@ class StartOption:
 
     def engine_start(self, wanted: EngineStart) -> EngineStart:
         """What the pool is told to run (engine/prepared.py): this option's mode and spares."""
-        return EngineStart(mode=self.mode, spares=self.spares or wanted.spares)
+        return EngineStart.model_validate({"mode": self.mode, "spares": self.spares or wanted.spares})
 
     def describe(self) -> str:
         what = {TEMPLATE: "the worker template", SPARE: f"{self.spares} waiting spare(s)", COLD: "cold starts"}[self.mode]
@@ -168,7 +168,7 @@ def engine_start(desired: DesiredState) -> EngineStart:
     if not mode:
         return desired.engine_start
     try:
-        return EngineStart(mode=mode)
+        return EngineStart.model_validate({"mode": mode})
     except ValueError:
         log.warning("LMX_ENGINE_START=%r is not one of auto, template, spare, cold; using auto", mode)
         return desired.engine_start

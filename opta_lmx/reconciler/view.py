@@ -30,16 +30,30 @@ class LoopHealth:
 
 class ControlLoopView(Protocol):
     config_path: Path
-    generation: int
     observed_generation: int
     passes: int
-    config_status: ConfigStatus
-    desired: DesiredState | None
-    document: Document | None
-    statuses: Mapping[str, ModelStatus]
     events: EventLog
-    unloads_by_reason: Mapping[str, int]  # workers unloaded so far, by plan.UnloadReason value
-    demand_evictions: Mapping[tuple[str, str], int]  # (evicted model, model it was evicted for) -> count
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def config_status(self) -> ConfigStatus: ...
+
+    @property
+    def desired(self) -> DesiredState | None: ...
+
+    @property
+    def document(self) -> Document | None: ...
+
+    @property
+    def statuses(self) -> Mapping[str, ModelStatus]: ...
+
+    @property
+    def unloads_by_reason(self) -> Mapping[str, int]: ...  # workers unloaded so far, by plan.UnloadReason value
+
+    @property
+    def demand_evictions(self) -> Mapping[tuple[str, str], int]: ...  # (evicted, the model it was evicted for)
 
     def converged(self) -> bool: ...
 
@@ -61,8 +75,12 @@ class GatewayView(Protocol):
     request asked for one."""
 
     routes: RouteTable
-    statuses: Mapping[str, ModelStatus]
-    desired: DesiredState | None
+
+    @property
+    def statuses(self) -> Mapping[str, ModelStatus]: ...
+
+    @property
+    def desired(self) -> DesiredState | None: ...
 
     def resolve(self, name_or_alias: str) -> ModelSpec | None: ...
 

@@ -38,10 +38,10 @@ def to_node(value: Any, like: Any = None) -> Any:
             node[key] = to_node(item)
         return node
     if isinstance(value, list):
-        node = CommentedSeq(to_node(item) for item in value)
+        seq = CommentedSeq(to_node(item) for item in value)
         if isinstance(like, CommentedSeq) and like.fa.flow_style():
-            node.fa.set_flow_style()
-        return node
+            seq.fa.set_flow_style()
+        return seq
     if isinstance(value, str) and isinstance(like, ScalarString) and not isinstance(value, ScalarString):
         return type(like)(value)
     return value
@@ -147,7 +147,7 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-def merge_patch(node: CommentedMap, patch: dict[str, Any]) -> None:
+def merge_patch(node: Any, patch: dict[str, Any]) -> None:
     """RFC 7396 JSON merge patch, applied in place so untouched keys keep their comments."""
     for key, value in patch.items():
         if value is None:
@@ -175,7 +175,7 @@ def replace_mapping(node: CommentedMap, new: dict[str, Any]) -> None:
             set_key(node, key, to_node(value, current))
 
 
-def models_of(tree: CommentedMap) -> CommentedSeq:
+def models_of(tree: CommentedMap) -> Any:  # a CommentedSeq (a list for a tree built in code)
     models = tree.get("models")
     if models is None:
         models = CommentedSeq()
@@ -185,7 +185,7 @@ def models_of(tree: CommentedMap) -> CommentedSeq:
     return models
 
 
-def find_model(tree: CommentedMap, name: str) -> CommentedMap | None:
+def find_model(tree: CommentedMap, name: str) -> Any:  # the entry (a CommentedMap), or None
     for entry in models_of(tree):
         if isinstance(entry, dict) and entry.get("name") == name:
             return entry

@@ -6,6 +6,8 @@ its desired phase at once, as a loop with instant workers would. No engine, no p
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 from pathlib import Path
 
@@ -77,7 +79,7 @@ class FakeLoop:
             self.document, self.desired = document, document.state
         self.config_status = ConfigStatus(path=str(self.config_path), last_good_etag=document.etag)
         if self.settle:
-            self.statuses = {m.name: ModelStatus(phase=self.desired_phase(m)) for m in self.desired.models}
+            self.statuses = {m.name: ModelStatus(phase=self.desired_phase(m)) for m in document.state.models}
             self.observed_generation = self.generation
         return self.generation
 
@@ -89,3 +91,7 @@ def admin_app(loop: ControlLoopView, store: ModelsStore, memory=lambda: (16 * GI
     mount(app, AdminService(loop, store, memory))
     return app
 
+
+
+if TYPE_CHECKING:  # the type checker holds the fake to the view it stands in for (tests/test_types.py)
+    _view: ControlLoopView = FakeLoop(Path("models.yaml"))

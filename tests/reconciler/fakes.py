@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import TYPE_CHECKING
 
 from opta_lmx.engine.memory import WorkerMemory
 from opta_lmx.engine.pool import Measurements, Recovered
@@ -14,30 +15,43 @@ _pids = itertools.count(50000)
 
 
 class FakeWorker:
-    def __init__(self, spec):
+    """A worker without a process (engine.pool.WorkerHandle; the type checker holds it to it)."""
+
+    def __init__(self, spec) -> None:
         self.spec = spec
-        self.id = f"{spec.name}-{next(_pids)}"
-        self.pid = next(_pids)
-        self.address = "http://127.0.0.1:9"
-        self.started_at = self.ready_at = 0.0
-        self.load_seconds = 0.1
-        self.stopping = False
-        self.returncode = None
+        self.id: str = f"{spec.name}-{next(_pids)}" if spec is not None else "w"
+        self.pid: int | None = next(_pids)
+        self.address: str = "http://127.0.0.1:9"
+        self.port: int = 9
+        self.started_at: float | None = 0.0
+        self.ready_at: float | None = 0.0
+        self.load_seconds: float | None = 0.1
+        self.started_through: str = "cold"
+        self.spare_id: str | None = None
+        self.stopping: bool = False
+        self.adopted: bool = False
+        self.unadoptable: str | None = None
+        self.returncode: int | None = None
         self._alive = True
-        self.forked = False  # started through a waiting template (the pool's `helper` says so)
+        self.forked: bool = False  # started through a waiting template (the pool's `helper` says so)
         self.memory = 100 * MiB
 
-    def alive(self):
+    def alive(self) -> bool:
         return self._alive
 
-    def owns_port(self):
+    def api_key(self) -> str | None:
+        return None  # a pool without a secret: its workers have no key
+
+    def owns_port(self) -> bool:
         return self._alive
 
+    async def healthy(self, timeout: float = 2.0) -> bool:
+        return self._alive
 
-    def memory_bytes(self):
+    def memory_bytes(self) -> int | None:
         return self.memory if self._alive else None
 
-    def crash(self):
+    def crash(self) -> None:
         self._alive, self.returncode = False, -9
 
 
@@ -118,3 +132,10 @@ async def until(condition, bound=20.0):
     async with asyncio.timeout(bound):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+if TYPE_CHECKING:  # the type checker holds the fakes to the Protocols they stand in for (tests/test_types.py)
+    from opta_lmx.engine.pool import Pool, WorkerHandle
+
+    _pool: Pool = FakePool()
+    _worker: WorkerHandle = FakeWorker(None)

@@ -200,11 +200,14 @@ def _raising_for(name, start_load):
 def test_the_reconciler_offers_everything_the_api_view_names(tmp_path):
     from opta_lmx.reconciler.view import ControlLoopView
 
+    from opta_lmx.reconciler.view import GatewayView
+
     reconciler, _pool = make(tmp_path)
-    members = set(ControlLoopView.__annotations__) | {
-        n for n in vars(ControlLoopView) if not n.startswith("_") and callable(getattr(ControlLoopView, n))}
-    assert {"health", "nudge", "accept_now", "statuses"} <= members
-    assert [m for m in sorted(members) if not hasattr(reconciler, m)] == []
+    for view in (ControlLoopView, GatewayView):
+        members = set(view.__annotations__) | {
+            n for n, v in vars(view).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+        assert {"health", "statuses"} <= members
+        assert [m for m in sorted(members) if not hasattr(reconciler, m)] == []
 
 
 def test_engine_start_comes_from_the_file_else_lmx_engine_start(monkeypatch):

@@ -27,7 +27,7 @@ from opta_lmx.state.yamledit import (
 )
 
 
-def resolve_entry(tree: CommentedMap, model_id: str) -> CommentedMap | None:
+def resolve_entry(tree: CommentedMap, model_id: str) -> Any:  # the entry, or None
     """The entry a client's `model_id` names: by name, then by alias."""
     entry = find_model(tree, model_id)
     if entry is not None:

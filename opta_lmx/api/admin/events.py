@@ -9,7 +9,7 @@ which `lmx serve` already owns (docs/architecture.md).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from opta_lmx.state.status import EventLog
 
@@ -21,7 +21,7 @@ def frame(event) -> bytes:
 
 
 async def follow(events: EventLog, since: int, limit: int, *, stopping: Callable[[], bool],
-                 disconnected: Callable[[], object]) -> AsyncIterator[bytes]:
+                 disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[bytes]:
     """The backlog after `since`, then every new event until shutdown or the client leaves."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue(maxsize=1000)

@@ -69,7 +69,7 @@ _TIMEOUT = {"type": "number", "minimum": 0, "maximum": MAX_WAIT}
 _JSON = "application/json"
 
 
-def _doc(body: dict | None = None, params: list[dict] = ()) -> dict:
+def _doc(body: dict | None = None, params: tuple[dict, ...] | list[dict] = ()) -> dict:
     out: dict[str, Any] = {"parameters": list(params)}
     if body is not None:
         out["requestBody"] = body

@@ -183,9 +183,11 @@ class AdminService:
         if loop.desired is None:
             reasons.append("no valid models.yaml accepted yet")
         elif not loop.converged():
-            pending = {n: s.phase.value for n, s in loop.statuses.items()
-                       if loop.desired.model(n) is None
-                       or s.phase != loop.desired_phase(loop.desired.model(n))}
+            pending = {}
+            for n, s in loop.statuses.items():
+                spec = loop.desired.model(n)
+                if spec is None or s.phase != loop.desired_phase(spec):
+                    pending[n] = s.phase.value
             reasons.append(f"converging: {pending}" if pending else "converging")
         return {"ready": not reasons, "generation": loop.generation,
                 "observed_generation": loop.observed_generation, "reasons": reasons}
@@ -205,6 +207,7 @@ class AdminService:
                 result = await asyncio.to_thread(self.store.replace, text, precondition=precondition,
                                                  endpoint=endpoint, dry_run=dry_run)
             else:
+                assert mutate is not None, "an edit without a new text needs a change to make"
                 result = await asyncio.to_thread(self.store.edit, mutate, precondition=precondition,
                                                  endpoint=endpoint, dry_run=dry_run, create=create)
         except PreconditionFailed as error:
