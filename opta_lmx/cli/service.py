@@ -1,6 +1,6 @@
 """`lmx service`: run Opta-LMX as a LaunchAgent (macOS) or a systemd user unit (Linux).
 
-The files are rendered from the package's templates (`opta_lmx/cli/templates/`, package data read
+The files are rendered from the package's templates (`launchd/` at the top of the repository, package data of `opta_lmx.launchd` read
 through importlib.resources, so an installed wheel has them) with absolute paths (launchd and
 systemd have no PATH or cwd worth relying on). Every launchctl/systemctl call goes through
 `run_command`, the single subprocess boundary, so tests check the exact command lines and
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 LABEL = "com.opta.lmx"
 UNIT_NAME = "opta-lmx.service"
-TEMPLATES = resources.files("opta_lmx.cli").joinpath("templates")
+TEMPLATES = resources.files("opta_lmx.launchd")
 PLIST_TEMPLATE = TEMPLATES / f"{LABEL}.plist"
 UNIT_TEMPLATE = TEMPLATES / UNIT_NAME
 THROTTLE_INTERVAL = 10  # seconds between restarts after a crash
