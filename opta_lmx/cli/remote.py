@@ -1,4 +1,4 @@
-"""`lmx get|describe|set|apply|events|status|load|unload`: kubectl-like commands over AdminClient.
+"""`lmx get|describe|set|apply|events|status|load|unload|cache`: kubectl-like commands over AdminClient.
 
 They speak only HTTP to a running server (never the files or the engine directly), so the same
 commands work against a remote machine: `--server URL` or `LMX_SERVER`, key from `--admin-key`,
@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from typing import Any
+from urllib.parse import quote
 
 from opta_lmx import settings
 from opta_lmx.cli.client import AdminClient, ClientError
@@ -85,13 +86,30 @@ def cmd_get(args: argparse.Namespace) -> int:
         rows.append([model["name"], spec.get("state", "loaded" if spec else "(removed)"), _phase_cell(status),
                      ",".join(spec.get("aliases", [])) or None, spec.get("priority", 0 if spec else None),
                      _size(status.get("counted_bytes") or status.get("estimated_bytes")),
-                     _size(status.get("measured_bytes")), status.get("restarts", 0), _age(status.get("started_at"))])
-    print(_table(rows, ["NAME", "DESIRED", "PHASE", "ALIASES", "PRIORITY", "COUNTED", "MEASURED", "RESTARTS", "AGE"]))
+                     _size(status.get("measured_bytes")), cache_cell(status.get("prefix_cache")),
+                     status.get("restarts", 0), _age(status.get("started_at"))])
+    print(_table(rows, ["NAME", "DESIRED", "PHASE", "ALIASES", "PRIORITY", "COUNTED", "MEASURED", "CACHE", "RESTARTS",
+                        "AGE"]))
     observed = data.get("observed") or {}
     line = fast_start_line(observed.get("engine_start"), observed.get("memory") or {})
     print(f"\ngeneration {data['generation']}, observed {data['observed_generation']}, "
           f"{'converged' if data['converged'] else 'converging'}" + (f"\n{line}" if line else ""))
     return 0
+
+
+def cache_cell(cache: dict | None) -> str | None:
+    """A kept prefix cache in a table cell: `24.0 MiB/3` (size/entries)."""
+    if not cache:
+        return None
+    return f"{_size(cache.get('size_bytes')) if cache.get('size_bytes') else '0 B'}/{cache.get('entries', 0)}"
+
+
+def cache_line(cache: dict) -> str:
+    """`24.0 MiB, 3 entries, used 5m ago (in use), key 1a2b...`."""
+    age = _age(time.time() - (cache.get("age_seconds") or 0))
+    held = ", held by its worker" if cache.get("in_use") else ""
+    return (f"{_size(cache.get('size_bytes')) if cache.get('size_bytes') else '0 B'}, {cache.get('entries', 0)} "
+            f"entries, last used {age} ago{held} (key {cache.get('key')})")
 
 
 def fast_start_line(start: dict | None, memory: dict) -> str | None:
@@ -128,6 +146,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
             print(f"  {key}: {status[key]}")
     if status.get("download"):
         print(f"  download: {download_line(status['download'])}")
+    if status.get("prefix_cache"):
+        print(f"  prefix cache: {cache_line(status['prefix_cache'])}")
     if status.get("measured_bytes") or status.get("estimated_bytes"):
         print(f"  memory: counted {_size(status.get('counted_bytes'))}, measured {_size(status.get('measured_bytes'))}, "
               f"estimated {_size(status.get('estimated_bytes'))}")
@@ -269,6 +289,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`lmx cache list` / `lmx cache clear [MODEL]`: the kept prefix caches (docs/reconciler.md)."""
+    if args.action == "clear":
+        path = "/admin/caches" + (f"/{quote(args.model, safe='')}" if args.model else "")
+        data = _call(args, "DELETE", path).json()
+        if args.output == "json":
+            _print_json(data)
+            return 0
+        for what in data["removed"]:
+            print(f"removed {what}")
+        for name in data["in_use"]:
+            print(f"kept {name}: a running worker holds it (unload the model first)")
+        if not data["removed"] and not data["in_use"]:
+            print("no kept prefix cache to remove")
+        return 0
+    data = _call(args, "GET", "/admin/caches").json()
+    if args.output == "json":
+        _print_json(data)
+        return 0
+    rows = [[name, _size(c["size_bytes"]) if c["size_bytes"] else "0 B", c["entries"],
+             _age(time.time() - c["age_seconds"]), "yes" if c["in_use"] else "no", c["key"]]
+            for name, c in data["caches"].items()]
+    print(_table(rows, ["MODEL", "SIZE", "ENTRIES", "LAST USED", "IN USE", "KEY"]) if rows else "no kept prefix caches")
+    budgets = data["budgets"]
+    used = sum(c["size_bytes"] for c in data["caches"].values())
+    print(f"\n{_size(used) if used else '0 B'} of {_size(budgets['total_bytes'])} in all; "
+          f"{_size(budgets['per_model_bytes'])} per model" + ("" if budgets["enabled"] else " (kept caches are off)"))
+    return 0
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     response = _call(args, "POST", f"/admin/models/{args.verb}", json={"model_id": args.model, "timeout": args.timeout})
     return _report_write(args, response)
@@ -313,6 +363,11 @@ def add_commands(sub) -> None:
 
     status = sub.add_parser("status", parents=[common], help="generation, convergence and memory")
     status.set_defaults(func=_run(cmd_status))
+
+    cache = sub.add_parser("cache", parents=[common], help="kept prefix caches: lmx cache list | clear [MODEL]")
+    cache.add_argument("action", choices=["list", "clear"])
+    cache.add_argument("model", nargs="?", help="clear: only this model's (default: every cache no worker holds)")
+    cache.set_defaults(func=_run(cmd_cache))
 
     for verb in ("load", "unload"):
         parser = sub.add_parser(verb, parents=[common], help=f"{verb} a model (edits models.yaml and waits)")

@@ -127,6 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from opta_lmx.api.auth import KeyConfigError, check_bind, load_keys
     from opta_lmx.api.server_limits import bounded_server_options
     from opta_lmx.engine.pool import WorkerPool
+    from opta_lmx.engine.prefix_cache import KeptCaches
     from opta_lmx.engine.worker_auth import ensure_secret, read_secret
     from opta_lmx.cli.logs import uvicorn_log_config, worker_log_dir
     from opta_lmx.reconciler.controller import LoopSettings, Reconciler
@@ -164,7 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"  worker logs:   {log_dir}  (lmx logs MODEL)", flush=True)
 
     ensure_secret(state_dir / "workers")  # each worker's key derives from it; the gateway sends that key
-    pool = WorkerPool(state_dir / "workers", log_dir=log_dir, warm_up_model=warm_up_model(state_dir))
+    pool = WorkerPool(state_dir / "workers", log_dir=log_dir, warm_up_model=warm_up_model(state_dir),
+                      caches=KeptCaches(state_dir / "prefix-caches"))
     reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
 
     store = ModelsStore(config, git_commit=args.git_commit)

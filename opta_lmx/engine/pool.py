@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from opta_lmx.engine.memory import WorkerMemory, metal_backend, mlx_memory_bytes
+from opta_lmx.engine.memory import ModelDirectoryError, WorkerMemory, metal_backend, mlx_memory_bytes, model_directory
+from opta_lmx.engine.prefix_cache import CacheFigures, KeptCaches, cache_key
 from opta_lmx.engine.prepared import HelperMemory, PreparedStarts
 from opta_lmx.engine.records import WorkerRecords, belongs_to_us
 from opta_lmx.engine.template import TemplateError
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 #: How long one pass's measurement of every worker may take; a worker not measured by then keeps
 #: its last figure (a stuck /proc read or a slow /v1/status never holds the pass up longer).
 MEASURE_TIMEOUT = 5.0
+#: Kept prefix caches are read from disk (a directory walk) at most this often.
+CACHE_FIGURES_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Measurements:
 
     workers: dict[str, WorkerMemory] = field(default_factory=dict)
     helper: HelperMemory = field(default_factory=HelperMemory)
+    caches: dict[str, CacheFigures] = field(default_factory=dict)  # each model's kept prefix cache
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,10 @@ class Pool(Protocol):
 
     async def measure(self) -> Measurements: ...
 
+    def configure_caches(self, per_model: int, total: int) -> None: ...
+
+    async def clear_caches(self, model: str | None) -> list[str]: ...
+
 
 class WorkerPool:
     """The pool of real worker processes (implements `Pool`)."""
@@ -125,9 +133,15 @@ class WorkerPool:
         worker_env: dict[str, str] | None = None,
         log_dir: Path | None = None,
         warm_up_model: Path | None = None,
+        caches: KeptCaches | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Kept prefix caches (engine/prefix_cache.py): a worker of a model that keeps one is linked
+        # to it as it starts, and gives it up once its process is gone (saved, or crashed).
+        self.caches = caches
+        self._cache_figures: dict[str, CacheFigures] = {}
+        self._cache_figures_at = float("-inf")
         # Records live beside the workers' directories so a restart on this state dir finds them.
         self.records = WorkerRecords(self.run_dir / "records")
         self.log_dir = Path(log_dir) if log_dir else None
@@ -179,7 +193,40 @@ class WorkerPool:
             elif read in done and read.exception() is not None:
                 log.warning("measuring worker %s raised: %r", worker_id, read.exception())
         measured_helper = helper.result() if helper in done and helper.exception() is None else HelperMemory()
-        return Measurements(figures, measured_helper)
+        return Measurements(figures, measured_helper, await self._kept_cache_figures())
+
+    async def _kept_cache_figures(self) -> dict[str, CacheFigures]:
+        """Each model's kept cache as last read (a directory walk, in the cleanup thread, at most
+        every CACHE_FIGURES_EVERY seconds)."""
+        if self.caches is None:
+            return {}
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._cache_figures_at >= CACHE_FIGURES_EVERY:
+            self._cache_figures_at = loop.time()
+            try:
+                self._cache_figures = await asyncio.wait_for(
+                    loop.run_in_executor(self._cleaning, self.caches.figures), MEASURE_TIMEOUT)
+            except (asyncio.TimeoutError, OSError, RuntimeError) as error:
+                log.warning("reading the kept prefix caches: %r", error)
+        return self._cache_figures
+
+    def configure_caches(self, per_model: int, total: int) -> None:
+        """models.yaml's `prefix_caches` budgets, applied every pass (in the cleanup thread)."""
+        if self.caches is None or (self.caches.per_model, self.caches.total) == (per_model, total):
+            return
+        self.caches.set_budgets(per_model, total)
+        self._cache_figures_at = float("-inf")
+        try:
+            self._cleaning.submit(self.caches.enforce)
+        except RuntimeError:
+            pass
+
+    async def clear_caches(self, model: str | None) -> list[str]:
+        """Remove kept caches (of `model`, else all) that no running worker uses; what was removed."""
+        if self.caches is None:
+            return []
+        self._cache_figures_at = float("-inf")
+        return await asyncio.get_running_loop().run_in_executor(self._cleaning, self.caches.clear, model)
 
     def _helper_memory(self) -> HelperMemory:
         """The helpers' figures, with the workers forked from a template (a family sharing its pages)."""
@@ -224,10 +271,23 @@ class WorkerPool:
         self._drop(worker)
 
     def _spawn_and_record(self, worker: Worker) -> None:
-        """In a start thread: the process, then its record (before it is ready: a crash of the
-        control plane from here on still leaves no orphan)."""
+        """In a start thread: its kept cache linked, the process, then its record (before it is
+        ready: a crash of the control plane from here on still leaves no orphan)."""
+        self._attach_cache(worker)
         self._spawn(worker)
         self.records.write(worker.record())
+
+    def _attach_cache(self, worker: Worker) -> None:
+        """Link the worker's HOME to its model's kept prefix cache (engine/prefix_cache.py)."""
+        if self.caches is None or not worker.spec.kept_cache:
+            return
+        try:
+            directory = model_directory(worker.spec.source)
+        except ModelDirectoryError:
+            directory = None
+        key = cache_key(worker.spec.source, worker.spec.engine.model_dump(mode="json", exclude_none=True), directory)
+        worker.ssd_cache_max_gb = max(self.caches.per_model / 2 / 1024**3, 0.01)
+        self.caches.attach(worker.id, worker.spec.name, key, worker.run_dir / "home")
 
     @staticmethod
     async def _stop_started(worker: Worker, spawning: asyncio.Future) -> None:
@@ -271,6 +331,8 @@ class WorkerPool:
                 continue
             worker = Worker.from_record(record, process, on_exit=self._exited)
             self._workers[worker.id] = worker
+            if self.caches is not None and worker.spec.kept_cache:
+                self.caches.adopt(worker.id, worker.run_dir / "home")
             recovered.append(worker)
         return Recovered(recovered, rejected)
 
@@ -294,7 +356,14 @@ class WorkerPool:
         self.records.remove(worker.id)
         worker.close_listener()  # a worker that never started: its socket (and port) go
         if worker.alive():
-            return  # a worker dropped while alive keeps its directory
+            return  # a worker dropped while alive keeps its directory (and its kept cache's lease)
+        if self.caches is not None and worker.spec.kept_cache:
+            # Gone (saved, or crashed): its kept cache passes on, budgets applied (a disk walk).
+            self._cache_figures_at = float("-inf")
+            try:
+                self._cleaning.submit(self.caches.release, worker.id)
+            except RuntimeError:
+                self.caches.release(worker.id)
         if self.log_dir is not None and worker.run_dir.parent == self.run_dir and inside(worker.run_dir, self.run_dir):
             # Its HOME (vllm-mlx's prefix cache) is never reused by another worker id: over
             # weeks of a service these directories would pile up. Its log lives in log_dir/<model>/.

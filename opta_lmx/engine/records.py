@@ -53,6 +53,8 @@ class WorkerRecord:
     # worker it names is not adopted but stopped, if its pid is still the recorded process.
     problem: str | None = None
     started_through: str = "cold"  # cold | spare | template (a forked worker's memory is read as PSS)
+    kept_cache: bool = False  # its prefix cache is the model's kept one (engine/prefix_cache.py)
+    warm_prompts: str | None = None
 
     def process(self) -> psutil.Process | None:
         """The recorded process if it is still the same one (not a reused pid) and not a zombie."""

@@ -32,6 +32,7 @@ from opta_lmx.engine import readiness
 from opta_lmx.engine.readiness import WorkerStartError  # noqa: F401 (re-exported: the engine's start error)
 from opta_lmx.engine.announce import Announcements
 from opta_lmx.engine.ports import listening_socket
+from opta_lmx.engine.prefix_cache import LINK_PARENT, SSD_DIR
 from opta_lmx.engine.process_group import any_alive, group_members, signal_group
 from opta_lmx.engine.records import WorkerRecord, process_create_time
 from opta_lmx.engine.worker_main import SERVING, parse_failure
@@ -63,13 +64,17 @@ class WorkerSpec:
     name: str
     source: str
     engine: EngineOptions = field(default_factory=EngineOptions)
+    kept_cache: bool = False  # its prefix cache outlives it (engine/prefix_cache.py)
+    warm_prompts: str | None = None  # a JSON file of prompts vllm-mlx runs at start
 
     @property
     def fingerprint(self) -> str:
-        payload = json.dumps(
-            {"source": self.source, "engine": self.engine.model_dump(exclude_none=True)},
-            sort_keys=True,
-        )
+        what: dict = {"source": self.source, "engine": self.engine.model_dump(exclude_none=True)}
+        if self.kept_cache:  # a different command line: a different worker (unset: as before)
+            what["kept_cache"] = True
+        if self.warm_prompts:
+            what["warm_prompts"] = self.warm_prompts
+        payload = json.dumps(what, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -131,6 +136,7 @@ class Worker:
         self._announcements: Announcements | None = None
         self.unadoptable: str | None = None  # why a previous run's worker must be stopped, not adopted
         self._api_key: str | None = None
+        self.ssd_cache_max_gb = 4.0  # its SSD tier's bound: half its model's kept-cache budget (the pool sets it)
 
     # -- identity -----------------------------------------------------------------
     @classmethod
@@ -143,7 +149,8 @@ class Worker:
         marked `unadoptable` with the reason, so the loop stops it instead of adopting it.
         """
         engine = EngineOptions() if record.problem else EngineOptions.model_validate(record.engine)
-        spec = WorkerSpec(record.name, record.source, engine)
+        spec = WorkerSpec(record.name, record.source, engine, kept_cache=record.kept_cache,
+                          warm_prompts=record.warm_prompts)
         worker = cls(spec, run_dir=Path(record.run_dir).parent, host=record.host, port=record.port,
                      on_exit=on_exit, log_path=Path(record.log_path))
         worker.id = record.worker_id
@@ -167,6 +174,7 @@ class Worker:
             pid=self.pid, create_time=self.create_time, host=self.host, port=self.port,
             address=self.address, log_path=str(self.log_path), run_dir=str(self.run_dir),
             started_at=self.started_at, ready_at=self.ready_at, started_through=self.started_through,
+            kept_cache=self.spec.kept_cache, warm_prompts=self.spec.warm_prompts,
         )
 
     @property
@@ -194,9 +202,18 @@ class Worker:
         return self.ready_at - self.started_at
 
     def serve_argv(self) -> list[str]:
-        """The `vllm-mlx` arguments this worker runs (its key is added by the launcher, never here)."""
-        return ["serve", self.spec.source, "--host", self.host, "--port", str(self.port),
+        """The `vllm-mlx` arguments this worker runs (its key is added by the launcher, never here).
+
+        A kept cache (engine/prefix_cache.py): vllm-mlx's SSD tier in the worker's HOME, where the
+        pool links it to the model's kept cache, bounded to half the model's disk budget."""
+        argv = ["serve", self.spec.source, "--host", self.host, "--port", str(self.port),
                 "--served-model-name", self.spec.name, *serve_args(self.spec.engine)]
+        if self.spec.kept_cache:
+            argv += ["--ssd-cache-dir", str(self.run_dir / "home" / LINK_PARENT / SSD_DIR),
+                     "--ssd-cache-max-gb", f"{self.ssd_cache_max_gb:g}"]
+        if self.spec.warm_prompts:
+            argv += ["--warm-prompts", self.spec.warm_prompts]
+        return argv
 
     def command(self, announce_fd: int, listen_fd: int) -> list[str]:
         """A cold worker's command line: the launcher (engine/worker_main.py), which takes its key

@@ -42,8 +42,19 @@ def resolve_source(config_path: Path, source: str) -> str:
 
 def worker_spec(config_path: Path, desired: DesiredState, model: ModelSpec) -> WorkerSpec:
     """What a worker of `model` runs (its fingerprint says whether a running worker still matches)."""
+    warm = model.prefix_cache.warm_prompts
     return WorkerSpec(name=model.name, source=resolve_source(config_path, model.source),
-                      engine=desired.effective_engine(model))
+                      engine=desired.effective_engine(model), kept_cache=desired.keeps_cache(model),
+                      warm_prompts=resolve_path(config_path, warm) if warm else None)
+
+
+def resolve_path(config_path: Path, path: str) -> str:
+    """A file named in models.yaml: relative to the file, `~` expanded."""
+    try:
+        resolved = Path(path).expanduser()
+    except RuntimeError:
+        return path
+    return str(resolved if resolved.is_absolute() else (Path(config_path).parent / resolved).resolve())
 
 
 def memory_figures(desired: DesiredState, physical: int, available: int | None,

@@ -67,6 +67,7 @@ class Actions:
         self.tasks: dict[str, asyncio.Task] = {}  # "load:<name>" or "unload:<worker id>" -> task
         self._background: set[asyncio.Future] = set()
         self.freed = asyncio.Event()  # set when a ledger entry leaves: loads waiting for memory re-check
+        self.save_timeout = 30.0  # models.yaml's prefix_caches.save_timeout (set every pass)
         ledger.on_gone = self.freed.set
 
     def apply(self, actions) -> None:
@@ -219,7 +220,8 @@ class Actions:
 
     async def _unload(self, entry: WorkerEntry, worker: WorkerHandle | None) -> None:
         """Drain (in-flight requests finish, bounded by drain_timeout), then stop: at once once drained,
-        else SIGTERM bounded by stop_grace."""
+        else SIGTERM bounded by stop_grace. A worker with a kept prefix cache is stopped with SIGTERM
+        and `save_timeout` to save it (vllm-mlx's own save at shutdown), and the save's cost is an event."""
         name, traffic = entry.model, entry.traffic
         try:
             if traffic.in_flight:
@@ -231,7 +233,9 @@ class Actions:
                     self.events.record(name, "DrainTimeout", f"{traffic.in_flight} request(s) still in flight after "
                                        f"{self.settings.drain_timeout:.0f}s; stopping anyway", kind="Warning")
             self.ledger.move(entry, WorkerPhase.STOPPING)
-            if worker is not None:  # drained: nothing to finish or save, so no SIGTERM (Worker.stop)
+            if worker is not None and worker.spec.kept_cache:
+                await self._stop_saving(entry, worker, traffic.in_flight > 0)
+            elif worker is not None:  # drained: nothing to finish or save, so no SIGTERM (Worker.stop)
                 await self.pool.stop(worker, 0.0 if not traffic.in_flight else self.settings.stop_grace)
             self.ledger.move(entry, WorkerPhase.GONE, ("Unloaded", f"worker {entry.worker_id} stopped"))
         finally:
@@ -239,6 +243,20 @@ class Actions:
                 self.ledger.move(entry, WorkerPhase.GONE)
             self.tasks.pop(f"unload:{entry.worker_id}", None)
             self.nudge()
+
+    async def _stop_saving(self, entry: WorkerEntry, worker: WorkerHandle, busy: bool) -> None:
+        """Stop a worker that saves its prefix cache as it shuts down, and say what the save cost."""
+        grace = max(self.save_timeout, self.settings.stop_grace if busy else 0.0)
+        began = time.monotonic()
+        await self.pool.stop(worker, grace)
+        took = time.monotonic() - began
+        if grace > 0 and took >= grace:
+            self.events.record(entry.model, "CacheSaveTimeout", f"worker {entry.worker_id} did not save its prefix "
+                               f"cache within {grace:.0f}s and was killed; the kept cache keeps its last save and "
+                               "SSD tier", kind="Warning")
+        else:
+            self.events.record(entry.model, "CacheSaved", f"worker {entry.worker_id} saved its prefix cache and "
+                               f"stopped in {took:.2f}s")
 
     # -- routes ---------------------------------------------------------------------
     # (soak bug 2: a ready worker must be routed or stopped, never left alive and unrouted)

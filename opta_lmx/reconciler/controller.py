@@ -22,6 +22,7 @@ from pathlib import Path
 
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.pool import Pool, WorkerHandle
+from opta_lmx.engine.prefix_cache import CacheFigures
 from opta_lmx.engine.prepared import HelperMemory, resolve_mode
 from opta_lmx.engine.worker import WorkerSpec
 from opta_lmx.reconciler import accounting, observing, report, starts
@@ -90,7 +91,8 @@ class Reconciler:
                                    hub or HubClient(), lambda name: self.book.show_download(name))
         self.accounts = MemoryAccounts(hub=self.downloads)
         self.book = StatusBook(self.ledger, self.routes, self.downloads, self.accounts, self.events,
-                               lambda: self.clock(), self.worker_spec, lambda: self.requests.demand, self._worker_bytes)
+                               lambda: self.clock(), self.worker_spec, lambda: self.requests.demand, self._worker_bytes,
+                               caches=lambda: self.caches)
         self.actions = Actions(self.ledger, pool, self.routes, self.downloads, self.events, ActingSettings(
             settings.ready_timeout, settings.memory_wait_timeout, settings.drain_timeout, settings.stop_grace),
             spec_of=self.worker_spec, on_ready=self.requests.served, on_settled=self.book.refresh, nudge=self.nudge)
@@ -104,6 +106,7 @@ class Reconciler:
         self.memory = MemoryFigures()
         self.physical_bytes = 0
         self.helper = HelperMemory()  # what the fast starts held at the last pass
+        self.caches: dict[str, CacheFigures] = {}  # each model's kept prefix cache, as last read
         self.start_choice: starts.StartChoice | None = None  # how workers start, and why (starts.py)
         self._yielded: str | None = None
         self.observed: Observation | None = None  # the last pass's observation
@@ -195,6 +198,9 @@ class Reconciler:
         measurements = await self.pool.measure()  # every worker and the helpers, off the event loop
         self.accounts.learn_helper(measurements.helper)
         self.helper = measurements.helper
+        self.caches = measurements.caches
+        self.pool.configure_caches(desired.prefix_caches.per_model_bytes(), desired.prefix_caches.total_bytes())
+        self.actions.save_timeout = desired.prefix_caches.save_timeout_seconds()
         now = self.clock()
         workers = observing.observe_workers(self.ledger, self.routes, measurements.workers, self.accounts,
                                             self._worker_bytes, now)
@@ -300,6 +306,20 @@ class Reconciler:
             elif phase != self.desired_phase(model):
                 return False
         return True
+
+    def kept_caches(self) -> dict[str, dict]:
+        """Each model's kept prefix cache (engine/prefix_cache.py), as the last pass read it."""
+        return {name: figures.to_dict() for name, figures in sorted(self.caches.items())}
+
+    async def clear_caches(self, model: str | None) -> list[str]:
+        """Remove kept prefix caches (of `model`, else all) that no running worker holds."""
+        removed = await self.pool.clear_caches(model)
+        for what in removed:
+            self.events.record(what.split("/", 1)[0], "CacheCleared", f"kept prefix cache {what} removed")
+        self.caches = {name: f for name, f in self.caches.items()
+                       if f.in_use or (model is not None and name != model)}
+        self.nudge()
+        return removed
 
     def observation(self) -> dict:
         """What the loop observes, as plain data: enough for `lmx plan` to plan against this server."""

@@ -14,6 +14,7 @@ import datetime
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from opta_lmx.engine.prefix_cache import CacheFigures
 from opta_lmx.engine.worker import WorkerSpec
 from opta_lmx.reconciler.accounting import MemoryAccounts
 from opta_lmx.reconciler.demand import Waiting
@@ -23,7 +24,7 @@ from opta_lmx.reconciler.plan import Unschedulable
 from opta_lmx.reconciler.routes import RouteTable
 from opta_lmx.state.quantities import format_size
 from opta_lmx.state.spec import DesiredModelState, DesiredState, ModelSpec
-from opta_lmx.state.status import EventLog, ModelStatus, Phase
+from opta_lmx.state.status import EventLog, ModelStatus, Phase, PrefixCacheStatus
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,12 @@ class StatusBook:
 
     def __init__(self, ledger: Ledger, routes: RouteTable, downloads: Downloads, accounts: MemoryAccounts,
                  events: EventLog, clock: Callable[[], float], spec_of: Callable[[ModelSpec], WorkerSpec],
-                 demand: Callable[[], Mapping[str, float]], worker_bytes: Callable[[WorkerEntry], int]):
+                 demand: Callable[[], Mapping[str, float]], worker_bytes: Callable[[WorkerEntry], int],
+                 caches: Callable[[], Mapping[str, CacheFigures]] = dict):
         self.ledger, self.routes, self.downloads, self.accounts = ledger, routes, downloads, accounts
         self.events, self.clock, self.spec_of, self.demand = events, clock, spec_of, demand
         self.worker_bytes = worker_bytes
+        self.caches = caches  # each model's kept prefix cache (engine/prefix_cache.py), as last read
         self.statuses: dict[str, ModelStatus] = {}
         self.verdicts: PassVerdicts | None = None
         self._change: asyncio.Event | None = None  # set (and replaced) at each write
@@ -105,6 +108,8 @@ class StatusBook:
         status.measured_bytes = entry.measured_bytes if entry else None
         status.counted_bytes = sum(self._counted(e) for e in self.ledger.of(model.name)) or None
         status.download = self.downloads.status_of(model.name)
+        kept = self.caches().get(model.name)
+        status.prefix_cache = PrefixCacheStatus(**kept.to_dict()) if kept is not None else None
         status.observed_generation = verdicts.generation
         status.set_condition("Ready", phase == Phase.READY, reason, message, verdicts.generation, now)
         verdict = verdicts.unschedulable.get(model.name)

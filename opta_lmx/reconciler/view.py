@@ -69,6 +69,10 @@ class ControlLoopView(Protocol):
 
     async def wait_for_change(self, timeout: float) -> None: ...
 
+    def kept_caches(self) -> Mapping[str, dict]: ...  # each model's kept prefix cache on disk, as last read
+
+    async def clear_caches(self, model: str | None) -> list[str]: ...  # what was removed
+
 
 class GatewayView(Protocol):
     """What the gateway may read of the loop and tell it: where a model's requests go, and that a

@@ -26,6 +26,8 @@ OWNED_FLAGS = {
     "--served-model-name": "the model's `name` in models.yaml is its served name",
     "--api-key": "the control plane gives each worker its own secret",
     "--models-config": "each worker serves exactly one model of models.yaml",
+    "--ssd-cache-dir": "a model's kept prefix cache lives in the state directory (prefix_caches in models.yaml)",
+    "--warm-prompts": "a model names its warm-up prompts in models.yaml (prefix_cache.warm_prompts)",
 }
 _OWNED_DESTS = {flag[2:].replace("-", "_"): flag for flag in OWNED_FLAGS}
 _lock = threading.Lock()

@@ -226,6 +226,34 @@ class EngineStart(_Strict):
     spares: int = Field(default=1, ge=1, le=4, description="Spare processes kept waiting (mode spare)")
 
 
+class PrefixCaches(_Strict):
+    """Kept prefix caches (docs/reconciler.md, "Kept prefix caches"): a model's prefix cache outlives
+    its worker, in the state directory, bounded on disk."""
+
+    enabled: bool = True
+    per_model: Size = Field(default="8GiB", description="Disk a model's kept cache may use")
+    total: Size = Field(default="32GiB", description="Disk all kept caches may use together")
+    save_timeout: Annotated[int | float | str, _bounded_duration(0, 120)] = Field(
+        default="30s", description="How long an unloaded worker may take to save its cache")
+
+    def per_model_bytes(self) -> int:
+        return parse_size(self.per_model)
+
+    def total_bytes(self) -> int:
+        return parse_size(self.total)
+
+    def save_timeout_seconds(self) -> float:
+        return parse_duration(self.save_timeout)
+
+
+class ModelPrefixCache(_Strict):
+    """One model's kept prefix cache: whether it has one, and prompts to warm it with at start."""
+
+    enabled: bool | None = Field(default=None, description="Unset: as `prefix_caches.enabled`")
+    warm_prompts: Annotated[str, AfterValidator(_check_source)] | None = Field(
+        default=None, description="A JSON file of prompts vllm-mlx runs at start (relative to models.yaml)")
+
+
 class Defaults(_Strict):
     engine: EngineOptions = Field(default_factory=EngineOptions)
     demand: DemandPolicy = Field(default_factory=DemandPolicy)
@@ -244,6 +272,7 @@ class ModelSpec(_Strict):
     memory: Size | None = Field(default=None, description="Overrides the memory estimate")
     max_concurrency: Count | None = None
     demand: DemandPolicy = Field(default_factory=DemandPolicy, description="Demand swapping policy")
+    prefix_cache: ModelPrefixCache = Field(default_factory=ModelPrefixCache, description="Its kept prefix cache")
 
     @field_validator("name")
     @classmethod
@@ -275,6 +304,7 @@ class DesiredState(_Strict):
     memory: MemorySpec = Field(default_factory=MemorySpec)
     defaults: Defaults = Field(default_factory=Defaults)
     engine_start: EngineStart = Field(default_factory=EngineStart)
+    prefix_caches: PrefixCaches = Field(default_factory=PrefixCaches)
     models: list[ModelSpec] = Field(default_factory=list, max_length=512)
 
     @model_validator(mode="after")
@@ -301,6 +331,13 @@ class DesiredState(_Strict):
 
     def effective_engine(self, model: ModelSpec) -> EngineOptions:
         return model.engine.merged_over(self.defaults.engine)
+
+    def keeps_cache(self, model: ModelSpec) -> bool:
+        """Whether `model`'s prefix cache outlives its workers: kept caches are on (file-wide and
+        for the model), and its engine has a prefix cache vllm-mlx saves (continuous batching)."""
+        engine = self.effective_engine(model)
+        wanted = model.prefix_cache.enabled if model.prefix_cache.enabled is not None else self.prefix_caches.enabled
+        return bool(wanted and engine.continuous_batching and engine.enable_prefix_cache is not False)
 
     def effective_demand(self, model: ModelSpec) -> DemandPolicy:
         """The model's demand policy with unset fields taken from `defaults.demand`."""

@@ -45,6 +45,16 @@ class DownloadStatus(BaseModel):
     started_at: float
 
 
+class PrefixCacheStatus(BaseModel):
+    """A model's kept prefix cache (docs/reconciler.md, "Kept prefix caches")."""
+
+    key: str  # what makes it valid: the weights and the KV-affecting engine options
+    size_bytes: int
+    entries: int
+    age_seconds: float  # since a worker last held it
+    in_use: bool  # a running worker holds it
+
+
 class ModelStatus(BaseModel):
     phase: Phase = Phase.PENDING
     pid: int | None = None
@@ -55,6 +65,7 @@ class ModelStatus(BaseModel):
     measured_bytes: int | None = None  # what its serving worker was last measured at
     counted_bytes: int | None = None  # what the plan counts for it now (docs/reconciler.md, "Memory accounting")
     download: DownloadStatus | None = None
+    prefix_cache: PrefixCacheStatus | None = None  # its kept prefix cache, when it has one on disk
     restarts: int = 0
     last_error: str | None = None
     reason: str | None = None

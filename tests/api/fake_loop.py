@@ -41,6 +41,7 @@ class FakeLoop:
         self.settle = settle
         self.running = running
         self.nudges = 0
+        self.caches: dict[str, dict] = {}  # kept prefix caches, as a test sets them
 
     def converged(self) -> bool:
         if self.desired is None or self.observed_generation != self.generation:
@@ -65,6 +66,15 @@ class FakeLoop:
     async def wait_for_change(self, timeout: float) -> None:
         """Statuses of this fake change only in accept_now: a waiter waits its time out."""
         await asyncio.sleep(min(timeout, 0.05))
+
+    def kept_caches(self) -> dict[str, dict]:
+        return dict(self.caches)
+
+    async def clear_caches(self, model: str | None) -> list[str]:
+        removed = [f"{name}/{c['key']}" for name, c in self.caches.items()
+                   if (model is None or name == model) and not c["in_use"]]
+        self.caches = {n: c for n, c in self.caches.items() if c["in_use"] or (model is not None and n != model)}
+        return removed
 
     async def accept_now(self) -> int:
         """Read the file like a pass does: a new valid content is a new generation."""

@@ -111,6 +111,12 @@ class FakePool:
         elif mode == "cold":
             self.helper = HelperMemory(forked_workers=self.helper.forked_workers)
 
+    def configure_caches(self, per_model, total):
+        self.cache_budgets = (per_model, total)
+
+    async def clear_caches(self, model):
+        return []
+
     async def measure(self):
         """Each live worker at its `memory_bytes()` (one that raises is left out, as the real pool
         does: it keeps its last figure); the helpers as a test sets `helper`."""

@@ -240,6 +240,39 @@ async def status(request: Request) -> JSONResponse:
     return JSONResponse(body, headers={"ETag": etag})
 
 
+@router.get("/caches")
+async def kept_caches(request: Request) -> dict:
+    """Each model's kept prefix cache on disk (docs/reconciler.md, "Kept prefix caches"), and the budgets."""
+    service = _service(request)
+    _snap, state = await service.current()
+    budgets = (state or DesiredState()).prefix_caches
+    return {"caches": service.loop.kept_caches(),
+            "budgets": {"enabled": budgets.enabled, "per_model_bytes": budgets.per_model_bytes(),
+                        "total_bytes": budgets.total_bytes(), "save_timeout_seconds": budgets.save_timeout_seconds()}}
+
+
+@router.delete("/caches")
+async def clear_all_caches(request: Request) -> dict:
+    """Remove every kept prefix cache that no running worker holds (a held one stays, and is said)."""
+    return await _clear_caches(request, None)
+
+
+@router.delete("/caches/{name}")
+async def clear_model_cache(name: str, request: Request) -> dict:
+    """Remove `name`'s kept prefix cache, unless a running worker holds it."""
+    return await _clear_caches(request, name)
+
+
+async def _clear_caches(request: Request, name: str | None) -> dict:
+    loop = _service(request).loop
+    known = loop.kept_caches()
+    if name is not None and name not in known and (loop.desired is None or loop.desired.model(name) is None):
+        raise APIError(404, f"no model and no kept prefix cache named {name!r}", "model_not_found", param="name")
+    removed = await loop.clear_caches(name)
+    held = [n for n, figures in known.items() if figures.get("in_use") and (name is None or n == name)]
+    return {"removed": removed, "in_use": held}
+
+
 @router.get("/memory")
 async def memory(request: Request) -> dict:
     _snap, state = await _service(request).current()
