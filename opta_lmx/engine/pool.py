@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from opta_lmx.engine.memory import ModelDirectoryError, WorkerMemory, metal_backend, mlx_memory_bytes, model_directory
-from opta_lmx.engine.prefix_cache import CacheFigures, KeptCaches, cache_key
+from opta_lmx.engine.prefix_cache import CacheFigures, KeptCaches, cache_key, warm_prompts_problem
 from opta_lmx.engine.prepared import HelperMemory, PreparedStarts
 from opta_lmx.engine.records import WorkerRecords, belongs_to_us
 from opta_lmx.engine.template import TemplateError
@@ -120,7 +120,7 @@ class Pool(Protocol):
 
     def configure_caches(self, per_model: int, total: int) -> None: ...
 
-    async def clear_caches(self, model: str | None) -> list[str]: ...
+    async def clear_caches(self, model: str | None) -> tuple[list[str], list[str]]: ...
 
 
 class WorkerPool:
@@ -221,10 +221,10 @@ class WorkerPool:
         except RuntimeError:
             pass
 
-    async def clear_caches(self, model: str | None) -> list[str]:
-        """Remove kept caches (of `model`, else all) that no running worker uses; what was removed."""
+    async def clear_caches(self, model: str | None) -> tuple[list[str], list[str]]:
+        """Remove kept caches (of `model`, else all) that no running worker uses: (removed, held)."""
         if self.caches is None:
-            return []
+            return [], []
         self._cache_figures_at = float("-inf")
         return await asyncio.get_running_loop().run_in_executor(self._cleaning, self.caches.clear, model)
 
@@ -273,6 +273,8 @@ class WorkerPool:
     def _spawn_and_record(self, worker: Worker) -> None:
         """In a start thread: its kept cache linked, the process, then its record (before it is
         ready: a crash of the control plane from here on still leaves no orphan)."""
+        if worker.spec.warm_prompts and (problem := warm_prompts_problem(worker.spec.warm_prompts)):
+            raise WorkerStartError(problem, permanent=False)  # retried with backoff: fixing the file is enough
         self._attach_cache(worker)
         self._spawn(worker)
         self.records.write(worker.record())
@@ -288,6 +290,7 @@ class WorkerPool:
         key = cache_key(worker.spec.source, worker.spec.engine.model_dump(mode="json", exclude_none=True), directory)
         worker.ssd_cache_max_gb = max(self.caches.per_model / 2 / 1024**3, 0.01)
         self.caches.attach(worker.id, worker.spec.name, key, worker.run_dir / "home")
+        self._cache_figures_at = float("-inf")
 
     @staticmethod
     async def _stop_started(worker: Worker, spawning: asyncio.Future) -> None:

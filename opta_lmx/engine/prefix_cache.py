@@ -84,6 +84,33 @@ def cache_key(source: str, engine: dict, directory: Path | None) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+WARM_PROMPTS_MAX_BYTES = 16 * 1024**2
+
+
+def warm_prompts_problem(path: str) -> str | None:
+    """Why vllm-mlx could not warm a cache from `path` (its shape: a JSON list of conversations,
+    each a non-empty list of {role, content} messages), or None. vllm-mlx itself only logs a
+    warning and starts cold: the control plane says it instead, as the model's error."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(WARM_PROMPTS_MAX_BYTES + 1)
+    except OSError as error:
+        return f"warm_prompts {path}: {error.strerror or error}"
+    if len(raw) > WARM_PROMPTS_MAX_BYTES:
+        return f"warm_prompts {path}: larger than {format_size(WARM_PROMPTS_MAX_BYTES)}"
+    try:
+        data = json.loads(raw)
+    except ValueError as error:
+        return f"warm_prompts {path}: not JSON ({error})"
+    if not isinstance(data, list) or not data:
+        return f"warm_prompts {path}: expected a non-empty JSON list of conversations"
+    for index, conversation in enumerate(data):
+        if not isinstance(conversation, list) or not conversation or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
+            return f"warm_prompts {path}: entry {index} is not a non-empty list of {{role, content}} messages"
+    return None
+
+
 def directory_bytes(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -275,13 +302,21 @@ class KeptCaches:
                 found[path.parent.name] = figure
         return found
 
-    def clear(self, model: str | None = None) -> list[str]:
-        """Remove kept caches (of `model`, else all) that no worker uses; what was removed."""
+    def clear(self, model: str | None = None) -> tuple[list[str], list[str]]:
+        """Remove kept caches (of `model`, else all) that no worker uses: (what was removed as
+        `model/key`, the models whose cache a running worker holds and was kept)."""
         with self._lock:
             in_use = self._in_use()
-            removed = []
+            removed, held = [], []
             for path in self._all():
-                if (model is None or path.parent.name == model) and path not in in_use:
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed.append(f"{path.parent.name}/{path.name}")
-            return removed
+                if model is not None and path.parent.name != model:
+                    continue
+                if path in in_use:
+                    held.append(path.parent.name)
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(f"{path.parent.name}/{path.name}")
+            for model_dir in self.root.glob("*"):
+                if model_dir.is_dir() and not any(model_dir.iterdir()):
+                    model_dir.rmdir()
+            return removed, sorted(set(held))

@@ -311,15 +311,16 @@ class Reconciler:
         """Each model's kept prefix cache (engine/prefix_cache.py), as the last pass read it."""
         return {name: figures.to_dict() for name, figures in sorted(self.caches.items())}
 
-    async def clear_caches(self, model: str | None) -> list[str]:
-        """Remove kept prefix caches (of `model`, else all) that no running worker holds."""
-        removed = await self.pool.clear_caches(model)
+    async def clear_caches(self, model: str | None) -> tuple[list[str], list[str]]:
+        """Remove kept prefix caches (of `model`, else all) that no running worker holds:
+        (removed as `model/key`, models whose cache a running worker holds)."""
+        removed, held = await self.pool.clear_caches(model)
         for what in removed:
             self.events.record(what.split("/", 1)[0], "CacheCleared", f"kept prefix cache {what} removed")
         self.caches = {name: f for name, f in self.caches.items()
                        if f.in_use or (model is not None and name != model)}
         self.nudge()
-        return removed
+        return removed, held
 
     def observation(self) -> dict:
         """What the loop observes, as plain data: enough for `lmx plan` to plan against this server."""

@@ -71,7 +71,7 @@ class ControlLoopView(Protocol):
 
     def kept_caches(self) -> Mapping[str, dict]: ...  # each model's kept prefix cache on disk, as last read
 
-    async def clear_caches(self, model: str | None) -> list[str]: ...  # what was removed
+    async def clear_caches(self, model: str | None) -> tuple[list[str], list[str]]: ...  # (removed, held by a worker)
 
 
 class GatewayView(Protocol):

@@ -70,11 +70,11 @@ class FakeLoop:
     def kept_caches(self) -> dict[str, dict]:
         return dict(self.caches)
 
-    async def clear_caches(self, model: str | None) -> list[str]:
-        removed = [f"{name}/{c['key']}" for name, c in self.caches.items()
-                   if (model is None or name == model) and not c["in_use"]]
-        self.caches = {n: c for n, c in self.caches.items() if c["in_use"] or (model is not None and n != model)}
-        return removed
+    async def clear_caches(self, model: str | None) -> tuple[list[str], list[str]]:
+        chosen = {name: c for name, c in self.caches.items() if model is None or name == model}
+        removed = [f"{name}/{c['key']}" for name, c in chosen.items() if not c["in_use"]]
+        self.caches = {n: c for n, c in self.caches.items() if c["in_use"] or n not in chosen}
+        return removed, [name for name, c in chosen.items() if c["in_use"]]
 
     async def accept_now(self) -> int:
         """Read the file like a pass does: a new valid content is a new generation."""

@@ -115,7 +115,7 @@ class FakePool:
         self.cache_budgets = (per_model, total)
 
     async def clear_caches(self, model):
-        return []
+        return [], []
 
     async def measure(self):
         """Each live worker at its `memory_bytes()` (one that raises is left out, as the real pool

@@ -268,8 +268,7 @@ async def _clear_caches(request: Request, name: str | None) -> dict:
     known = loop.kept_caches()
     if name is not None and name not in known and (loop.desired is None or loop.desired.model(name) is None):
         raise APIError(404, f"no model and no kept prefix cache named {name!r}", "model_not_found", param="name")
-    removed = await loop.clear_caches(name)
-    held = [n for n, figures in known.items() if figures.get("in_use") and (name is None or n == name)]
+    removed, held = await loop.clear_caches(name)
     return {"removed": removed, "in_use": held}
 
 
