@@ -240,8 +240,10 @@ def _exit_once_saved(server, assigned: float | None) -> None:
     ends at once: the rest of vllm-mlx's shutdown (stopping the engine thread, freeing MLX buffers,
     the interpreter's teardown) only frees what the process's exit frees anyway, and took ~0.7 s
     of every unload (bench/warm_swaps.py). Its SSD tier is closed first, so spills still queued
-    are written."""
-    save = server._save_prefix_cache_to_disk
+    are written. A vllm-mlx without that hook (another version, a stand-in) keeps its own shutdown."""
+    save = getattr(server, "_save_prefix_cache_to_disk", None)
+    if save is None:
+        return
 
     async def save_then_exit(engine=None):
         await save(engine)

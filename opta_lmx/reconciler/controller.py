@@ -90,6 +90,9 @@ class Reconciler:
                                    lambda: self.clock(),
                                    hub or HubClient(), lambda name: self.book.show_download(name))
         self.accounts = MemoryAccounts(hub=self.downloads)
+        # what unloading a worker gives back (accounting.py holds the rule)
+        self._worker_bytes: Callable[[WorkerEntry], int] = lambda entry: accounting.worker_bytes(
+            self.accounts, self.desired, self.worker_spec, entry)
         self.book = StatusBook(self.ledger, self.routes, self.downloads, self.accounts, self.events,
                                lambda: self.clock(), self.worker_spec, lambda: self.requests.demand, self._worker_bytes,
                                caches=lambda: self.caches)
@@ -250,9 +253,6 @@ class Reconciler:
         """Each desired model's wanted worker fingerprint."""
         return {m.name: self.worker_spec(m).fingerprint for m in self.desired.models} if self.desired else {}
 
-    def _worker_bytes(self, entry: WorkerEntry) -> int:
-        return accounting.worker_bytes(self.accounts, self.desired, self.worker_spec, entry)
-
     # -- what the gateway asks (view.GatewayView) ---------------------------------------
     def resolve(self, name_or_alias: str) -> ModelSpec | None:
         return self.desired.resolve(name_or_alias) if self.desired else None
@@ -262,10 +262,6 @@ class Reconciler:
         model = self.desired.model(name) if self.desired else None
         if model is not None and model.state == DesiredModelState.ON_DEMAND and name not in self.routes:
             self.requests.asked(name)
-
-    def request_model(self, name: str) -> None:
-        """A request is waiting for on-demand model `name` (tests and the gateway's note_request)."""
-        self.requests.asked(name)
 
     def route(self, name: str) -> Route | None:
         return self.routes.get(name)

@@ -51,13 +51,13 @@ def test_a_request_evicts_the_idle_on_demand_model_and_the_swap_is_counted(tmp_p
     reconciler = make(tmp_path, TWO, pool, now)
 
     async def scenario():
-        reconciler.request_model("a")
+        reconciler.requests.asked("a")
         await settle(reconciler)
         assert reconciler.statuses["a"].phase == Phase.READY
         assert "resident on demand: last request at" in reconciler.statuses["a"].message
         now[0] += 60  # past a's min_residency (10s)
         token = reconciler.routes.register("b")
-        reconciler.request_model("b")
+        reconciler.requests.asked("b")
         await settle(reconciler)
         assert pool.started == ["a", "b"] and pool.stopped == ["a"]
         assert reconciler.statuses["b"].phase == Phase.READY
@@ -66,7 +66,7 @@ def test_a_request_evicts_the_idle_on_demand_model_and_the_swap_is_counted(tmp_p
         reconciler.routes.unregister("b", token)
         # a asks back at once: b is within its min_residency, so a waits (Pending), it is not refused.
         token = reconciler.routes.register("a")
-        reconciler.request_model("a")
+        reconciler.requests.asked("a")
         await settle(reconciler)
         assert reconciler.statuses["a"].phase == Phase.PENDING
         assert reconciler.statuses["a"].reason == "WaitingForSwap"
@@ -87,7 +87,7 @@ def test_a_load_nobody_waits_for_any_more_is_cancelled_but_a_loaded_one_goes_on(
 
     async def scenario():
         token = reconciler.routes.register("od")
-        reconciler.request_model("od")
+        reconciler.requests.asked("od")
         await reconciler.reconcile_once()
         assert reconciler.statuses["od"].phase == Phase.LOADING
         now[0] += 5  # past the demand grace, but a request still waits: the load goes on
@@ -114,7 +114,7 @@ def test_the_model_can_be_asked_for_again_after_its_load_was_cancelled(tmp_path)
 
     async def scenario():
         token = reconciler.routes.register("od")
-        reconciler.request_model("od")
+        reconciler.requests.asked("od")
         await reconciler.reconcile_once()
         reconciler.routes.unregister("od", token)
         now[0] += 5
@@ -123,7 +123,7 @@ def test_the_model_can_be_asked_for_again_after_its_load_was_cancelled(tmp_path)
         assert not reconciler.actions.tasks and not list(reconciler.ledger)
         pool.release.set()
         token = reconciler.routes.register("od")
-        reconciler.request_model("od")
+        reconciler.requests.asked("od")
         await settle(reconciler)
         assert pool.started == ["od"] and reconciler.statuses["od"].phase == Phase.READY
         reconciler.routes.unregister("od", token)

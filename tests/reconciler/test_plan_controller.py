@@ -120,7 +120,7 @@ def test_on_demand_loads_on_request_only(tmp_path):
         await settle(reconciler)
         assert pool.started == [] and reconciler.statuses["od"].phase == Phase.UNLOADED
         assert not reconciler.expects_ready("od")
-        reconciler.request_model("od")
+        reconciler.requests.asked("od")
         assert reconciler.expects_ready("od")
         await settle(reconciler)
         assert pool.started == ["od"] and reconciler.statuses["od"].phase == Phase.READY

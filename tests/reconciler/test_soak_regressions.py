@@ -8,11 +8,11 @@ worker is being stopped must not leave the worker's record behind."""
 from __future__ import annotations
 
 import asyncio
-import types
 
 from opta_lmx.engine import pool as pool_module
 from opta_lmx.engine.pool import WorkerPool
 from opta_lmx.engine.records import WorkerRecord
+from opta_lmx.engine.worker import WorkerSpec
 from opta_lmx.reconciler.controller import LoopSettings, Reconciler
 from opta_lmx.state.status import Phase
 from tests.reconciler.fakes import FakePool, MiB, until
@@ -157,7 +157,7 @@ def test_a_load_cancelled_twice_while_its_worker_stops_leaves_no_record(tmp_path
 
     async def scenario():
         SlowToStopWorker.stop_gate = asyncio.Event()
-        spec = types.SimpleNamespace(name="a")
+        spec = WorkerSpec("a", "/tmp")
         start = asyncio.create_task(pool.start(spec, 600))
         await until(lambda: pool.records.load_all())  # spawned, record written, loading
         start.cancel()  # the load is cancelled: the pool stops the worker, shielded

@@ -203,7 +203,15 @@ function memoryCell(model, budget) {
       measured ? el("span", { class: "measured", style: { width: `${(100 * measured / scale).toFixed(2)}%` } }) : null),
     el("span", { class: "figures" }, size(measured), " / ", size(planned)),
     budget && (measured || planned) ? el("span", { class: "sub share" },
-      " · " + share((measured || planned) / budget)) : null);
+      " · " + share((measured || planned) / budget)) : null,
+    cacheLine(status.prefix_cache));
+}
+
+function cacheLine(cache) {  // its kept prefix cache (docs/reconciler.md, "Kept prefix caches")
+  if (!cache) return null;
+  return el("div", { class: "sub cache", title: `kept prefix cache, key ${cache.key}` },
+    `prefix cache ${size(cache.size_bytes) || "0 B"} · ${cache.entries} entries · ` +
+    (cache.in_use ? "in use" : "used " + ago(cache.age_seconds)));
 }
 
 function renderModels(data) {
