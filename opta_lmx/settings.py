@@ -40,6 +40,10 @@ class Settings:
     log_level: str = "INFO"  # LMX_LOG_LEVEL
     log_format: str = "human"  # LMX_LOG_FORMAT
     git_commit: bool = False  # LMX_GIT_COMMIT
+    git_follow: str | None = None  # LMX_GIT_FOLLOW: the git remote models.yaml follows
+    fleet_host: str | None = None  # LMX_FLEET_HOST: which of the fleet's hosts this server is
+    fleet_key: str | None = None  # LMX_FLEET_KEY: what hosts of one fleet present to each other
+    fleet_key_file: str | None = None  # LMX_FLEET_KEY_FILE
     engine_start: str | None = None  # LMX_ENGINE_START: the start mode where models.yaml names none
 
     @classmethod
@@ -61,6 +65,10 @@ class Settings:
             log_format=get("LMX_LOG_FORMAT") or cls.log_format,
             git_commit=(get("LMX_GIT_COMMIT") or "").lower() in _TRUE,
             engine_start=get("LMX_ENGINE_START"),
+            git_follow=get("LMX_GIT_FOLLOW"),
+            fleet_host=get("LMX_FLEET_HOST"),
+            fleet_key=get("LMX_FLEET_KEY"),
+            fleet_key_file=get("LMX_FLEET_KEY_FILE"),
         )
 
     @property
@@ -71,6 +79,10 @@ class Settings:
     def admin_secret(self) -> str | None:
         """The admin key: LMX_ADMIN_KEY, else the contents of LMX_ADMIN_KEY_FILE."""
         return read_secret("LMX_ADMIN_KEY", self.admin_key, self.admin_key_file)
+
+    def fleet_secret(self) -> str | None:
+        """The fleet key: LMX_FLEET_KEY, else the contents of LMX_FLEET_KEY_FILE."""
+        return read_secret("LMX_FLEET_KEY", self.fleet_key, self.fleet_key_file)
 
     def api_secret(self) -> str | None:
         """The inference key: LMX_API_KEY, else the contents of LMX_API_KEY_FILE."""

@@ -12,7 +12,9 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from opta_lmx.api import dashboard, gateway
+from opta_lmx.api.admin import gitfollow
 from opta_lmx.api.admin import router as admin
+from opta_lmx.api.admin.gitfollow import GitFollow
 from opta_lmx.api.admin.serving import AdminService, MachineMemory
 from opta_lmx.api.auth import KeyAuth, Keys, load_keys
 from opta_lmx.api.errors import install_error_handlers
@@ -41,7 +43,7 @@ class GatewaySettings:
 
 def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettings(), *,
                store: ModelsStore | None = None, keys: Keys | None = None,
-               machine_memory: MachineMemory = probe_machine_memory) -> FastAPI:
+               machine_memory: MachineMemory = probe_machine_memory, git_interval: float = 30.0) -> FastAPI:
     """The app over one loop; `machine_memory` is the (physical, available) probe /admin/memory shows."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -54,11 +56,18 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
         )
         loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
         lag_task = asyncio.create_task(watch_loop_lag(app.state.metrics.loop_lag), name="loop-lag")
+        follower = app.state.store.git
+        app.state.git_follow = GitFollow(follower, reconciler.events, reconciler.nudge, git_interval) \
+            if follower is not None else None
+        git_task = asyncio.create_task(app.state.git_follow.run(), name="git-follow") if app.state.git_follow else None
         try:
             yield
         finally:
             log.info("shutting down: stopping every worker")
             lag_task.cancel()
+            if git_task is not None:
+                git_task.cancel()
+                app.state.git_follow.close()
             await reconciler.shutdown()  # stops the loop first (bounded), then every worker
             await asyncio.gather(loop_task, lag_task, return_exceptions=True)
             await app.state.upstream.close()
@@ -78,6 +87,7 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     install_error_handlers(app)
     app.include_router(gateway.router)
     admin.mount(app, AdminService(reconciler, app.state.store, machine_memory))
+    app.include_router(gitfollow.router)
     app.include_router(dashboard.page)
     app.include_router(dashboard.reads)
 

@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--git-commit", action="store_true",
                        default=config.git_commit,
                        help="git-commit models.yaml in its repository after every admin API write")
+    serve.add_argument("--git-follow", metavar="REMOTE", default=config.git_follow,
+                       help="follow this git remote (fetch, fast-forward only, apply only a commit that "
+                            "validates) and push admin edits to it; also LMX_GIT_FOLLOW (docs/fleet.md)")
+    serve.add_argument("--git-interval", type=float, default=30.0, metavar="SECONDS",
+                       help="how often --git-follow fetches (POST /admin/git/sync fetches at once)")
+    serve.add_argument("--fleet-host", default=config.fleet_host, metavar="NAME",
+                       help="which of models.yaml's fleet.hosts this server is; also LMX_FLEET_HOST")
     serve.set_defaults(func=cmd_serve)
 
     from opta_lmx.cli import remote

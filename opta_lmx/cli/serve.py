@@ -169,11 +169,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       caches=KeptCaches(state_dir / "prefix-caches"))
     reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
 
-    store = ModelsStore(config, git_commit=args.git_commit)
+    follower = None
+    if args.git_follow:
+        from opta_lmx.state.gitsync import GitFollower, GitSyncError
+        try:
+            follower = GitFollower(config, args.git_follow)
+        except GitSyncError as error:
+            print(f"lmx serve: --git-follow {args.git_follow}: {error}", file=sys.stderr)
+            return 2
+        print(f"  git:           following {args.git_follow}/{follower.branch} every {args.git_interval:g}s", flush=True)
+    store = ModelsStore(config, git_commit=args.git_commit, git=follower)
     app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout,
                                                  queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes,
                                                  bind_host=args.host, allowed_hosts=tuple(args.allowed_host)),
-                     store=store, keys=keys)
+                     store=store, keys=keys, git_interval=args.git_interval)
     app.state.worker_logs = (state_dir, log_dir)  # the dashboard's log tail reads them
     app.state.worker_secret = read_secret(state_dir / "workers")
     server = _server_class()(

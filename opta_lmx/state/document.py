@@ -246,7 +246,17 @@ def validate_tree(tree: Any, source: str) -> DesiredState:
     if "models" not in tree:
         raise ConfigError(source, [FieldProblem(
             "models", "`models:` is missing; write `models: []` to run no models", *_top(tree))])
+    fleet = state.fleet_problems()
+    if fleet:
+        raise ConfigError(source, [_located(tree, loc, message) for loc, message in fleet[:MAX_PROBLEMS]])
     return state
+
+
+def _located(tree: Any, loc: tuple[Any, ...], message: str) -> FieldProblem:
+    line, column = _position(tree, loc)
+    if line is None:
+        line, column = _top(tree)
+    return FieldProblem(_format_path(loc), message, line, column)
 
 
 def _top(tree: Any) -> tuple[int, int]:

@@ -254,6 +254,39 @@ class ModelPrefixCache(_Strict):
         default=None, description="A JSON file of prompts vllm-mlx runs at start (relative to models.yaml)")
 
 
+@total
+def _check_host_url(value: str) -> str:
+    refuse_control_characters(value, "a host url")
+    if len(value) > 2048:
+        raise ValueError("a host url is at most 2048 characters")
+    if not re.fullmatch(r"https?://[^\s/?#@]+(:\d{1,5})?/?", value):
+        raise ValueError(f"a host url is http(s)://HOST[:PORT] (no path, no user), got {value!r}")
+    return value.rstrip("/")
+
+
+class FleetHost(_Strict):
+    """One Mac of the fleet: its name (what `lmx serve --fleet-host` says), where its server
+    answers, and optionally its own memory budget (instead of `memory.budget`)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    url: Annotated[str, AfterValidator(_check_host_url)] = Field(description="http(s)://HOST:PORT of its lmx serve")
+    budget: Annotated[int | str | None, BeforeValidator(lambda v: v if v is None else _check_budget(v))] = None
+
+
+class Fleet(_Strict):
+    """The fleet's hosts (docs/fleet.md); absent: one host serves the whole file."""
+
+    hosts: list[FleetHost] = Field(default_factory=list, max_length=64)
+    grace: Annotated[int | float | str, _bounded_duration(1, 3600)] = Field(
+        default="30s", description="How long a host may be unreachable before its models move")
+
+    def host(self, name: str) -> FleetHost | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+    def grace_seconds(self) -> float:
+        return parse_duration(self.grace)
+
+
 class Defaults(_Strict):
     engine: EngineOptions = Field(default_factory=EngineOptions)
     demand: DemandPolicy = Field(default_factory=DemandPolicy)
@@ -273,6 +306,8 @@ class ModelSpec(_Strict):
     max_concurrency: Count | None = None
     demand: DemandPolicy = Field(default_factory=DemandPolicy, description="Demand swapping policy")
     prefix_cache: ModelPrefixCache = Field(default_factory=ModelPrefixCache, description="Its kept prefix cache")
+    hosts: list[str] = Field(default_factory=list, max_length=64,
+                             description="Fleet hosts it may run on, in order of preference (none: every host)")
 
     @field_validator("name")
     @classmethod
@@ -305,6 +340,7 @@ class DesiredState(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     engine_start: EngineStart = Field(default_factory=EngineStart)
     prefix_caches: PrefixCaches = Field(default_factory=PrefixCaches)
+    fleet: Fleet = Field(default_factory=Fleet)
     models: list[ModelSpec] = Field(default_factory=list, max_length=512)
 
     @model_validator(mode="after")
@@ -321,6 +357,27 @@ class DesiredState(_Strict):
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def fleet_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """What the fleet part cannot mean, each with its field path: a host listed twice, a model
+        naming a host the fleet does not have (or naming one twice)."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        seen: set[str] = set()
+        for index, host in enumerate(self.fleet.hosts):
+            if host.name in seen:
+                problems.append((("fleet", "hosts", index, "name"), f"host {host.name!r} is listed twice"))
+            seen.add(host.name)
+        for index, model in enumerate(self.models):
+            named: set[str] = set()
+            for position, host_name in enumerate(model.hosts):
+                where = ("models", index, "hosts", position)
+                if host_name in named:
+                    problems.append((where, f"{model.name}: host {host_name!r} is listed twice"))
+                elif host_name not in seen:
+                    known = ", ".join(sorted(seen)) or "none: add `fleet.hosts`"
+                    problems.append((where, f"{model.name}: unknown host {host_name!r} (the fleet's hosts: {known})"))
+                named.add(host_name)
+        return problems
 
     def resolve(self, name_or_alias: str) -> ModelSpec | None:
         """The model an OpenAI `model` field names, by name or alias."""

@@ -24,6 +24,7 @@ from ruamel.yaml.comments import CommentedMap
 from opta_lmx.state.atomic import write_atomic
 from opta_lmx.state.document import content_etag, parse_document
 from opta_lmx.state.gitcommit import commit_file
+from opta_lmx.state.gitsync import GitFollower, GitSyncError, PushConflict
 from opta_lmx.state.render import render_edit
 from opta_lmx.state.spec import DesiredState
 from opta_lmx.state.yamledit import EditError
@@ -82,9 +83,11 @@ class WriteResult:
 class ModelsStore:
     """models.yaml on disk: snapshots with ETags, and validated, atomic, compare-and-swap edits."""
 
-    def __init__(self, path: str | os.PathLike[str], *, git_commit: bool = False, retries: int = 8):
+    def __init__(self, path: str | os.PathLike[str], *, git_commit: bool = False, retries: int = 8,
+                 git: GitFollower | None = None):
         self.path = Path(path)
-        self.git_commit = git_commit
+        self.git = git  # following a remote: every write is committed and pushed (docs/fleet.md)
+        self.git_commit = git_commit or git is not None
         self.retries = retries
         self._lock = threading.Lock()
 
@@ -178,8 +181,23 @@ class ModelsStore:
                 commit, error = None, None
                 if self.git_commit:
                     commit, error = commit_file(self.target(), f"{summary} (via {endpoint})" if endpoint else summary)
+                if self.git is not None and commit is not None:
+                    commit, error = self._push(commit)
                 return WriteResult(etag, snap.etag, True, document.state, new_text, summary, commit, error)
         raise EditConflict(f"models.yaml kept changing during {self.retries} attempts; nothing was written")
+
+    def _push(self, commit: str) -> tuple[str | None, str | None]:
+        """Push the edit's commit. A push the remote refuses because it moved is redone on its fresh
+        head; if the edit does not apply there, the checkout is back at the remote's head and the
+        write is refused (409). A push that fails otherwise (the remote unreachable) keeps the
+        commit, pushed by the next sync: (commit, why it is not pushed yet)."""
+        assert self.git is not None
+        try:
+            return self.git.push_edit(), None
+        except PushConflict as error:
+            raise EditConflict(f"{error}; models.yaml is now as on {self.git.remote}") from None
+        except GitSyncError as error:
+            return commit, f"committed but not pushed yet (the next sync pushes it): {error}"
 
     def _write_bytes(self, data: bytes, snap: Snapshot) -> None:
         """Write through a symlink to its target; a looping link (which leads nowhere) is replaced."""
