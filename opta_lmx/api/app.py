@@ -12,6 +12,7 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from opta_lmx.api import dashboard, gateway
+from opta_lmx.api import fleet
 from opta_lmx.api.admin import gitfollow
 from opta_lmx.api.admin import router as admin
 from opta_lmx.api.admin.gitfollow import GitFollow
@@ -60,6 +61,8 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
         app.state.git_follow = GitFollow(follower, reconciler.events, reconciler.nudge, git_interval) \
             if follower is not None else None
         git_task = asyncio.create_task(app.state.git_follow.run(), name="git-follow") if app.state.git_follow else None
+        fleet_task = asyncio.create_task(reconciler.fleet.watch(reconciler.nudge), name="fleet-peers") \
+            if reconciler.fleet is not None else None
         try:
             yield
         finally:
@@ -68,6 +71,8 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
             if git_task is not None:
                 git_task.cancel()
                 app.state.git_follow.close()
+            if fleet_task is not None:
+                fleet_task.cancel()
             await reconciler.shutdown()  # stops the loop first (bounded), then every worker
             await asyncio.gather(loop_task, lag_task, return_exceptions=True)
             await app.state.upstream.close()
@@ -88,6 +93,7 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
     app.include_router(gateway.router)
     admin.mount(app, AdminService(reconciler, app.state.store, machine_memory))
     app.include_router(gitfollow.router)
+    app.include_router(fleet.router)
     app.include_router(dashboard.page)
     app.include_router(dashboard.reads)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from opta_lmx import settings
 from opta_lmx.api.errors import error_body
+from opta_lmx.reconciler.fleet import FLEET_KEY_HEADER, HOP_HEADER
 
 
 class KeyConfigError(Exception):
@@ -25,6 +26,11 @@ class KeyConfigError(Exception):
 class Keys:
     admin: str | None = None
     inference: str | None = None
+    fleet: str | None = None  # what the fleet's hosts present to each other (docs/fleet.md)
+
+    def fleet_ok(self, presented: str | None) -> bool:
+        """Only the fleet key, and never when none is set: a host without one takes no fleet call."""
+        return self.fleet is not None and _equal(presented, self.fleet)
 
     def admin_ok(self, presented: str | None) -> bool:
         return self.admin is None or _equal(presented, self.admin)
@@ -44,7 +50,7 @@ def load_keys(environ: Mapping[str, str] | None = None) -> Keys:
     """The keys from the settings (or from `environ`, for tests)."""
     config = settings.current() if environ is None else settings.Settings.from_env(environ)
     try:
-        return Keys(admin=config.admin_secret(), inference=config.api_secret())
+        return Keys(admin=config.admin_secret(), inference=config.api_secret(), fleet=config.fleet_secret())
     except settings.SecretFileError as error:
         raise KeyConfigError(str(error)) from None
 
@@ -100,10 +106,17 @@ class KeyAuth:
         self.keys = keys
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or (self.keys.admin is None and self.keys.inference is None):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if path.startswith("/fleet/") or HOP_HEADER in headers:  # a peer's call: the fleet key and nothing else
+            if self.keys.fleet_ok(headers.get(FLEET_KEY_HEADER)):
+                return await self.app(scope, receive, send)
+            return await _refuse(send, "a fleet call (a peer's status, a forwarded request) needs this fleet's "
+                                       f"key in `{FLEET_KEY_HEADER}`")
+        if self.keys.admin is None and self.keys.inference is None:
+            return await self.app(scope, receive, send)
         presented = presented_keys(headers) or [None]
         if path in _DETAILED_PROBES:  # answered to anyone; the details only with a key
             scope.setdefault("state", {})["lmx_authenticated"] = any(self.keys.inference_ok(k) for k in presented)
@@ -120,10 +133,14 @@ class KeyAuth:
             f"a valid {which} key is required: send `Authorization: Bearer <key>`"
             + (" or `X-Admin-Key: <key>`" if which == "admin" else "")
         )
-        body = json.dumps(error_body(401, message, "invalid_api_key")).encode()
-        await send({
-            "type": "http.response.start", "status": 401,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"www-authenticate", b'Bearer realm="opta-lmx"')],
-        })
-        await send({"type": "http.response.body", "body": body})
+        await _refuse(send, message)
+
+
+async def _refuse(send, message: str) -> None:
+    body = json.dumps(error_body(401, message, "invalid_api_key")).encode()
+    await send({
+        "type": "http.response.start", "status": 401,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="opta-lmx"')],
+    })
+    await send({"type": "http.response.body", "body": body})

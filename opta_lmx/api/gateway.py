@@ -28,6 +28,7 @@ from yarl import URL
 
 from opta_lmx.api.bodies import read_bounded
 from opta_lmx.api.errors import APIError
+from opta_lmx.api.fleet import forward, forward_target
 from opta_lmx.api.metrics import GatewayMetrics
 from opta_lmx.api.passthrough import EXTRA_GET_PATHS, EXTRA_POST_PATHS, renamed, requested_model
 from opta_lmx.api.passthrough import router as passthrough_router
@@ -88,6 +89,9 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
     query = request.url.query
     if name != requested:
         body, query = renamed(found, body, query, name)
+    peer = forward_target(request, name)
+    if peer is not None:  # another fleet host runs it: it answers, and queues through its swaps (docs/fleet.md)
+        return await forward(request, peer, name, path, query, body)
     if from_a_foreign_page(request):  # `<img src=...>` on any page: it may use a resident model, never load one
         if reconciler.route(name) is None:
             raise APIError(403, f"a GET from another site cannot load `{name}` (no request a web page makes "
@@ -315,6 +319,7 @@ async def list_models(request: Request) -> dict:
     with its desired state, phase and aliases (aliases are also entries of their own); models
     desired `unloaded` are not listed. The OpenAI list shape, with extra fields."""
     reconciler: GatewayView = request.app.state.reconciler
+    fleet = reconciler.fleet
     data = []
     if reconciler.desired is not None:
         for model in reconciler.desired.models:
@@ -324,6 +329,8 @@ async def list_models(request: Request) -> dict:
             created = int(status.started_at) if status and status.started_at else 0
             extra = {"state": model.state.value, "status": status.phase.value if status else "Pending",
                      "resident": reconciler.routes.get(model.name) is not None}
+            if fleet is not None:  # the fleet's models, each with the host that runs it
+                extra |= fleet.listing(model.name, extra["status"], extra["resident"])
             data.append({"id": model.name, "object": "model", "created": created, "owned_by": "opta-lmx",
                          "aliases": list(model.aliases), **extra})
             for alias in model.aliases:

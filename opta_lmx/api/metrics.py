@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import Info, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from opta_lmx.reconciler.routes import RouteTable
@@ -34,6 +34,11 @@ class GatewayMetrics:
         self.loop_lag = Histogram("lmx_event_loop_lag_seconds", "How late the event loop ran a timer (what "
                                   "every relayed token waits when something blocks the loop)",
                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.forwarded = Counter("lmx_requests_forwarded", "Requests forwarded to the fleet host that runs their model",
+                                 ["model", "host"], registry=r)
+        fleet = getattr(reconciler, "fleet", None)
+        if fleet is not None:  # every series of this endpoint is this host's: say which (docs/fleet.md)
+            Info("lmx_fleet_host", "The fleet host this server is", registry=r).info({"host": fleet.me})
         r.register(_ModelCollector(reconciler))
         r.register(_TrafficCollector(routes))
 

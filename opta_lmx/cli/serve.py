@@ -120,6 +120,35 @@ def _run_event_loop(coroutine) -> None:
         uvloop.run(coroutine)
 
 
+def _fleet_parts(args: argparse.Namespace, config: Path):
+    """The git follower (--git-follow) and this host's fleet view (--fleet-host); SystemExit says
+    why they cannot be made (docs/fleet.md)."""
+    import time
+
+    from opta_lmx import settings
+    from opta_lmx.reconciler.fleet import Fleet
+    from opta_lmx.state.gitsync import GitFollower, GitSyncError
+
+    follower = fleet = None
+    if args.git_follow:
+        try:
+            follower = GitFollower(config, args.git_follow)
+        except GitSyncError as error:
+            raise SystemExit(f"--git-follow {args.git_follow}: {error}") from None
+        print(f"  git:           following {args.git_follow}/{follower.branch} every {args.git_interval:g}s", flush=True)
+    if args.fleet_host:
+        try:
+            key = settings.current().fleet_secret()
+        except settings.SecretFileError as error:
+            raise SystemExit(str(error)) from None
+        if not key:
+            raise SystemExit("--fleet-host needs the fleet key (LMX_FLEET_KEY or LMX_FLEET_KEY_FILE): hosts "
+                             "never accept each other's calls without it (docs/fleet.md)")
+        fleet = Fleet(args.fleet_host, key, time.time)
+        print(f"  fleet host:    {args.fleet_host}", flush=True)
+    return follower, fleet
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -164,20 +193,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"  state dir:     {state_dir}", flush=True)
     print(f"  worker logs:   {log_dir}  (lmx logs MODEL)", flush=True)
 
+    try:
+        follower, fleet = _fleet_parts(args, config)
+    except SystemExit as refused:
+        print(f"lmx serve: {refused}", file=sys.stderr)
+        return 2
     ensure_secret(state_dir / "workers")  # each worker's key derives from it; the gateway sends that key
     pool = WorkerPool(state_dir / "workers", log_dir=log_dir, warm_up_model=warm_up_model(state_dir),
                       caches=KeptCaches(state_dir / "prefix-caches"))
-    reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace))
+    reconciler = Reconciler(config, pool, settings=LoopSettings(stop_grace=args.grace), fleet=fleet)
 
-    follower = None
-    if args.git_follow:
-        from opta_lmx.state.gitsync import GitFollower, GitSyncError
-        try:
-            follower = GitFollower(config, args.git_follow)
-        except GitSyncError as error:
-            print(f"lmx serve: --git-follow {args.git_follow}: {error}", file=sys.stderr)
-            return 2
-        print(f"  git:           following {args.git_follow}/{follower.branch} every {args.git_interval:g}s", flush=True)
     store = ModelsStore(config, git_commit=args.git_commit, git=follower)
     app = create_app(reconciler, GatewaySettings(load_wait_timeout=args.load_wait_timeout,
                                                  queue_limit=args.queue_limit, max_body_bytes=args.max_body_bytes,

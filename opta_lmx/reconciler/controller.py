@@ -30,6 +30,7 @@ from opta_lmx.reconciler.accounting import MemoryAccounts, memory_figures, resol
 from opta_lmx.reconciler.acting import ActingSettings, Actions
 from opta_lmx.reconciler.adoption import Adopter, reap_exited
 from opta_lmx.reconciler.downloads import Downloads, HubClient
+from opta_lmx.reconciler.fleet import Fleet
 from opta_lmx.reconciler.intake import ConfigIntake
 from opta_lmx.reconciler.ledger import Backoff, Failure, Ledger, Traffic, WorkerEntry
 from opta_lmx.reconciler.observing import Observation
@@ -74,8 +75,10 @@ class Reconciler:
     def __init__(self, config_path: str | os.PathLike[str], pool: Pool, *, settings: LoopSettings = LoopSettings(),
                  events: EventLog | None = None, clock=time.time,
                  memory_probe: Callable[[], tuple[int, int]] = engine_memory.machine_memory,
-                 hub: HubClient | None = None):
+                 hub: HubClient | None = None, fleet: Fleet | None = None):
         self.config_path = Path(config_path)
+        self.fleet = fleet  # this host's view of the fleet (fleet.py); None: one host serves the whole file
+        self._here: DesiredState | None = None  # the file's share this host reconciles (the fleet's placement)
         self.pool = pool
         self.settings = settings
         self.events = events or EventLog(clock=clock)
@@ -92,10 +95,10 @@ class Reconciler:
         self.accounts = MemoryAccounts(hub=self.downloads)
         # what unloading a worker gives back (accounting.py holds the rule)
         self._worker_bytes: Callable[[WorkerEntry], int] = lambda entry: accounting.worker_bytes(
-            self.accounts, self.desired, self.worker_spec, entry)
+            self.accounts, self.here, self.worker_spec, entry)
         self.book = StatusBook(self.ledger, self.routes, self.downloads, self.accounts, self.events,
                                lambda: self.clock(), self.worker_spec, lambda: self.requests.demand, self._worker_bytes,
-                               caches=lambda: self.caches)
+                               caches=lambda: self.caches, placements=lambda: self.fleet.placements if self.fleet else {})
         self.actions = Actions(self.ledger, pool, self.routes, self.downloads, self.events, ActingSettings(
             settings.ready_timeout, settings.memory_wait_timeout, settings.drain_timeout, settings.stop_grace),
             spec_of=self.worker_spec, on_ready=self.requests.served, on_settled=self.book.refresh, nudge=self.nudge)
@@ -123,7 +126,8 @@ class Reconciler:
 
     # -- what the api reads (view.py) ---------------------------------------------------
     generation = property(lambda self: self.intake.generation)
-    desired = property(lambda self: self.intake.desired)
+    desired = property(lambda self: self.intake.desired)  # what the file says
+    here = property(lambda self: self._here if self.fleet is not None and self._here is not None else self.intake.desired)
     document = property(lambda self: self.intake.document)
     config_status = property(lambda self: self.intake.status)
     statuses = property(lambda self: self.book.statuses)
@@ -178,9 +182,11 @@ class Reconciler:
             accepted = self.intake.desired
             assert accepted is not None
             self.ledger.forget_failures(lambda name, failure: _unchanged(accepted, self.worker_spec, name, failure))
-        await self.adopter.adopt(self.desired, self.worker_spec)
+        if self.fleet is not None and self.intake.desired is not None:
+            self._here = self.fleet.share(self.intake.desired, {n: s.phase for n, s in self.statuses.items()})
+        await self.adopter.adopt(self.here, self.worker_spec)
         reap_exited(self.pool, self.ledger, self.actions.drop_route, self.clock(), self.settings.stable_after)
-        desired = self.desired
+        desired = self.here
         if desired is None:
             return
         observation = await self._observe(desired)
@@ -259,7 +265,7 @@ class Reconciler:
 
     def note_request(self, name: str) -> None:
         """The gateway saw a request for `name`: an on-demand model without a route is now in demand."""
-        model = self.desired.model(name) if self.desired else None
+        model = self.here.model(name) if self.here else None
         if model is not None and model.state == DesiredModelState.ON_DEMAND and name not in self.routes:
             self.requests.asked(name)
 
@@ -274,7 +280,7 @@ class Reconciler:
     def expects_ready(self, name: str) -> bool:
         """Whether `name` may still become ready (so waiting is worthwhile): desired loaded, or
         on-demand and asked for; not failed for good, and not refused for want of memory."""
-        model = self.desired.model(name) if self.desired else None
+        model = self.here.model(name) if self.here else None
         if model is None or model.state == DesiredModelState.UNLOADED:
             return False
         loading = self.ledger.load_of(name) is not None
@@ -288,13 +294,14 @@ class Reconciler:
 
     # -- what the admin api reads (view.ControlLoopView) ---------------------------------
     def desired_phase(self, model: ModelSpec) -> Phase:
-        return Phase.READY if model.state == DesiredModelState.LOADED else Phase.UNLOADED
+        here = self.here.model(model.name) if self.fleet is not None and self.here is not None else model
+        return Phase.READY if (here or model).state == DesiredModelState.LOADED else Phase.UNLOADED
 
     def converged(self) -> bool:
-        if (self.desired is None or self.observed_generation != self.generation or self.actions.tasks
+        if (self.here is None or self.observed_generation != self.generation or self.actions.tasks
                 or self.downloads.busy()):
             return False
-        for model in self.desired.models:
+        for model in self.here.models:
             phase = self.statuses.get(model.name, ModelStatus()).phase
             if model.state == DesiredModelState.ON_DEMAND:
                 if phase not in (Phase.READY, Phase.UNLOADED):

@@ -19,6 +19,7 @@ from opta_lmx.engine.worker import WorkerSpec
 from opta_lmx.reconciler.accounting import MemoryAccounts
 from opta_lmx.reconciler.demand import Waiting
 from opta_lmx.reconciler.downloads import Downloads
+from opta_lmx.reconciler.fleet import Placement
 from opta_lmx.reconciler.ledger import Ledger, WorkerEntry, WorkerPhase
 from opta_lmx.reconciler.plan import Unschedulable
 from opta_lmx.reconciler.routes import RouteTable
@@ -45,11 +46,13 @@ class StatusBook:
     def __init__(self, ledger: Ledger, routes: RouteTable, downloads: Downloads, accounts: MemoryAccounts,
                  events: EventLog, clock: Callable[[], float], spec_of: Callable[[ModelSpec], WorkerSpec],
                  demand: Callable[[], Mapping[str, float]], worker_bytes: Callable[[WorkerEntry], int],
-                 caches: Callable[[], Mapping[str, CacheFigures]] = dict):
+                 caches: Callable[[], Mapping[str, CacheFigures]] = dict,
+                 placements: Callable[[], Mapping[str, Placement]] = dict):
         self.ledger, self.routes, self.downloads, self.accounts = ledger, routes, downloads, accounts
         self.events, self.clock, self.spec_of, self.demand = events, clock, spec_of, demand
         self.worker_bytes = worker_bytes
         self.caches = caches  # each model's kept prefix cache (engine/prefix_cache.py), as last read
+        self.placements = placements  # on which fleet host each model runs, and why (fleet.py)
         self.statuses: dict[str, ModelStatus] = {}
         self.verdicts: PassVerdicts | None = None
         self._change: asyncio.Event | None = None  # set (and replaced) at each write
@@ -96,6 +99,11 @@ class StatusBook:
         entry = self.ledger.get(route.worker_id) if route else None
         if phase != status.phase and phase == Phase.UNSCHEDULABLE:  # the other phases have their own events
             self.events.record(model.name, reason, message, kind="Warning")
+        placement = self.placements().get(model.name)
+        status.host, status.placement = (placement.host, placement.reason) if placement else (None, None)
+        if placement is not None and not placement.here and phase == Phase.UNLOADED:
+            reason = "OnAnotherHost" if placement.host else "NoHost"
+            message = f"runs on {placement.host}: {placement.reason}" if placement.host else placement.reason
         status.phase, status.reason, status.message = phase, reason, message
         status.pid = entry.pid if entry else None
         status.address = entry.address if entry else None

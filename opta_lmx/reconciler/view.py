@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from opta_lmx.reconciler.fleet import Fleet
 from opta_lmx.reconciler.routes import Route, RouteTable
 from opta_lmx.state.document import Document
 from opta_lmx.state.spec import DesiredState, ModelSpec
@@ -79,6 +80,7 @@ class GatewayView(Protocol):
     request asked for one."""
 
     routes: RouteTable
+    fleet: Fleet | None  # this host's view of the fleet (fleet.py); None: not a fleet host
 
     @property
     def statuses(self) -> Mapping[str, ModelStatus]: ...

@@ -66,6 +66,8 @@ class ModelStatus(BaseModel):
     counted_bytes: int | None = None  # what the plan counts for it now (docs/reconciler.md, "Memory accounting")
     download: DownloadStatus | None = None
     prefix_cache: PrefixCacheStatus | None = None  # its kept prefix cache, when it has one on disk
+    host: str | None = None  # in a fleet: the host it runs on (docs/fleet.md)
+    placement: str | None = None  # in a fleet: why there
     restarts: int = 0
     last_error: str | None = None
     reason: str | None = None

@@ -1,0 +1,102 @@
+"""The fleet's HTTP side (docs/fleet.md): what a host tells its peers, and requests forwarded to
+the host that runs their model, streamed, cancelled with their client, marked so they are never
+forwarded twice. Peers authenticate with the fleet key (api/auth.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from yarl import URL
+
+from opta_lmx.api.errors import APIError
+from opta_lmx.engine.worker_auth import upstream_headers
+from opta_lmx.reconciler.fleet import FLEET_KEY_HEADER, HOP_HEADER, Fleet
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+_DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+                            "server", "date"})
+
+
+def fleet_of(request: Request) -> Fleet | None:
+    return getattr(request.app.state.reconciler, "fleet", None)
+
+
+@router.get("/fleet/status")
+async def fleet_status(request: Request) -> dict:
+    """For peers (fleet key only): this host's name and each model's phase here."""
+    fleet = fleet_of(request)
+    if fleet is None:
+        raise APIError(404, "this server is not a fleet host (lmx serve --fleet-host NAME)", "not_found")
+    statuses = request.app.state.reconciler.statuses
+    return {"host": fleet.me, "time": time.time(),
+            "models": {name: status.phase.value for name, status in statuses.items()}}
+
+
+@router.get("/admin/fleet")
+async def fleet_view(request: Request) -> dict:
+    """This host's view of the fleet: its peers (up, last answer, their models) and each model's placement."""
+    fleet = fleet_of(request)
+    if fleet is None:
+        raise APIError(404, "this server is not a fleet host (lmx serve --fleet-host NAME)", "not_found")
+    return fleet.to_dict()
+
+
+def forward_target(request: Request, name: str) -> tuple[str, str] | None:
+    """The peer that should answer this request for model `name`, or None to answer here. A request
+    another host forwarded (it carries the hop marker) is answered here, whatever this host thinks."""
+    fleet = fleet_of(request)
+    if fleet is None or HOP_HEADER in request.headers:
+        return None
+    return fleet.target(name)
+
+
+async def forward(request: Request, target: tuple[str, str], name: str, path: str, query: str,
+                  body: bytes) -> StreamingResponse:
+    """Send the request to peer `target` and stream its answer back; the client leaving closes it."""
+    app_state = request.app.state
+    fleet = fleet_of(request)
+    assert fleet is not None
+    peer, base = target
+    headers = upstream_headers(request.headers.items(), None)  # never the client's own key
+    headers += [(FLEET_KEY_HEADER, fleet.key or ""), (HOP_HEADER, fleet.me)]
+    url = URL(base + path + ("?" + query if query else ""), encoded=True)
+    metrics = app_state.metrics
+    try:
+        upstream = await app_state.upstream.request(request.method, url, data=body, headers=headers)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        metrics.requests.labels(name, "502").inc()
+        fleet.wake()  # ask the peers again now: this one may be down
+        raise APIError(502, f"fleet host {peer} ({base}), which runs `{name}`, did not answer: {error!r}",
+                       "peer_unavailable") from None
+    metrics.requests.labels(name, str(upstream.status)).inc()
+    metrics.forwarded.labels(name, peer).inc()
+    response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
+    response_headers["x-lmx-host"] = peer
+    return StreamingResponse(_relay(upstream, name, peer), status_code=upstream.status, headers=response_headers)
+
+
+async def _relay(upstream: aiohttp.ClientResponse, name: str, peer: str):
+    complete = False
+    is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+        complete = True
+    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        log.warning("the answer for %s from fleet host %s broke off: %r", name, peer, error)
+        if is_sse:
+            yield (b'data: {"error": {"message": "the fleet host serving this model failed mid-stream", '
+                   b'"type": "api_error", "param": null, "code": "peer_failed"}}\n\ndata: [DONE]\n\n')
+    finally:
+        with anyio.CancelScope(shield=True):
+            if complete and upstream.status < 500:
+                upstream.release()
+            else:
+                upstream.close()  # the peer sees its client leave, and stops generating
