@@ -22,6 +22,7 @@ request carrying the conversation so far. Budget for one model, so every swap is
 from __future__ import annotations
 
 import argparse
+import statistics
 import re
 import subprocess
 import sys
@@ -70,6 +71,9 @@ class Conversation:
         return first if first is not None else time.perf_counter() - started
 
 
+REPEATS = 3
+
+
 def config(a: Path, b: Path, loaded: str, kept: bool, budget: str, extra: str = "") -> str:
     head = f"memory:\n  budget: {budget}\n" + ("" if kept else "prefix_caches:\n  enabled: false\n")
     return head + "models:\n" + "".join(
@@ -107,13 +111,19 @@ def lmx_run(root: Path, a: Path, b: Path, words: int, kept: bool) -> dict:
         server.wait_ready("a", timeout=600)
         talk = Conversation(system_prompt(words))
         cold = talk.turn(server.base_url, "a", "Read the rules. What is rule 7?")
-        warm = talk.turn(server.base_url, "a", "And rule 12?")
-        away = swap_to(server, config(a, b, "b", kept, "1000MiB"), "b")
-        back = swap_to(server, config(a, b, "a", kept, "1000MiB"), "a")
-        restored_load = models(server)["a"]["status"]["load_seconds"]
-        after = talk.turn(server.base_url, "a", "And rule 20?")
-        figures = {"first_turn_cold_s": cold, "warm_turn_s": warm, "swap_away_s": away, "swap_back_s": back,
-                   "restored_worker_load_s": restored_load, "after_swap_back_s": after,
+        # Several samples of each (a new short turn each time), medians compared: one turn on a
+        # shared 2-core machine varies by +-30%.
+        warm = [talk.turn(server.base_url, "a", f"And rule {12 + i}?") for i in range(REPEATS)]
+        aways, backs, loads, afters = [], [], [], []
+        for i in range(REPEATS if kept else 1):  # off: every swap-back is a full prefill, once is enough
+            aways.append(swap_to(server, config(a, b, "b", kept, "1000MiB"), "b"))
+            backs.append(swap_to(server, config(a, b, "a", kept, "1000MiB"), "a"))
+            loads.append(models(server)["a"]["status"]["load_seconds"])
+            afters.append(talk.turn(server.base_url, "a", f"And rule {20 + i}?"))
+        figures = {"first_turn_cold_s": cold, "warm_turn_s": statistics.median(warm), "warm_turns_s": warm,
+                   "swap_away_s": statistics.median(aways), "swap_back_s": statistics.median(backs),
+                   "restored_worker_load_s": statistics.median(loads), "after_swap_back_s": statistics.median(afters),
+                   "after_swap_back_all_s": afters, "swaps_away_s": aways,
                    "save_seconds": event_seconds(server, "CacheSaved"),
                    "kept_cache": models(server)["a"]["status"].get("prefix_cache")}
         if kept:

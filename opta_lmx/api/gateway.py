@@ -113,10 +113,11 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
 
     def send_to(to: Route) -> Awaitable[aiohttp.ClientResponse]:
         """The request, sent to `to`'s worker with its own key (again to the next one, see _send)."""
-        url = URL(to.address + path + ("?" + query if query else ""), encoded=True)
+        sent, sent_query = renamed(found, body, query, to.served_as) if to.served_as else (body, query)
+        url = URL(to.address + path + ("?" + sent_query if sent_query else ""), encoded=True)
         headers = worker_headers(app_state, to.address, request.headers.items())
         return _unless_client_leaves(  # a non-streaming answer's head comes only at its end
-            request, _on_live_connection(app_state.upstream, request.method, url, body, headers), _close_response)
+            request, _on_live_connection(app_state.upstream, request.method, url, sent, headers), _close_response)
 
     try:
         try:

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from opta_lmx.engine.memory import ModelDirectoryError, WorkerMemory, metal_backend, mlx_memory_bytes, model_directory
 from opta_lmx.engine.prefix_cache import CacheFigures, KeptCaches, cache_key, warm_prompts_problem
+from opta_lmx.engine.distributed import DistributedWorker
 from opta_lmx.engine.prepared import HelperMemory, PreparedStarts
 from opta_lmx.engine.records import WorkerRecords, belongs_to_us
 from opta_lmx.engine.template import TemplateError
@@ -244,7 +245,8 @@ class WorkerPool:
 
     async def start(self, spec: WorkerSpec, ready_timeout: float) -> Worker:
         """Start a worker and wait until it serves; on failure nothing is left running."""
-        worker = Worker(spec, run_dir=self.run_dir, env=self._worker_env, on_exit=self._exited, log_dir=self.log_dir)
+        kind = DistributedWorker if spec.ranks else Worker  # one model across hosts: mlx.launch (docs/fleet.md)
+        worker = kind(spec, run_dir=self.run_dir, env=self._worker_env, on_exit=self._exited, log_dir=self.log_dir)
         self._workers[worker.id] = worker
         loop = asyncio.get_running_loop()
         spawning = loop.run_in_executor(self._starting, self._spawn_and_record, worker)
@@ -300,6 +302,9 @@ class WorkerPool:
 
     def _spawn(self, worker: Worker) -> None:
         """Through the template or a waiting spare when one suits, else cold."""
+        if isinstance(worker, DistributedWorker):
+            worker.spawn()  # its launcher, not vllm-mlx: nothing prepared suits it
+            return
         prepared = self.prepared.take(worker.environment())
         if prepared is not None:
             try:

@@ -66,10 +66,14 @@ class WorkerSpec:
     engine: EngineOptions = field(default_factory=EngineOptions)
     kept_cache: bool = False  # its prefix cache outlives it (engine/prefix_cache.py)
     warm_prompts: str | None = None  # a JSON file of prompts vllm-mlx runs at start
+    ranks: tuple[tuple[str, str], ...] = ()  # distributed: (ssh host, ring address) per rank (engine/distributed.py)
+    split: str | None = None  # distributed: tensor or pipeline
 
     @property
     def fingerprint(self) -> str:
         what: dict = {"source": self.source, "engine": self.engine.model_dump(exclude_none=True)}
+        if self.ranks:
+            what["ranks"], what["split"] = [list(rank) for rank in self.ranks], self.split
         if self.kept_cache:  # a different command line: a different worker (unset: as before)
             what["kept_cache"] = True
         if self.warm_prompts:

@@ -43,9 +43,14 @@ def resolve_source(config_path: Path, source: str) -> str:
 def worker_spec(config_path: Path, desired: DesiredState, model: ModelSpec) -> WorkerSpec:
     """What a worker of `model` runs (its fingerprint says whether a running worker still matches)."""
     warm = model.prefix_cache.warm_prompts
+    ranks: tuple[tuple[str, str], ...] = ()
+    if model.distributed is not None:  # validated: every rank's host is in the fleet, with an address
+        hosts = [desired.fleet.host(name) for name in model.distributed.hosts]
+        ranks = tuple((host.ssh or host.hostname(), host.ring_ip() or "") for host in hosts if host is not None)
     return WorkerSpec(name=model.name, source=resolve_source(config_path, model.source),
-                      engine=desired.effective_engine(model), kept_cache=desired.keeps_cache(model),
-                      warm_prompts=resolve_path(config_path, warm) if warm else None)
+                      engine=desired.effective_engine(model), kept_cache=desired.keeps_cache(model) and not ranks,
+                      warm_prompts=resolve_path(config_path, warm) if warm and not ranks else None,
+                      ranks=ranks, split=model.distributed.split if model.distributed else None)
 
 
 def resolve_path(config_path: Path, path: str) -> str:

@@ -265,7 +265,8 @@ class Actions:
         (the gateway's waiters contend for it), so it is shielded: a cancel of this task meanwhile
         does not leave the worker unrouted. If a pass unloaded the worker meanwhile, its route is
         dropped again once set. Bounded: after ROUTE_WAIT_S the setting finishes in the background."""
-        setting = asyncio.ensure_future(self.routes.set(Route(entry.model, worker.address, worker.id, entry.traffic)))
+        setting = asyncio.ensure_future(self.routes.set(Route(entry.model, worker.address, worker.id, entry.traffic,
+                                                                 getattr(worker, "served_as", None))))
         self._background.add(setting)
         setting.add_done_callback(self._background.discard)
         setting.add_done_callback(lambda _done: None if entry.serving else self.drop_route(entry))
@@ -281,7 +282,8 @@ class Actions:
         other = self.ledger.serving(entry.model, besides=entry.worker_id)
         fallback = None
         if other is not None and other.worker_id and other.address:
-            fallback = Route(entry.model, other.address, other.worker_id, other.traffic)
+            fallback = Route(entry.model, other.address, other.worker_id, other.traffic,
+                             getattr(self.pool.get(other.worker_id), "served_as", None))
         self.routes.drop(entry.model, entry.worker_id or "", fallback)
 
     async def cancel_all(self) -> None:

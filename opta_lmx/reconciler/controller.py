@@ -183,7 +183,9 @@ class Reconciler:
             assert accepted is not None
             self.ledger.forget_failures(lambda name, failure: _unchanged(accepted, self.worker_spec, name, failure))
         if self.fleet is not None and self.intake.desired is not None:
-            self._here = self.fleet.share(self.intake.desired, {n: s.phase for n, s in self.statuses.items()})
+            self._here = self.fleet.share(self.intake.desired, {n: s.phase for n, s in self.statuses.items()},
+                                          lambda m: self.accounts.estimate(self.worker_spec(m), m.memory_bytes())
+                                          .started(False).total_bytes)
         await self.adopter.adopt(self.here, self.worker_spec)
         reap_exited(self.pool, self.ledger, self.actions.drop_route, self.clock(), self.settings.stable_after)
         desired = self.here

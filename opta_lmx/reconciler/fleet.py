@@ -56,6 +56,12 @@ class Placement:
 def place(model: ModelSpec, me: str, up: Mapping[str, bool], phases: Mapping[str, Mapping[str, Phase]],
           local: Phase | None, no_room_here: bool) -> Placement:
     """Where `model` runs, as seen from host `me` (pure: the fleet's rule, docs/fleet.md)."""
+    if model.distributed is not None:  # rank 0's host starts it, once every rank's host is up
+        ranks = model.distributed.hosts
+        down = [h for h in ranks if h != me and not up.get(h)]
+        if down:
+            return Placement(None, f"distributed over {', '.join(ranks)}: waiting for {', '.join(down)}")
+        return Placement(ranks[0], f"distributed over {', '.join(ranks)}: rank 0 serves it")
     if not model.hosts:
         return Placement(me, "names no hosts: runs on every host serving the file")
     passed: list[str] = []
@@ -117,9 +123,12 @@ class Fleet:
             return False
         return self.clock() - (peer.last_ok if peer.last_ok is not None else self.started) <= self.grace
 
-    def share(self, desired: DesiredState, local: Mapping[str, Phase]) -> DesiredState:
+    def share(self, desired: DesiredState, local: Mapping[str, Phase],
+              size_of: Callable[[ModelSpec], int | None] = lambda _m: None) -> DesiredState:
         """The desired state this host reconciles: models placed elsewhere become `unloaded` here
-        (so their statuses stay, and requests for them are forwarded), and this host's budget."""
+        (so their statuses stay, and requests for them are forwarded), and this host's budget. A
+        distributed model whose later rank runs here reserves its share of the model's memory
+        (`size_of`: the model's planned bytes) off this host's budget, as `memory.reserve`."""
         self.configure(desired)
         now = self.clock()
         for name, phase in local.items():
@@ -136,10 +145,18 @@ class Fleet:
         self.orders = {m.name: list(m.hosts) for m in desired.models}
         models = [m if m.name not in self.placements or self.placements[m.name].here
                   else m.model_copy(update={"state": DesiredModelState.UNLOADED}) for m in desired.models]
-        update: dict = {"models": models}
+        memory: dict = {}
         host = desired.fleet.host(self.me)
         if host is not None and host.budget is not None:
-            update["memory"] = desired.memory.model_copy(update={"budget": host.budget})
+            memory["budget"] = host.budget
+        ranks_here = [m for m in desired.models if m.distributed is not None and m.state != DesiredModelState.UNLOADED
+                      and self.me in m.distributed.hosts[1:] and self.placements[m.name].host is not None]
+        if ranks_here:
+            memory["reserve"] = desired.memory.reserve_bytes() + sum(
+                (size_of(m) or 0) // len(m.distributed.hosts) for m in ranks_here if m.distributed)
+        update: dict = {"models": models}
+        if memory:
+            update["memory"] = desired.memory.model_copy(update=memory)
         return desired.model_copy(update=update)
 
     def target(self, name: str) -> tuple[str, str] | None:

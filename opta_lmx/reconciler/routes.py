@@ -28,6 +28,7 @@ class Route:
     address: str
     worker_id: str
     traffic: Traffic = field(compare=False)
+    served_as: str | None = None  # the name its worker knows the model by, when not the model's own
 
 
 class RouteTable:

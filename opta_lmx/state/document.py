@@ -26,6 +26,7 @@ from ruamel.yaml.events import AliasEvent
 from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from opta_lmx.state.serve_flags import OWNED_FLAGS
+from opta_lmx.state.fleet_checks import fleet_problems
 from opta_lmx.state.spec import DesiredState
 
 # ruamel's round-trip parser is pure Python (about 40 us per value here), so the limits keep
@@ -246,7 +247,7 @@ def validate_tree(tree: Any, source: str) -> DesiredState:
     if "models" not in tree:
         raise ConfigError(source, [FieldProblem(
             "models", "`models:` is missing; write `models: []` to run no models", *_top(tree))])
-    fleet = state.fleet_problems()
+    fleet = fleet_problems(state)
     if fleet:
         raise ConfigError(source, [_located(tree, loc, message) for loc, message in fleet[:MAX_PROBLEMS]])
     return state

@@ -271,6 +271,45 @@ class FleetHost(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     url: Annotated[str, AfterValidator(_check_host_url)] = Field(description="http(s)://HOST:PORT of its lmx serve")
     budget: Annotated[int | str | None, BeforeValidator(lambda v: v if v is None else _check_budget(v))] = None
+    ip: str | None = Field(default=None, description="The address MLX's ring backend uses (default: the url's, "
+                                                       "if it is an IP address)")
+    ssh: str | None = Field(default=None, description="How mlx.launch reaches it (default: the url's host name)")
+
+    @field_validator("ip")
+    @classmethod
+    def _ip_is_an_address(cls, ip: str | None) -> str | None:
+        import ipaddress
+        if ip is not None:
+            ipaddress.ip_address(ip)  # ValueError: reported on the field
+        return ip
+
+    @field_validator("ssh")
+    @classmethod
+    def _ssh_is_a_name(cls, ssh: str | None) -> str | None:
+        if ssh is not None and not re.fullmatch(r"[A-Za-z0-9._@-]{1,253}", ssh):
+            raise ValueError(f"ssh must be a host name (optionally user@host), got {ssh!r}")
+        return ssh
+
+    def hostname(self) -> str:
+        return self.url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+
+    def ring_ip(self) -> str | None:
+        """The address the ring backend connects to: `ip`, else the url's host if it is an address."""
+        import ipaddress
+        if self.ip:
+            return self.ip
+        try:
+            return str(ipaddress.ip_address(self.hostname()))
+        except ValueError:
+            return None
+
+
+class Distributed(_Strict):
+    """One model across Macs (docs/fleet.md): MLX's own runtime (`mlx.launch`, ring backend)
+    runs `mlx_lm.server` with one rank per host, rank 0 on the first, which serves requests."""
+
+    hosts: list[str] = Field(min_length=2, max_length=16, description="Fleet hosts, one rank each, rank 0 first")
+    split: Literal["tensor", "pipeline"] = Field(default="tensor", description="How the model is sharded")
 
 
 class Fleet(_Strict):
@@ -308,6 +347,7 @@ class ModelSpec(_Strict):
     prefix_cache: ModelPrefixCache = Field(default_factory=ModelPrefixCache, description="Its kept prefix cache")
     hosts: list[str] = Field(default_factory=list, max_length=64,
                              description="Fleet hosts it may run on, in order of preference (none: every host)")
+    distributed: Distributed | None = Field(default=None, description="Run across several hosts (mlx.launch)")
 
     @field_validator("name")
     @classmethod
@@ -357,27 +397,6 @@ class DesiredState(_Strict):
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
-
-    def fleet_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
-        """What the fleet part cannot mean, each with its field path: a host listed twice, a model
-        naming a host the fleet does not have (or naming one twice)."""
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        seen: set[str] = set()
-        for index, host in enumerate(self.fleet.hosts):
-            if host.name in seen:
-                problems.append((("fleet", "hosts", index, "name"), f"host {host.name!r} is listed twice"))
-            seen.add(host.name)
-        for index, model in enumerate(self.models):
-            named: set[str] = set()
-            for position, host_name in enumerate(model.hosts):
-                where = ("models", index, "hosts", position)
-                if host_name in named:
-                    problems.append((where, f"{model.name}: host {host_name!r} is listed twice"))
-                elif host_name not in seen:
-                    known = ", ".join(sorted(seen)) or "none: add `fleet.hosts`"
-                    problems.append((where, f"{model.name}: unknown host {host_name!r} (the fleet's hosts: {known})"))
-                named.add(host_name)
-        return problems
 
     def resolve(self, name_or_alias: str) -> ModelSpec | None:
         """The model an OpenAI `model` field names, by name or alias."""
