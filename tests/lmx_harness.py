@@ -40,7 +40,8 @@ def worker_processes(state_dir: Path, waiting: bool = True) -> list[psutil.Proce
         try:
             cmdline = proc.info["cmdline"] or []
             prepared = any(module in cmdline for module in PREPARED_MODULES)
-            if "vllm_mlx.cli" not in cmdline and not prepared:
+            distributed = "mlx_lm.server" in cmdline  # a distributed model's ranks (engine/distributed.py)
+            if "vllm_mlx.cli" not in cmdline and not prepared and not distributed:
                 continue
             if not proc.environ().get("HOME", "").startswith(marker):
                 continue
@@ -149,8 +150,8 @@ class Server:
 
 
 def start_server(config: Path, state_dir: Path, *extra_args: str, env: dict[str, str] | None = None,
-                 wait_healthy: bool = True, umask: int | None = None) -> Server:
-    port = free_port()
+                 wait_healthy: bool = True, umask: int | None = None, port: int | None = None) -> Server:
+    port = port or free_port()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = state_dir.parent / f"lmx-serve-{port}.log"
     proc = subprocess.Popen(

@@ -56,7 +56,7 @@ class DistributedWorker(Worker):
 
     def command(self, announce_fd: int, listen_fd: int) -> list[str]:
         argv = [*launcher(self._python), "--backend", "ring", "--hostfile", str(self.run_dir / "hostfile.json"),
-                "--starting-port", str(self.ring_port), "--cwd", str(self.run_dir),
+                "--starting-port", str(self.ring_port), "--cwd", str(self.run_dir), "--",
                 self._python, "-m", "mlx_lm.server", "--model", self.spec.source,
                 "--host", self.host, "--port", str(self.port)]
         if self.spec.split == "pipeline":
