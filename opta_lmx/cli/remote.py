@@ -76,6 +76,8 @@ def _print_json(value: Any) -> None:
 
 # -- commands -----------------------------------------------------------------------------
 def cmd_get(args: argparse.Namespace) -> int:
+    if args.fleet:
+        return cmd_get_fleet(args)
     data = _call(args, "GET", "/admin/models").json()
     if args.output == "json":
         _print_json(data)
@@ -94,6 +96,27 @@ def cmd_get(args: argparse.Namespace) -> int:
     line = fast_start_line(observed.get("engine_start"), observed.get("memory") or {})
     print(f"\ngeneration {data['generation']}, observed {data['observed_generation']}, "
           f"{'converged' if data['converged'] else 'converging'}" + (f"\n{line}" if line else ""))
+    return 0
+
+
+def cmd_get_fleet(args: argparse.Namespace) -> int:
+    """`lmx get models --fleet`: every model with the host that runs it (docs/fleet.md), then the hosts."""
+    fleet = _call(args, "GET", "/admin/fleet").json()
+    if args.output == "json":
+        _print_json(fleet)
+        return 0
+    peers = {p["name"]: p for p in fleet["peers"]}
+    local = {m["name"]: (m["status"] or {}).get("phase") for m in _call(args, "GET", "/admin/models").json()["models"]}
+    rows = []
+    for name, placement in fleet["placements"].items():
+        host = placement["host"]
+        phase = local.get(name) if host == fleet["host"] else (peers[host]["models"].get(name) if host in peers else None)
+        rows.append([name, host or "(none)", phase, placement["reason"]])
+    print(_table(rows, ["NAME", "HOST", "PHASE", "WHY"]))
+    hosts = [[fleet["host"], "yes", "this host", None]] + [
+        [p["name"], "yes" if p["up"] else "no", _age(p["last_ok"]) if p["last_ok"] else "never", p["error"]]
+        for p in fleet["peers"]]
+    print("\n" + _table(hosts, ["HOST", "UP", "LAST ANSWER", "ERROR"]))
     return 0
 
 
@@ -338,6 +361,7 @@ def add_commands(sub) -> None:
 
     get = sub.add_parser("get", parents=[common], help="list models with desired state and phase")
     get.add_argument("what", choices=["models"])
+    get.add_argument("--fleet", action="store_true", help="each model's host across the fleet, and the hosts")
     get.set_defaults(func=_run(cmd_get))
 
     describe = sub.add_parser("describe", parents=[common], help="one model's spec, status, conditions, events")

@@ -3,8 +3,10 @@ with its own state directory and its own clone of one bare repository, following
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -136,6 +138,10 @@ def test_three_hosts_follow_one_repository_forward_requests_and_fail_over(tmp_pa
         fleet_view = c.get("/admin/fleet").json()
         assert {p["name"]: p["up"] for p in fleet_view["peers"]} == {"a": True, "b": False}
         assert fleet_view["placements"]["m"]["host"] == "a"
+        shown = subprocess.run([sys.executable, "-m", "opta_lmx.cli", "get", "models", "--fleet", "--server", c.base_url],
+                               capture_output=True, text=True, env=lmx_env(), timeout=60)
+        assert re.search(r"^m +a +Ready", shown.stdout, re.M), shown.stdout + shown.stderr
+        assert re.search(r"^other +c +Ready", shown.stdout, re.M) and re.search(r"^b +no ", shown.stdout, re.M)
     finally:
         for name, server in servers.items():
             if server.proc.poll() is None:

@@ -232,6 +232,7 @@ function renderModels(data) {
       el("td", {}, el("span", { class: "desired", "data-desired": s.state }, s.inFile ? s.state : "(removed)"),
         el("div", { class: "sub" }, `priority ${s.priority}` + (s.pinned ? " · pinned" : ""))),
       el("td", {}, el("span", { class: "phase p-" + phase.toLowerCase() }, phase),
+        status.host ? el("span", { class: "chip host", title: status.placement || "" }, "on " + status.host) : null,
         el("div", { class: "sub reason" }, reasonOf(model, data.observed || {}))),
       memoryCell(model, budget),
       el("td", { class: "num" }, `${traffic.in_flight} in flight`, el("div", { class: "sub" }, `${traffic.queued} queued`)),
