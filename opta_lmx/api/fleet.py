@@ -57,24 +57,61 @@ def forward_target(request: Request, name: str) -> tuple[str, str] | None:
     return fleet.target(name)
 
 
+def misdirected(request: Request, name: str, routed: bool) -> None:
+    """A request another host forwarded for a model this host does not run (any more, or not yet:
+    the hosts' views of each other are up to a poll apart): 421, so the sender asks again."""
+    fleet = fleet_of(request)
+    if fleet is None or HOP_HEADER not in request.headers or routed:
+        return
+    placement = fleet.placements.get(name)
+    if placement is not None and not placement.here:
+        raise APIError(421, f"`{name}` does not run on {fleet.me} now ({placement.reason})", "misdirected")
+
+
 async def forward(request: Request, target: tuple[str, str], name: str, path: str, query: str,
-                  body: bytes) -> StreamingResponse:
-    """Send the request to peer `target` and stream its answer back; the client leaving closes it."""
+                  body: bytes) -> StreamingResponse | None:
+    """Send the request to peer `target` and stream its answer back; the client leaving closes it.
+
+    While the hosts' views of each other settle (a model moving, a host just gone), a peer that
+    answers 421 (not there) or cannot be connected to (nothing was sent) is asked again after the
+    peers are polled anew, bounded by the load-wait timeout, like a request waiting for a swap.
+    None: the model now runs here, serve it locally."""
     app_state = request.app.state
     fleet = fleet_of(request)
     assert fleet is not None
-    peer, base = target
-    headers = upstream_headers(request.headers.items(), None)  # never the client's own key
-    headers += [(FLEET_KEY_HEADER, fleet.key or ""), (HOP_HEADER, fleet.me)]
-    url = URL(base + path + ("?" + query if query else ""), encoded=True)
     metrics = app_state.metrics
-    try:
-        upstream = await app_state.upstream.request(request.method, url, data=body, headers=headers)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-        metrics.requests.labels(name, "502").inc()
-        fleet.wake()  # ask the peers again now: this one may be down
-        raise APIError(502, f"fleet host {peer} ({base}), which runs `{name}`, did not answer: {error!r}",
-                       "peer_unavailable") from None
+    deadline = time.monotonic() + app_state.settings.load_wait_timeout
+    while True:
+        peer, base = target
+        headers = upstream_headers(request.headers.items(), None)  # never the client's own key
+        headers += [(FLEET_KEY_HEADER, fleet.key or ""), (HOP_HEADER, fleet.me)]
+        url = URL(base + path + ("?" + query if query else ""), encoded=True)
+        try:
+            upstream = await app_state.upstream.request(request.method, url, data=body, headers=headers)
+        except aiohttp.ClientConnectorError as error:  # not connected: nothing was sent, ask again
+            upstream, why = None, repr(error)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            metrics.requests.labels(name, "502").inc()
+            fleet.wake()
+            raise APIError(502, f"fleet host {peer} ({base}), which runs `{name}`, did not answer: {error!r}",
+                           "peer_unavailable") from None
+        if upstream is not None and upstream.status != 421:
+            break
+        if upstream is not None:
+            why = f"{peer} answered 421"
+            upstream.release()
+        if time.monotonic() > deadline:
+            metrics.requests.labels(name, "502").inc()
+            raise APIError(502, f"no fleet host took `{name}` within {app_state.settings.load_wait_timeout:.0f}s "
+                                f"(last: {why})", "peer_unavailable")
+        fleet.wake()  # ask the peers again now
+        await asyncio.sleep(0.25)
+        if await request.is_disconnected():
+            raise APIError(499, "the client went away", "client_closed")
+        found = fleet.target(name)
+        if found is None:
+            return None
+        target = found
     metrics.requests.labels(name, str(upstream.status)).inc()
     metrics.forwarded.labels(name, peer).inc()
     response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}

@@ -28,7 +28,7 @@ from yarl import URL
 
 from opta_lmx.api.bodies import read_bounded
 from opta_lmx.api.errors import APIError
-from opta_lmx.api.fleet import forward, forward_target
+from opta_lmx.api.fleet import forward, forward_target, misdirected
 from opta_lmx.api.metrics import GatewayMetrics
 from opta_lmx.api.passthrough import EXTRA_GET_PATHS, EXTRA_POST_PATHS, renamed, requested_model
 from opta_lmx.api.passthrough import router as passthrough_router
@@ -91,7 +91,10 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
         body, query = renamed(found, body, query, name)
     peer = forward_target(request, name)
     if peer is not None:  # another fleet host runs it: it answers, and queues through its swaps (docs/fleet.md)
-        return await forward(request, peer, name, path, query, body)
+        forwarded = await forward(request, peer, name, path, query, body)
+        if forwarded is not None:
+            return forwarded
+    misdirected(request, name, reconciler.route(name) is not None)
     if from_a_foreign_page(request):  # `<img src=...>` on any page: it may use a resident model, never load one
         if reconciler.route(name) is None:
             raise APIError(403, f"a GET from another site cannot load `{name}` (no request a web page makes "
