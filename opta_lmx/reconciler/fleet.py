@@ -188,12 +188,15 @@ class Fleet:
         """Poll every peer every POLL_INTERVAL; a change in what they say asks for a pass."""
         client = self._client or httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False)
         try:
+            seen: dict = {}
             while True:
-                before = {n: (self.up(n), dict(p.phases)) for n, p in self.peers.items()}
                 await asyncio.gather(*(self._ask(client, peer) for peer in list(self.peers.values())))
-                after = {n: (self.up(n), dict(p.phases)) for n, p in self.peers.items()}
-                if after != before:
+                # compared with the last poll's view, not this poll's start: a peer goes down
+                # when its grace runs out, which is between polls
+                now = {n: (self.up(n), dict(p.phases)) for n, p in self.peers.items()}
+                if now != seen:
                     nudge()
+                seen = now
                 try:
                     await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
                 except TimeoutError:

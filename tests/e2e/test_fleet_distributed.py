@@ -70,6 +70,9 @@ def test_a_model_over_two_ranks_answers_through_either_host_and_no_rank_outlives
         assert httpx.get(r0.base_url + "/fleet/status").status_code == 401
         assert httpx.get(r0.base_url + "/fleet/status", headers={"x-lmx-fleet-key": "wrong"}).status_code == 401
         assert chat(r0.base_url, **{"x-lmx-hop": "r1"}).status_code == 401
+        # a forwarded request for a model this host does not run is sent back (421), never served 503
+        misdirected = chat(r1.base_url, **{"x-lmx-hop": "r0", "x-lmx-fleet-key": FLEET_KEY})
+        assert misdirected.status_code == 421 and misdirected.json()["error"]["code"] == "misdirected"
 
         for server in servers.values():  # unloading stops every rank
             server.write_config(fleet_yaml(ports, str(tiny_model), "unloaded"))

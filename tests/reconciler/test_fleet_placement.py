@@ -92,3 +92,41 @@ def test_requests_go_to_a_host_serving_the_model_in_its_order():
     assert fleet.target("m") == ("a", "http://127.0.0.1:1")  # both serve it: the preferred one
     listed = fleet.listing("m", "Unloaded", False)
     assert listed["host"] == "a" and listed["status"] == "Ready" and listed["resident"] is True
+
+
+def test_a_peer_going_down_between_polls_asks_for_a_pass(monkeypatch):
+    """The grace runs out between two polls (found by bench/fleet.py: failover waited for the 15 s
+    resync instead of the 3 s grace)."""
+    import asyncio
+
+    import httpx
+
+    from opta_lmx.reconciler import fleet as fleet_module
+
+    monkeypatch.setattr(fleet_module, "POLL_INTERVAL", 0.01)
+    now = [0.0]
+    answering = [True]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if not answering[0]:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"host": "a", "models": {"m": "Ready"}})
+
+    async def scenario() -> list[float]:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+        fleet = Fleet("b", "key", lambda: now[0], client=client)
+        fleet.configure(fleet_state())
+        nudges: list[float] = []
+        watching = asyncio.create_task(fleet.watch(lambda: nudges.append(now[0])))
+        await asyncio.sleep(0.1)
+        answering[0] = False  # a dies; its last answer was at t=0
+        await asyncio.sleep(0.1)
+        before = len(nudges)
+        now[0] = 10.5  # the grace (10 s) runs out while nobody polls
+        await asyncio.sleep(0.1)
+        watching.cancel()
+        await client.aclose()
+        assert not fleet.up("a")
+        return nudges[before:]
+
+    assert asyncio.run(scenario()) == [10.5]
