@@ -130,3 +130,23 @@ def test_a_peer_going_down_between_polls_asks_for_a_pass(monkeypatch):
         return nudges[before:]
 
     assert asyncio.run(scenario()) == [10.5]
+
+
+def test_a_distributed_model_starts_on_rank_zero_once_every_rank_is_up_and_counts_on_every_rank():
+    now = [0.0]
+    desired = DesiredState.model_validate({
+        "fleet": {"hosts": [{"name": "a", "url": "http://127.0.0.1:1"}, {"name": "b", "url": "http://127.0.0.1:2"}],
+                  "grace": "5s"},
+        "memory": {"reserve": 1000},
+        "models": [{"name": "big", "source": "/m", "distributed": {"hosts": ["a", "b"]}}]})
+    size = {"big": 8000}
+    rank0, rank1 = Fleet("a", "k", lambda: now[0]), Fleet("b", "k", lambda: now[0])
+    on_a = rank0.share(desired, {}, lambda m: size[m.name])
+    on_b = rank1.share(desired, {}, lambda m: size[m.name])
+    assert on_a.models[0].state == DesiredModelState.LOADED and on_a.memory.reserve_bytes() == 1000
+    assert on_b.models[0].state == DesiredModelState.UNLOADED and on_b.memory.reserve_bytes() == 1000 + 4000
+    assert rank1.target("big") == ("a", "http://127.0.0.1:1")
+    now[0] = 6  # b never answered a: a waits for it, and runs nothing half
+    on_a = rank0.share(desired, {}, lambda m: size[m.name])
+    assert on_a.models[0].state == DesiredModelState.UNLOADED
+    assert rank0.placements["big"].host is None and "waiting for b" in rank0.placements["big"].reason
