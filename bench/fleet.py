@@ -26,9 +26,15 @@ import time
 from pathlib import Path
 
 import httpx
-
 from _common import model, save
-from tests.lmx_harness import free_port, lmx_env, start_server, stop_and_check, worker_processes
+
+from tests.lmx_harness import (
+    free_port,
+    lmx_env,
+    start_server,
+    stop_and_check,
+    worker_processes,
+)
 
 KEY = "bench-fleet-key-0123456789abcdef"
 INTERVAL = 5.0

@@ -9,7 +9,6 @@ import logging
 import time
 
 import aiohttp
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from yarl import URL
@@ -90,7 +89,7 @@ async def forward(request: Request, target: tuple[str, str], name: str, path: st
             upstream = await app_state.upstream.request(request.method, url, data=body, headers=headers)
         except aiohttp.ClientConnectorError as error:  # not connected: nothing was sent, ask again
             upstream, why = None, repr(error)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             metrics.requests.labels(name, "502").inc()
             fleet.wake()
             raise APIError(502, f"fleet host {peer} ({base}), which runs `{name}`, did not answer: {error!r}",
@@ -126,14 +125,13 @@ async def _relay(upstream: aiohttp.ClientResponse, name: str, peer: str):
         async for chunk in upstream.content.iter_any():
             yield chunk
         complete = True
-    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+    except (TimeoutError, aiohttp.ClientError) as error:
         log.warning("the answer for %s from fleet host %s broke off: %r", name, peer, error)
         if is_sse:
             yield (b'data: {"error": {"message": "the fleet host serving this model failed mid-stream", '
                    b'"type": "api_error", "param": null, "code": "peer_failed"}}\n\ndata: [DONE]\n\n')
     finally:
-        with anyio.CancelScope(shield=True):
-            if complete and upstream.status < 500:
-                upstream.release()
-            else:
-                upstream.close()  # the peer sees its client leave, and stops generating
+        if complete and upstream.status < 500:
+            upstream.release()
+        else:
+            upstream.close()  # the peer sees its client leave, and stops generating

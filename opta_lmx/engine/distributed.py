@@ -24,10 +24,10 @@ from pathlib import Path
 
 import httpx
 
-from opta_lmx.engine.worker_log import open_log
-from opta_lmx.engine.records import process_create_time
 from opta_lmx.engine.readiness import WorkerStartError
+from opta_lmx.engine.records import process_create_time
 from opta_lmx.engine.worker import Worker
+from opta_lmx.engine.worker_log import open_log
 
 RING_PORT_SPAN = 64  # ports from the starting port the ring may use (one per rank and connection)
 

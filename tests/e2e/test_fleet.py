@@ -13,7 +13,13 @@ import time
 import httpx
 import pytest
 
-from tests.lmx_harness import free_port, lmx_env, start_server, stop_and_check, worker_processes
+from tests.lmx_harness import (
+    free_port,
+    lmx_env,
+    start_server,
+    stop_and_check,
+    worker_processes,
+)
 
 FLEET_KEY = "fleet-key-for-tests-abcdefghij"
 
@@ -140,8 +146,8 @@ def test_three_hosts_follow_one_repository_forward_requests_and_fail_over(tmp_pa
         assert fleet_view["placements"]["m"]["host"] == "a"
         shown = subprocess.run([sys.executable, "-m", "opta_lmx.cli", "get", "models", "--fleet", "--server", c.base_url],
                                capture_output=True, text=True, env=lmx_env(), timeout=60)
-        assert re.search(r"^m +a +Ready", shown.stdout, re.M), shown.stdout + shown.stderr
-        assert re.search(r"^other +c +Ready", shown.stdout, re.M) and re.search(r"^b +no ", shown.stdout, re.M)
+        assert re.search(r"^m +a +Ready", shown.stdout, re.MULTILINE), shown.stdout + shown.stderr
+        assert re.search(r"^other +c +Ready", shown.stdout, re.MULTILINE) and re.search(r"^b +no ", shown.stdout, re.MULTILINE)
     finally:
         for name, server in servers.items():
             if server.proc.poll() is None:

@@ -34,7 +34,7 @@ class GitFollow:
                 await self.sync()
             except GitSyncError:
                 pass  # said as an event; the next sync tries again
-            except Exception:  # noqa: BLE001 - following must outlive a bug in one sync
+            except Exception:
                 log.exception("git sync failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
