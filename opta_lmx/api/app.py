@@ -20,7 +20,7 @@ from opta_lmx.api.admin.serving import AdminService, MachineMemory
 from opta_lmx.api.auth import KeyAuth, Keys, load_keys
 from opta_lmx.api.errors import install_error_handlers
 from opta_lmx.api.request_gate import RequestGate
-from opta_lmx.api.metrics import GatewayMetrics, watch_loop_lag
+from opta_lmx.api.metrics import HostLabelled, GatewayMetrics, watch_loop_lag
 from opta_lmx.engine.memory import machine_memory as probe_machine_memory
 from opta_lmx.api.security import MAX_ADMIN_BODY_BYTES, install_request_guard
 from opta_lmx.reconciler.controller import Reconciler
@@ -103,6 +103,9 @@ def create_app(reconciler: Reconciler, settings: GatewaySettings = GatewaySettin
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        registry = app.state.metrics.registry
+        if reconciler.fleet is not None:  # every series says which host it is from
+            registry = HostLabelled(registry, reconciler.fleet.me)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -35,7 +35,7 @@ class GatewayMetrics:
                                   "every relayed token waits when something blocks the loop)",
                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
         self.forwarded = Counter("lmx_requests_forwarded", "Requests forwarded to the fleet host that runs their model",
-                                 ["model", "host"], registry=r)
+                                 ["model", "peer"], registry=r)
         fleet = getattr(reconciler, "fleet", None)
         if fleet is not None:  # every series of this endpoint is this host's: say which (docs/fleet.md)
             Info("lmx_fleet_host", "The fleet host this server is", registry=r).info({"host": fleet.me})
@@ -142,3 +142,17 @@ async def watch_loop_lag(histogram: Histogram, interval: float = 0.05) -> None:
         asked = loop.time()
         await asyncio.sleep(interval)
         histogram.observe(max(0.0, loop.time() - asked - interval))
+
+
+class HostLabelled:
+    """A fleet host's registry as scraped: every series with a `host` label (docs/fleet.md), so
+    the fleet's hosts can be scraped into one Prometheus and told apart."""
+
+    def __init__(self, registry: CollectorRegistry, host: str):
+        self.registry, self.host = registry, host
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [sample._replace(labels={**sample.labels, "host": self.host})
+                              for sample in family.samples]
+            yield family

@@ -63,6 +63,11 @@ def test_a_model_over_two_ranks_answers_through_either_host_and_no_rank_outlives
         chunks = [line for line in streamed.text.splitlines() if line.startswith("data: {")]
         assert streamed.status_code == 200 and len(chunks) >= 2, streamed.text[:500]
         assert all(json.loads(c[6:])["object"] == "chat.completion.chunk" for c in chunks)
+        scraped = httpx.get(r1.base_url + "/metrics").text
+        (counted,) = [line for line in scraped.splitlines() if line.startswith("lmx_requests_forwarded_total{")]
+        assert all(label in counted for label in ('model="big"', 'peer="r0"', 'host="r1"')), counted
+        assert counted.endswith(" 2.0"), counted
+        assert all('host="r1"' in line for line in scraped.splitlines() if line and not line.startswith("#"))
         listed = {m["id"]: m for m in httpx.get(r1.base_url + "/v1/models").json()["data"]}
         assert listed["big"]["host"] == "r0" and listed["big"]["status"] == "Ready"
 
