@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from opta_lmx.engine.files import UnreadableFile, read_regular_file
 from opta_lmx.state.quantities import format_size
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,6 @@ class CacheFigures:
     def to_dict(self) -> dict:
         return {"key": self.key, "size_bytes": self.size_bytes, "entries": self.entries,
                 "age_seconds": max(0.0, time.time() - self.last_used), "in_use": self.in_use}
-
-    def describe(self) -> str:
-        age = max(0.0, time.time() - self.last_used)
-        when = f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m" if age < 7200 else f"{age / 3600:.0f}h"
-        return f"{format_size(self.size_bytes)}, {self.entries} entries, used {when} ago"
 
 
 def cache_key(source: str, engine: dict, directory: Path | None) -> str:
@@ -91,13 +87,12 @@ def warm_prompts_problem(path: str) -> str | None:
     """Why vllm-mlx could not warm a cache from `path` (its shape: a JSON list of conversations,
     each a non-empty list of {role, content} messages), or None. vllm-mlx itself only logs a
     warning and starts cold: the control plane says it instead, as the model's error."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(WARM_PROMPTS_MAX_BYTES + 1)
-    except OSError as error:
-        return f"warm_prompts {path}: {error.strerror or error}"
-    if len(raw) > WARM_PROMPTS_MAX_BYTES:
-        return f"warm_prompts {path}: larger than {format_size(WARM_PROMPTS_MAX_BYTES)}"
+    try:  # a file named in models.yaml: never a FIFO or a device, never unbounded
+        raw = read_regular_file(Path(path), WARM_PROMPTS_MAX_BYTES)
+    except UnreadableFile as error:
+        return f"warm_prompts {path}: {error}"
+    if raw is None:
+        return f"warm_prompts {path}: No such file or directory"
     try:
         data = json.loads(raw)
     except ValueError as error:
@@ -276,12 +271,15 @@ class KeptCaches:
             shutil.rmtree(path, ignore_errors=True)
             total -= size
             removed.append(f"{path.parent.name}: least recently used, over the {format_size(self.total)} total")
-        for model_dir in self.root.glob("*"):
-            if model_dir.is_dir() and not any(model_dir.iterdir()):
-                model_dir.rmdir()
+        self._prune_empty_models()
         for what in removed:
             log.info("kept cache removed (%s)", what)
         return removed
+
+    def _prune_empty_models(self) -> None:
+        for model_dir in self.root.glob("*"):
+            if model_dir.is_dir() and not any(model_dir.iterdir()):
+                model_dir.rmdir()
 
     def _all(self) -> Iterable[Path]:
         return [k for m in self.root.glob("*") if m.is_dir() for k in m.glob("*") if k.is_dir()]
@@ -316,7 +314,5 @@ class KeptCaches:
                     continue
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(f"{path.parent.name}/{path.name}")
-            for model_dir in self.root.glob("*"):
-                if model_dir.is_dir() and not any(model_dir.iterdir()):
-                    model_dir.rmdir()
+            self._prune_empty_models()
             return removed, sorted(set(held))

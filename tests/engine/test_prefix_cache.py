@@ -136,3 +136,18 @@ def test_the_key_follows_the_weights_and_the_kv_options_only(tmp_path):
     assert base != cache_key(str(tmp_path / "other"), {"continuous_batching": True}, model)
     (model / "model.safetensors").write_bytes(b"v" * 101)  # the weights changed in place
     assert base != cache_key(str(model), {"continuous_batching": True}, model)
+
+
+def test_a_warm_prompts_file_is_read_as_a_regular_file_only(tmp_path):
+    """Named in models.yaml: a FIFO there must not hang the start thread, a missing file is said."""
+    import os
+
+    from opta_lmx.engine.prefix_cache import warm_prompts_problem
+
+    fifo = tmp_path / "prompts.json"
+    os.mkfifo(fifo)
+    assert "not a regular file" in warm_prompts_problem(str(fifo))
+    assert "No such file" in warm_prompts_problem(str(tmp_path / "missing.json"))
+    good = tmp_path / "good.json"
+    good.write_text('[[{"role": "system", "content": "You are terse."}]]')
+    assert warm_prompts_problem(str(good)) is None
