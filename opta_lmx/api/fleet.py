@@ -14,13 +14,18 @@ from fastapi.responses import StreamingResponse
 from yarl import URL
 
 from opta_lmx.api.errors import APIError
+from opta_lmx.api.relay import (
+    broken_stream_event,
+    finish,
+    is_event_stream,
+    on_live_connection,
+    response_headers,
+)
 from opta_lmx.engine.worker_auth import upstream_headers
 from opta_lmx.reconciler.fleet import FLEET_KEY_HEADER, HOP_HEADER, Fleet
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-_DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
-                            "server", "date"})
 
 
 def fleet_of(request: Request) -> Fleet | None:
@@ -86,7 +91,7 @@ async def forward(request: Request, target: tuple[str, str], name: str, path: st
         headers += [(FLEET_KEY_HEADER, fleet.key or ""), (HOP_HEADER, fleet.me)]
         url = URL(base + path + ("?" + query if query else ""), encoded=True)
         try:
-            upstream = await app_state.upstream.request(request.method, url, data=body, headers=headers)
+            upstream = await on_live_connection(app_state.upstream, request.method, url, body, headers)
         except aiohttp.ClientConnectorError as error:  # not connected: nothing was sent, ask again
             upstream, why = None, repr(error)
         except (TimeoutError, aiohttp.ClientError) as error:
@@ -113,25 +118,19 @@ async def forward(request: Request, target: tuple[str, str], name: str, path: st
         target = found
     metrics.requests.labels(name, str(upstream.status)).inc()
     metrics.forwarded.labels(name, peer).inc()
-    response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
-    response_headers["x-lmx-host"] = peer
-    return StreamingResponse(_relay(upstream, name, peer), status_code=upstream.status, headers=response_headers)
+    headers_back = response_headers(upstream) | {"x-lmx-host": peer}
+    return StreamingResponse(_relay(upstream, name, peer), status_code=upstream.status, headers=headers_back)
 
 
 async def _relay(upstream: aiohttp.ClientResponse, name: str, peer: str):
     complete = False
-    is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
     try:
         async for chunk in upstream.content.iter_any():
             yield chunk
         complete = True
-    except (TimeoutError, aiohttp.ClientError) as error:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         log.warning("the answer for %s from fleet host %s broke off: %r", name, peer, error)
-        if is_sse:
-            yield (b'data: {"error": {"message": "the fleet host serving this model failed mid-stream", '
-                   b'"type": "api_error", "param": null, "code": "peer_failed"}}\n\ndata: [DONE]\n\n')
+        if is_event_stream(upstream):
+            yield broken_stream_event(f"fleet host {peer}, which serves `{name}`, failed mid-stream", "peer_failed")
     finally:
-        if complete and upstream.status < 500:
-            upstream.release()
-        else:
-            upstream.close()  # the peer sees its client leave, and stops generating
+        finish(upstream, complete)  # an unfinished one is dropped: the peer sees its client leave

@@ -30,17 +30,28 @@ from opta_lmx.api.bodies import read_bounded
 from opta_lmx.api.errors import APIError
 from opta_lmx.api.fleet import forward, forward_target, misdirected
 from opta_lmx.api.metrics import GatewayMetrics
-from opta_lmx.api.passthrough import EXTRA_GET_PATHS, EXTRA_POST_PATHS, renamed, requested_model
+from opta_lmx.api.passthrough import (
+    EXTRA_GET_PATHS,
+    EXTRA_POST_PATHS,
+    renamed,
+    requested_model,
+)
 from opta_lmx.api.passthrough import router as passthrough_router
+from opta_lmx.api.relay import (
+    broken_stream_event,
+    finish,
+    is_event_stream,
+    on_live_connection,
+    response_headers,
+)
 from opta_lmx.api.request_gate import RequestGate
 from opta_lmx.engine.worker_auth import upstream_headers, worker_key
-from opta_lmx.reconciler.view import GatewayView
 from opta_lmx.reconciler.routes import Route
+from opta_lmx.reconciler.view import GatewayView
 from opta_lmx.state.spec import DesiredModelState
 
 log = logging.getLogger(__name__)
 
-STALE_CONNECTION_RETRIES = 2  # fresh connections tried when pooled ones turn out closed by the worker
 T = TypeVar("T")
 
 router = APIRouter()
@@ -53,10 +64,6 @@ INFERENCE_PATHS = (
     "/v1/embeddings",
     *EXTRA_POST_PATHS,
 )
-# Hop-by-hop response headers (RFC 9110 7.6.1) and ones the relay recomputes; the request's are
-# dropped by engine/worker_auth.upstream_headers, which also strips the client's credentials.
-_DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
-                            "server", "date"})
 _USAGE_CHUNKS = 8  # last chunks of a response kept to read its token usage at the end
 _DISCONNECT_POLL = 0.5  # seconds between checks that a waiting request's client is still there
 Disconnected = Callable[[], Awaitable[bool]]
@@ -120,7 +127,7 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
         url = URL(to.address + path + ("?" + sent_query if sent_query else ""), encoded=True)
         headers = worker_headers(app_state, to.address, request.headers.items())
         return _unless_client_leaves(  # a non-streaming answer's head comes only at its end
-            request, _on_live_connection(app_state.upstream, request.method, url, sent, headers), _close_response)
+            request, on_live_connection(app_state.upstream, request.method, url, sent, headers), _close_response)
 
     try:
         try:
@@ -133,11 +140,10 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
         metrics.requests.labels(name, "499" if client_left else "502").inc()
         raise
     metrics.requests.labels(name, str(upstream.status)).inc()
-    response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
     return StreamingResponse(
         _relay(upstream, name, metrics, arrived, admission, route),
         status_code=upstream.status,
-        headers=response_headers,
+        headers=response_headers(upstream),
     )
 
 
@@ -177,22 +183,6 @@ def from_a_foreign_page(request: Request) -> bool:
         "cross-site", "same-site")
 
 
-async def _on_live_connection(session: aiohttp.ClientSession, method: str, url: URL, body: bytes,
-                              headers: list[tuple[str, str]]) -> aiohttp.ClientResponse:
-    """Send, and send again on another connection when the pooled one turns out closed by the
-    worker before it answered anything (aiohttp's ServerDisconnectedError: the worker had closed
-    the idle connection, so it never read this request). Any other error may have reached the
-    worker: it is the caller's (a 502, or the next route when nothing was sent at all)."""
-    for attempt in range(STALE_CONNECTION_RETRIES + 1):
-        try:
-            return await session.request(method, url, data=body, headers=headers)
-        except aiohttp.ServerDisconnectedError:
-            if attempt == STALE_CONNECTION_RETRIES:
-                raise
-            log.info("a pooled connection to %s was closed by the worker; sending on a new one", url.host)
-    raise AssertionError("unreachable")
-
-
 async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMetrics, arrived: float, admission: RequestGate,
                  route: Route):
     """Yield the upstream body as it comes.
@@ -204,7 +194,7 @@ async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMe
     first = True
     complete = False
     tail: collections.deque[bytes] = collections.deque(maxlen=_USAGE_CHUNKS)
-    is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+    is_sse = is_event_stream(upstream)
     try:
         async for chunk in upstream.content.iter_any():
             if first:
@@ -218,18 +208,10 @@ async def _relay(upstream: aiohttp.ClientResponse, name: str, metrics: GatewayMe
         log.warning("response from %s broke off: %r", name, error)
         metrics.requests.labels(name, "worker_failed").inc()
         if is_sse:
-            message = json.dumps({"error": {"message": f"the worker for `{name}` failed mid-stream",
-                                            "type": "api_error", "param": None, "code": "worker_failed"}})
-            yield f"data: {message}\n\ndata: [DONE]\n\n".encode()
+            yield broken_stream_event(f"the worker for `{name}` failed mid-stream", "worker_failed")
     finally:
         with anyio.CancelScope(shield=True):
-            if complete and upstream.status < 500:
-                upstream.release()  # the connection goes back to the pool
-            else:
-                # Dropped: a worker that failed (5xx) may close the connection after its answer, and
-                # a pooled dead connection would fail the next client's request; an unfinished one
-                # is dropped so that the worker stops generating.
-                upstream.close()
+            finish(upstream, complete)
             await admission.release(name, route)
         metrics.duration.labels(name).observe(time.perf_counter() - arrived)
 
