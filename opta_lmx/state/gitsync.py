@@ -9,6 +9,7 @@ fast-forward writes, as it applies any other edit.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opta_lmx.state.document import ConfigError, parse_document
+from opta_lmx.state.gitcommit import identity
 
 GIT_TIMEOUT = 60.0
 PUSH_ATTEMPTS = 4
@@ -163,8 +165,11 @@ class GitFollower:
         self.state.applied = [*self.state.applied[-19:], target]
         return SyncResult(applied=target)
 
+    def _push(self) -> subprocess.CompletedProcess[str]:
+        return self._run("push", "--quiet", self.remote, f"HEAD:refs/heads/{self.branch}")
+
     def _push_once(self) -> str | None:
-        done = self._run("push", "--quiet", self.remote, f"HEAD:refs/heads/{self.branch}")
+        done = self._push()
         if done.returncode != 0:
             raise GitSyncError(f"git push: {(done.stderr or done.stdout).strip()[:500]}")
         self.fetch()
@@ -177,7 +182,7 @@ class GitFollower:
         says so: the edit is not applied anywhere, and the client is told (409)."""
         with self._lock:
             for _attempt in range(PUSH_ATTEMPTS):
-                done = self._run("push", "--quiet", self.remote, f"HEAD:refs/heads/{self.branch}")
+                done = self._push()
                 if done.returncode == 0:
                     self.fetch()
                     self.state.head = self.state.remote_head = self._rev("HEAD")
@@ -185,7 +190,7 @@ class GitFollower:
                 remote_head = self.fetch()
                 if remote_head is None:
                     raise GitSyncError(f"git push: {(done.stderr or done.stdout).strip()[:500]}")
-                rebased = self._run(*_identity(self), "rebase", "--quiet", remote_head)
+                rebased = self._run(*identity(self._run), "rebase", "--quiet", remote_head)
                 if rebased.returncode != 0:
                     self._run("rebase", "--abort")
                     self._give_up(remote_head)
@@ -205,14 +210,7 @@ class GitFollower:
         self.state.head = remote_head
 
 
-def _identity(follower: GitFollower) -> list[str]:
-    if follower._run("config", "user.email").stdout.strip():
-        return []
-    return ["-c", "user.name=Opta-LMX", "-c", "user.email=opta-lmx@localhost"]
-
-
 def _git_env() -> dict[str, str]:
-    import os
     env = dict(os.environ)
     env.setdefault("GIT_TERMINAL_PROMPT", "0")  # never wait for a password on a terminal
     env["GIT_EDITOR"] = "true"  # a rebase never opens an editor
