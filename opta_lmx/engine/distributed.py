@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -25,9 +24,7 @@ from pathlib import Path
 import httpx
 
 from opta_lmx.engine.readiness import WorkerStartError
-from opta_lmx.engine.records import process_create_time
-from opta_lmx.engine.worker import Worker
-from opta_lmx.engine.worker_log import open_log
+from opta_lmx.engine.worker import Worker, popen
 
 RING_PORT_SPAN = 64  # ports from the starting port the ring may use (one per rank and connection)
 
@@ -49,6 +46,7 @@ class DistributedWorker(Worker):
     """A worker whose process is `mlx.launch` running `mlx_lm.server` on every rank."""
 
     served_as = "default_model"  # mlx_lm.server serves its --model under this name
+    fast_starts = False
 
     def __init__(self, spec, *, ring_port: int | None = None, **options):
         super().__init__(spec, **options)
@@ -66,21 +64,12 @@ class DistributedWorker(Worker):
     def api_key(self) -> str | None:
         return None  # mlx_lm.server takes no key
 
-    def spawn(self, prepared=None) -> None:
-        """Always a cold start of the launcher (a template holds vllm-mlx, not mlx.launch). The
-        port is released for rank 0 to bind: mlx_lm.server binds its own."""
-        (self.run_dir / "home").mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+    def _spawn_cold(self) -> None:
+        """The launcher, started cold (a template holds vllm-mlx, not mlx.launch: `fast_starts`).
+        Its port is released for rank 0 to bind: mlx_lm.server binds its own."""
         (self.run_dir / "hostfile.json").write_text(json.dumps(hostfile(self.spec.ranks)))
         self.close_listener()
-        command = self.command(-1, -1)
-        with open_log(self.log_path) as log_file:
-            self.started_at = time.time()
-            self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
-                                          stderr=subprocess.STDOUT, env=self.environment(),
-                                          start_new_session=True, close_fds=True)
-        self.create_time = process_create_time(self._proc.pid) or self.started_at
-        self._announces = False
+        popen(self, self.command(-1, -1))
         threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
 
     async def wait_ready(self, timeout: float) -> None:

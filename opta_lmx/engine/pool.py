@@ -302,10 +302,7 @@ class WorkerPool:
 
     def _spawn(self, worker: Worker) -> None:
         """Through the template or a waiting spare when one suits, else cold."""
-        if isinstance(worker, DistributedWorker):
-            worker.spawn()  # its launcher, not vllm-mlx: nothing prepared suits it
-            return
-        prepared = self.prepared.take(worker.environment())
+        prepared = self.prepared.take(worker.environment()) if worker.fast_starts else None
         if prepared is not None:
             try:
                 worker.spawn(prepared)

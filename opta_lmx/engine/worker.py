@@ -83,6 +83,8 @@ class WorkerSpec:
 
 
 class Worker:
+    fast_starts = True  # may start through the template or a spare (engine/prepared.py)
+
     def __init__(
         self,
         spec: WorkerSpec,
@@ -276,16 +278,7 @@ class Worker:
         try:
             command = self.command(write_fd, listen_fd)
             self._announces = "opta_lmx.engine.worker_main" in command  # a test's stand-in does not announce
-            shown = command[command.index("--") + 1:] if "--" in command else command
-            log.info("starting worker %s: %s", self.id, " ".join(shown))
-            with open_log(self.log_path) as log_file:
-                self.started_at = time.time()
-                self._proc = subprocess.Popen(
-                    command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                    env=self.environment(),
-                    start_new_session=True,  # its own process group: stop() kills the whole tree
-                    close_fds=True, pass_fds=(write_fd, listen_fd),
-                )
+            popen(self, command, pass_fds=(write_fd, listen_fd))
         except BaseException:
             os.close(read_fd)
             raise
@@ -293,7 +286,6 @@ class Worker:
             os.close(write_fd)
         self._announcements = Announcements(read_fd, self.id)
         self._announcements.listen(self._announced)
-        self.create_time = process_create_time(self._proc.pid) or self.started_at
         threading.Thread(target=self._wait_for_exit, name=f"wait-{self.id}", daemon=True).start()
 
     def close_listener(self) -> None:
@@ -422,3 +414,17 @@ class Worker:
                 return handle.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+def popen(worker: Worker, command: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+    """Start `worker`'s process cold: logging to its own file, in a process group of its own (stop()
+    kills the tree); its start and create times noted (engine/distributed.py starts its launcher so)."""
+    shown = command[command.index("--") + 1:] if "--" in command else command
+    log.info("starting worker %s: %s", worker.id, " ".join(shown))
+    with open_log(worker.log_path) as log_file:
+        worker.started_at = time.time()
+        worker._proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            env=worker.environment(), start_new_session=True, close_fds=True, pass_fds=pass_fds,
+        )
+    worker.create_time = process_create_time(worker._proc.pid) or worker.started_at
