@@ -66,9 +66,9 @@ def place(model: ModelSpec, me: str, up: Mapping[str, bool], phases: Mapping[str
         return Placement(me, "names no hosts: runs on every host serving the file")
     passed: list[str] = []
     for index, host in enumerate(model.hosts):
-        later_serves = any(phases.get(h, {}).get(model.name) == Phase.READY
-                           for h in model.hosts[index + 1:] if h != me and up.get(h))
         if host == me:
+            later_serves = any(phases.get(h, {}).get(model.name) == Phase.READY
+                               for h in model.hosts[index + 1:] if up.get(h))
             if no_room_here and later_serves:
                 passed.append(f"{me} has no room")
                 continue
