@@ -85,10 +85,10 @@ async def forward(request: Request, target: tuple[str, str], name: str, path: st
     assert fleet is not None
     metrics = app_state.metrics
     deadline = time.monotonic() + app_state.settings.load_wait_timeout
+    headers = upstream_headers(request.headers.items(), None)  # never the client's own key
+    headers += [(FLEET_KEY_HEADER, fleet.key or ""), (HOP_HEADER, fleet.me)]
     while True:
         peer, base = target
-        headers = upstream_headers(request.headers.items(), None)  # never the client's own key
-        headers += [(FLEET_KEY_HEADER, fleet.key or ""), (HOP_HEADER, fleet.me)]
         url = URL(base + path + ("?" + query if query else ""), encoded=True)
         try:
             upstream = await on_live_connection(app_state.upstream, request.method, url, body, headers)
