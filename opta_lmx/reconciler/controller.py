@@ -236,7 +236,7 @@ class Reconciler:
 
         wanted = engine_start(seen.desired)
         choice = starts.choose(starts.options(resolve_mode(wanted.mode), wanted.spares, seen.helper,
-                                              self.accounts.helper_costs), plan_for)
+                                              self.accounts.helper_costs), plan_for, starts.priorities(seen.desired))
         self._yielded = starts.announce(self.events, self._yielded, choice)
         self.start_choice = choice
         self.pool.configure_starts(choice.option.engine_start(wanted))  # fast starts (engine/prepared.py)

@@ -9,7 +9,7 @@ from pathlib import Path
 from opta_lmx.engine import memory as engine_memory
 from opta_lmx.engine.prepared import HelperMemory, resolve_mode
 from opta_lmx.reconciler.accounting import MemoryAccounts, held_bytes, memory_figures, worker_spec
-from opta_lmx.reconciler.starts import HelperCosts, StartChoice, StartOption, choose, engine_start, options
+from opta_lmx.reconciler.starts import HelperCosts, StartChoice, StartOption, choose, priorities, engine_start, options
 from opta_lmx.state.spec import EngineStart
 from opta_lmx.reconciler.plan import LoadModel, MemoryFigures, ObservedWorker, Plan, UnloadModel, UnloadReason, plan
 from opta_lmx.state.quantities import format_size
@@ -76,7 +76,7 @@ def preview(config_path: Path, desired: DesiredState, observation: dict | None =
     if "engine_start" not in desired.model_fields_set and server_start.get("wanted"):
         wanted = EngineStart(mode=server_start["wanted"], spares=wanted.spares)  # the server's own default
     choice = choose(options(resolve_mode(wanted.mode), wanted.spares, helper,
-                            HelperCosts.from_dict(server_start.get("costs"))), plan_for)
+                            HelperCosts.from_dict(server_start.get("costs"))), plan_for, priorities(desired))
     memory = memory_figures(desired, physical, available, choice.option.fixed_bytes)
     return Preview(choice.plan, memory, physical, observed, estimates, request, choice)
 

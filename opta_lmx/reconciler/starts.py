@@ -4,7 +4,8 @@ An optimization never costs a model. The engine's helpers (the pre-imported temp
 waiting spares elsewhere) hold memory of their own; that memory is a fixed cost, counted once
 and taken off the budget before any model is admitted. Each pass plans once per way of starting
 workers, in order of preference (the mode models.yaml asks for, then fewer spares, then cold),
-and keeps the first whose plan refuses, evicts and drains nothing that the cold plan keeps. So
+and keeps the first whose plan refuses, evicts and drains nothing that the cold plan keeps, or
+whose losses weigh less, by priority, than the cold plan's (cold workers cost memory too). So
 when the budget cannot hold a helper and the models the file asks for, the helper yields (and the
 status and events say so), and the model is served cold. Pure: no I/O, like plan.py.
 
@@ -109,8 +110,12 @@ def options(mode: str, spares: int, helper: HelperMemory, costs: HelperCosts) ->
     return result
 
 
-def choose(candidates: list[StartOption], plan_for: Callable[[StartOption], Plan]) -> StartChoice:
-    """The first option whose plan costs no model anything the cold plan does not (cold is last)."""
+def choose(candidates: list[StartOption], plan_for: Callable[[StartOption], Plan],
+           priority: Callable[[str], int] = lambda _name: 0) -> StartChoice:
+    """The first option whose plan costs no model anything the cold plan does not (cold is last),
+    or that serves what matters more than what it costs: cold starts cost memory too (a cold
+    worker's overhead), so the cold plan may refuse a model of higher priority than the one a
+    helper would have evicted. Compared by priority, highest first, then by how many."""
     wanted, cold = candidates[0], candidates[-1]
     cold_plan = plan_for(cold)
     if wanted is cold:
@@ -118,23 +123,45 @@ def choose(candidates: list[StartOption], plan_for: Callable[[StartOption], Plan
     first_cost = ""
     for option in candidates[:-1]:
         result = plan_for(option)
-        cost = costs_models(result, cold_plan)
-        if not cost:
+        lost, spared = _lost(result, cold_plan), _lost(cold_plan, result)
+        if not lost or _weight(spared, priority) > _weight(lost, priority):
             return StartChoice(option, result, wanted, None if option == wanted else _yield(wanted, option, first_cost))
-        first_cost = first_cost or cost
+        first_cost = first_cost or costs_models(result, cold_plan)
     return StartChoice(cold, cold_plan, wanted, _yield(wanted, cold, first_cost))
+
+
+def priorities(desired: DesiredState) -> Callable[[str], int]:
+    """Each model's priority, by name (a pinned model counts above every priority)."""
+    ranks = {m.name: (2**32 if m.pinned else m.priority) for m in desired.models}
+    return lambda name: ranks.get(name, 0)
+
+
+def _weight(names: set[str], priority: Callable[[str], int]) -> list[int]:
+    return sorted((priority(name) for name in names), reverse=True)
+
+
+def _lost(result: Plan, other: Plan) -> set[str]:
+    refused, cut = _losses(result, other)
+    return set(refused) | set(cut)
+
+
+def _losses(result: Plan, other: Plan) -> tuple[list[str], list[str]]:
+    """The models `result` refuses (or keeps waiting), and those whose serving worker it evicts or
+    drains, that `other` does not."""
+    refused = sorted((set(result.unschedulable) | set(result.waiting)) - set(other.unschedulable)
+                     - set(other.waiting))
+    kept = {u.worker_id for u in other.unloads()}
+    cut = sorted({u.name for u in result.unloads() if u.worker_id not in kept})
+    return refused, cut
 
 
 def costs_models(result: Plan, cold_plan: Plan) -> str:
     """What `result` does to models that `cold_plan` does not (empty: nothing): a model refused or
     kept waiting, or a serving worker evicted or drained."""
-    refused = sorted((set(result.unschedulable) | set(result.waiting)) - set(cold_plan.unschedulable)
-                     - set(cold_plan.waiting))
-    kept = {u.worker_id for u in cold_plan.unloads()}
-    cut = sorted({u.name for u in result.unloads() if u.worker_id not in kept})
+    refused, cut = _losses(result, cold_plan)
     parts = []
     if refused:
-        parts.append(", ".join(refused) + (" would not fit" if len(refused) > 1 else " would not fit"))
+        parts.append(", ".join(refused) + " would not fit")
     if cut:
         parts.append(", ".join(cut) + " would lose its worker")
     return "; ".join(parts)

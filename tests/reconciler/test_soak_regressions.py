@@ -124,6 +124,7 @@ class SlowToStopWorker:
     within 2.0s; killing it'), standing in for engine.worker.Worker inside the real pool."""
 
     stop_gate: asyncio.Event
+    fast_starts = False  # nothing prepared suits it: the pool starts it cold
 
     def __init__(self, spec, *, run_dir, **_options):
         self.spec, self.id, self.run_dir = spec, f"{spec.name}-slow", run_dir
@@ -149,6 +150,9 @@ class SlowToStopWorker:
 
     def alive(self):
         return not self.stopped
+
+    def close_listener(self):
+        return None
 
 
 def test_a_load_cancelled_twice_while_its_worker_stops_leaves_no_record(tmp_path, monkeypatch):

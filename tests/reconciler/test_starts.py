@@ -12,7 +12,7 @@ from opta_lmx.engine.prepared import HelperMemory
 from opta_lmx.reconciler.accounting import MemoryAccounts
 from opta_lmx.reconciler.controller import LoopSettings, Reconciler
 from opta_lmx.reconciler.plan import MemoryFigures, ObservedWorker, plan
-from opta_lmx.reconciler.starts import HelperCosts, StartOption, choose, options
+from opta_lmx.reconciler.starts import HelperCosts, StartOption, choose, options, priorities
 from opta_lmx.state.spec import DesiredState
 from opta_lmx.state.status import Phase
 from tests.reconciler.fakes import FakePool, MiB
@@ -86,6 +86,25 @@ def test_a_helper_that_would_evict_a_serving_model_yields():
     choice = choose(options("template", 1, WAITING, COSTS), _plan_for(desired, serving, {"a": (700 * MiB, 700 * MiB)}))
     assert choice.option.mode == "cold" and choice.plan.actions == []
     assert "a would not fit" in choice.yielded
+
+
+def test_a_helper_stays_when_cold_starts_would_refuse_a_model_of_higher_priority():
+    """Found by hand (default start mode, budget 610 MiB): two forked workers serve, a model of
+    priority 5 is added. Beside the template it fits by evicting a priority-0 one; cold, it would
+    need 517 MiB and be refused while the forked family holds the template's pages. The template
+    yielded, and the priority-5 model got nothing."""
+    desired = _desired("610MiB", {"name": "demo", "source": "/m"}, {"name": "b", "source": "/m"},
+                       {"name": "hi", "source": "/m", "priority": 5})
+    serving = [ObservedWorker("demo", "w1", "demo", True, 69 * MiB), ObservedWorker("b", "w2", "b", True, 69 * MiB)]
+    helper = HelperMemory("template", waiting=1, waiting_bytes=466 * MiB, forked_workers=2)
+    sizes = {n: (517 * MiB, 69 * MiB) for n in ("demo", "b", "hi")}
+    choice = choose(options("template", 1, helper, COSTS), _plan_for(desired, serving, sizes),
+                    priorities(desired))
+    assert choice.option.mode == "template" and choice.yielded is None
+    assert [a.name for a in choice.plan.loads()] == ["hi"] and len(choice.plan.unloads()) == 1
+    # without priorities (all equal) one model is lost either way: the helper yields, as before
+    equal = choose(options("template", 1, helper, COSTS), _plan_for(desired, serving, sizes))
+    assert equal.option.mode == "cold" and "would lose its worker" in equal.yielded
 
 
 def test_spares_yield_one_at_a_time():
