@@ -51,3 +51,13 @@ def test_the_check_sees_a_breach(tmp_path):
     assert any("function f" in p for p in found)
     assert any("class C has" in p for p in found)
     assert any("lines (limit" in p for p in found)
+
+
+def test_no_timeout_can_swallow_a_cancel():
+    """asyncio.wait_for on Python 3.11 returns the result when the awaited thing finishes as the
+    task is cancelled, swallowing the cancel: the control loop then ignored `task.cancel()` about
+    one time in two (tests/reconciler/test_supervision.py). `asyncio.timeout` has no such race."""
+    calls = [f"{path}:{node.lineno}" for path in _modules() for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Attribute) and node.attr == "wait_for"
+             and isinstance(node.value, ast.Name) and node.value.id == "asyncio"]
+    assert not calls, "use `async with asyncio.timeout(...)` instead of asyncio.wait_for: " + ", ".join(calls)

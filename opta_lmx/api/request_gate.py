@@ -105,8 +105,9 @@ class RequestGate:
                     raise APIError(503, f"No free slot for `{name}` within {self.wait_timeout:.0f}s",
                                    "model_busy", headers={"Retry-After": "1"})
                 try:
-                    await asyncio.wait_for(slot.wait(), remaining)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(remaining):
+                        await slot.wait()
+                except TimeoutError:
                     pass
 
     async def _route_or_gone(self, name: str, disconnected: Disconnected | None, timeout: float) -> Route | None:

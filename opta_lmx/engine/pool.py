@@ -205,9 +205,9 @@ class WorkerPool:
         if loop.time() - self._cache_figures_at >= CACHE_FIGURES_EVERY:
             self._cache_figures_at = loop.time()
             try:
-                self._cache_figures = await asyncio.wait_for(
-                    loop.run_in_executor(self._cleaning, self.caches.figures), MEASURE_TIMEOUT)
-            except (asyncio.TimeoutError, OSError, RuntimeError) as error:
+                async with asyncio.timeout(MEASURE_TIMEOUT):
+                    self._cache_figures = await loop.run_in_executor(self._cleaning, self.caches.figures)
+            except (TimeoutError, OSError, RuntimeError) as error:
                 log.warning("reading the kept prefix caches: %r", error)
         return self._cache_figures
 

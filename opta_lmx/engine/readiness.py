@@ -61,8 +61,9 @@ async def wait_ready(worker: Worker, timeout: float) -> None:
                 await asyncio.sleep(0.05)
                 continue
             try:  # it announces when it serves: no polling delay
-                await asyncio.wait_for(announced.wait(), 0.1)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(0.1):
+                    await announced.wait()
+            except TimeoutError:
                 pass
 
 

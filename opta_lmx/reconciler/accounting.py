@@ -160,7 +160,8 @@ class MemoryAccounts:
         key = self._key(spec, override)
         reading = asyncio.ensure_future(asyncio.to_thread(self._estimator, spec.source, spec.engine, override))
         try:
-            result = await asyncio.wait_for(asyncio.shield(reading), timeout)
+            async with asyncio.timeout(timeout):
+                result = await asyncio.shield(reading)
         except BaseException:
             self._estimates[key] = MemoryEstimate(known=False)
             if not reading.done():  # timed out (or cancelled): its result may still come

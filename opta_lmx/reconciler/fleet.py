@@ -198,7 +198,8 @@ class Fleet:
                     nudge()
                 seen = now
                 try:
-                    await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+                    async with asyncio.timeout(POLL_INTERVAL):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
                 self._wake.clear()

@@ -41,8 +41,9 @@ class ConfigIntake:
         good state live, says why in status and events, and returns False."""
         try:
             try:
-                document = await asyncio.wait_for(asyncio.to_thread(read_document, self.config_path), READ_TIMEOUT)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(READ_TIMEOUT):  # not wait_for: on 3.11 it can swallow a cancel
+                    document = await asyncio.to_thread(read_document, self.config_path)
+            except TimeoutError:
                 raise ConfigError(str(self.config_path), [FieldProblem(
                     "", f"reading the file took longer than {READ_TIMEOUT:.0f}s", None, None)]) from None
         except ConfigError as error:

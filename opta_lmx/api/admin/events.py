@@ -42,8 +42,9 @@ async def follow(events: EventLog, since: int, limit: int, *, stopping: Callable
         idle = 0.0
         while not stopping():  # a shutdown ends the stream
             try:
-                event = await asyncio.wait_for(queue.get(), 1.0)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(1.0):
+                    event = await queue.get()
+            except TimeoutError:
                 idle += 1.0
                 if idle >= KEEP_ALIVE_SECONDS:
                     idle = 0.0

@@ -37,7 +37,8 @@ class GitFollow:
             except Exception:
                 log.exception("git sync failed")
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

@@ -232,7 +232,8 @@ class AdminService:
             if result.commit_error:
                 self.loop.events.record("config", "GitCommitFailed", result.commit_error, kind="Warning")
         try:
-            generation = await asyncio.wait_for(self.loop.accept_now(), 30)
+            async with asyncio.timeout(30):
+                generation = await self.loop.accept_now()
         except Exception:  # noqa: BLE001 - the write stands; the loop will pick it up by itself
             log.exception("reconcile after an admin write failed")
             self.loop.nudge()
