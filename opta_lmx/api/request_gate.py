@@ -63,7 +63,10 @@ class RequestGate:
         status = self.loop.statuses.get(name)
         why = f" ({status.phase.value}: {status.message or status.last_error})" if status else ""
         code = "model_unschedulable" if status and status.phase == Phase.UNSCHEDULABLE else "model_not_loaded"
-        return APIError(503, f"The model `{name}` is not loaded{why}", code, headers={"Retry-After": "30"})
+        # Waiting will not help until something changes (memory, the file): the OpenAI and Anthropic
+        # SDKs obey `x-should-retry`, and would otherwise wait out Retry-After twice (a minute) first.
+        return APIError(503, f"The model `{name}` is not loaded{why}", code,
+                        headers={"Retry-After": "30", "x-should-retry": "false"})
 
     async def release(self, name: str, route: Route) -> None:
         self.routes.end(route)

@@ -54,6 +54,7 @@ def test_errors_are_openai_shaped(server):
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "body_too_large"
     ghost = server.post("/v1/chat/completions", json=_chat("ghost"))
     assert ghost.status_code == 503 and ghost.json()["error"]["code"] == "model_not_loaded"
+    assert ghost.headers["x-should-retry"] == "false"  # the SDKs would retry for a minute otherwise
     assert "Failed" in ghost.json()["error"]["message"]
     assert server.phases()["ghost"] == "Failed"
 

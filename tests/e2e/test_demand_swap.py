@@ -87,7 +87,7 @@ def test_pinned_and_higher_priority_on_demand_models_are_not_evicted_for_a_reque
     refused = chat(server, "b")
     assert refused.status_code == 503, refused.text
     error = refused.json()["error"]
-    assert error["code"] == "model_unschedulable"
+    assert error["code"] == "model_unschedulable" and refused.headers["x-should-retry"] == "false"
     assert "p (pinned)" in error["message"] and "base (desired loaded in models.yaml)" in error["message"]
 
     # The same worker, no longer pinned but of a higher priority (the fingerprint is unchanged).
